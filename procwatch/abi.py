@@ -1,0 +1,162 @@
+"""The slot table's binary layout: the one place that knows an offset.
+
+The table is a SysV shared-memory segment read and written by processes in
+any language (Python here, C through ``procwatch.h``), so its layout is an
+ABI. ``docs/ABI.md`` documents it byte by byte and ``tests/test_abi.py``
+checks that document against this module and against the C header.
+
+Layout (all integers native-endian, naturally aligned)::
+
+    header   HEADER_SIZE (128) bytes at offset 0
+    slot[i]  SLOT_SIZE (128) bytes at HEADER_SIZE + i * SLOT_SIZE
+
+The PID word of a slot is the contract of the whole project: non-zero means
+"this process is registered and alive", 0 means "empty, or gone".  Three
+rules keep a reader from ever seeing a wrong answer:
+
+* The PID word is written with one aligned 4-byte store (a ``memoryview``
+  cast to ``'I'``; ``__atomic_store_n`` in C).  ``struct.pack_into`` must
+  never touch it: CPython's ``s_pack_internal()`` zero-fills its target
+  before packing, so a peer could briefly read a live target as 0.
+* Writers publish the PID word last and clear it first, so no reader sees a
+  PID next to another process's start time or name.
+* The PID word is also a futex: whoever zeroes it calls FUTEX_WAKE on it, so
+  waiters sleep in FUTEX_WAIT instead of polling.  The header's generation
+  word is a futex too: registration changes bump it and wake the service.
+
+Not thread safe by itself: slot allocation is serialised by the table's
+SysV semaphore (see :mod:`procwatch.segment`), service-side writes by the
+service's own lock.
+"""
+
+import enum as _enum
+import struct as _struct
+
+MAGIC = b"PWTABLE\0"
+VERSION = 1
+HEADER_SIZE = 128
+SLOT_SIZE = 128
+NAME_SIZE = 32          # <= 31 bytes of UTF-8, NUL padded
+NAME_MAX = NAME_SIZE - 1
+
+# Default SysV key of the table (and of its semaphore): 'pw' + 0x0001.
+DEFAULT_KEY = 0x70770001
+DEFAULT_SLOTS = 1024
+MAX_SLOTS = 65536
+
+# -- header ---------------------------------------------------------------
+# Offsets in bytes from the start of the segment.
+H_MAGIC = 0              # 8s   MAGIC
+H_VERSION = 8            # u32  VERSION
+H_HEADER_SIZE = 12       # u32  HEADER_SIZE
+H_SLOT_SIZE = 16         # u32  SLOT_SIZE
+H_SLOT_COUNT = 20        # u32  number of slots
+H_SERVICE_PID = 24       # u32  PID of the serving procwatch, 0 when none
+H_GENERATION = 28        # u32  bumped on every registration change (futex)
+H_SERVICE_HEARTBEAT = 32  # u64  bumped by the service every check period
+H_SERVICE_START_TIME = 40  # u64  start time of H_SERVICE_PID (clock ticks)
+H_HEARTBEAT_PERIOD_MS = 48  # u32  how often the service bumps its heartbeat
+H_BACKEND = 52           # u32  Backend in use
+H_EXITS = 56             # u64  exits reported since the segment was made
+# 64..127 reserved, zero.
+
+HEADER_STATIC = _struct.Struct("=8sIIII")   # magic .. slot_count, packed once at creation
+
+# -- slot -------------------------------------------------------------------
+# Offsets in bytes from the start of the slot.
+S_PID = 0                # u32  PID (tgid); 0 = empty or gone.  Futex word.
+S_STATE = 4              # u32  State
+S_START_TIME = 8         # u64  /proc/PID/stat field 22 (clock ticks since boot)
+S_NAME = 16              # 32s  UTF-8, NUL padded
+S_HEARTBEAT_SEQ = 48     # u64  bumped by the client: Registration.beat()
+S_HEARTBEAT_MS = 56      # u32  expected beat interval in ms; 0 = no hang detection
+S_MISSES = 60            # u32  consecutive checks without progress (service)
+S_EXIT_STATUS = 64       # i32  wait(2) status of the exit; -1 unknown
+S_CAUSE = 68             # u32  Cause of the end
+S_EXIT_TIME_NS = 72      # u64  CLOCK_REALTIME ns of the end
+S_REGISTERED_NS = 80     # u64  CLOCK_REALTIME ns of the registration
+S_LATENCY_US = 88        # u32  kernel event -> slot zeroed, µs; LATENCY_UNKNOWN
+S_OWNER_UID = 92         # u32  real uid of the registering process
+S_LAST_BEAT_NS = 96      # u64  CLOCK_REALTIME ns the service last saw progress
+S_HEARTBEAT_ACTION = 104  # u32  HangAction for this slot (0 = service default)
+S_HEARTBEAT_SIGNAL = 108  # u32  signal for the kill action (0 = service default)
+# 112..127 reserved, zero.
+
+LATENCY_UNKNOWN = 0xFFFFFFFF
+EXIT_STATUS_UNKNOWN = -1
+
+SLOT_IDENTITY = _struct.Struct("=Q32s")      # start_time, name (at S_START_TIME)
+SLOT_END = _struct.Struct("=iIQ")            # exit_status, cause, exit_time_ns (at S_EXIT_STATUS)
+
+
+class State(_enum.IntEnum):
+    """What a slot holds.  Values are ABI."""
+    EMPTY = 0          # never used, or freed
+    CLAIMING = 1       # a client holds the semaphore and is filling it in
+    ALIVE = 2          # registered, PID word set
+    EXITED = 3         # the kernel reported the exit; status recorded
+    FOUND_DEAD = 4     # gone, noticed by reconcile (status unknown)
+    HUNG = 5           # heartbeat missed max_misses times; PID word still set
+    UNREGISTERED = 6   # the client left cleanly
+
+
+LIVE_STATES = (State.CLAIMING, State.ALIVE, State.HUNG)
+
+
+class Cause(_enum.IntEnum):
+    """Why a slot ended.  Values are ABI."""
+    NONE = 0
+    EXITED = 1             # exit event from the kernel
+    KILLED_HUNG = 2        # procwatch killed it after missed heartbeats
+    FOUND_DEAD = 3         # reconcile found it gone (service down, or a lost event)
+    FOUND_DEAD_OVERFLOW = 4  # reconcile after the connector socket overflowed
+    PID_REUSED = 5         # the PID is alive but its start time changed
+    UNREGISTERED = 6       # Registration.unregister()
+
+
+class Backend(_enum.IntEnum):
+    """Exit-detection backend the service runs.  Values are ABI."""
+    NONE = 0
+    CONNECTOR = 1
+    PIDFD = 2
+
+
+def segment_size(slots):
+    """Bytes needed for a table of ``slots`` slots."""
+    return HEADER_SIZE + slots * SLOT_SIZE
+
+
+def slot_offset(index):
+    """Byte offset of slot ``index`` from the start of the segment."""
+    return HEADER_SIZE + index * SLOT_SIZE
+
+
+def u32_index(byte_offset):
+    """Index of an aligned u32 in a ``memoryview.cast('I')`` of the segment."""
+    assert byte_offset % 4 == 0, byte_offset
+    return byte_offset // 4
+
+
+def u64_index(byte_offset):
+    """Index of an aligned u64 in a ``memoryview.cast('Q')`` of the segment."""
+    assert byte_offset % 8 == 0, byte_offset
+    return byte_offset // 8
+
+
+def encode_name(name):
+    """UTF-8 bytes of a slot name, or ValueError saying why not."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be str, not {type(name).__name__}")
+    raw = name.encode("utf-8")
+    if not raw:
+        raise ValueError("name must not be empty")
+    if len(raw) > NAME_MAX:
+        raise ValueError(f"name {name!r} is {len(raw)} bytes of UTF-8; the limit is {NAME_MAX}")
+    if b"\0" in raw:
+        raise ValueError(f"name {name!r} contains a NUL character")
+    return raw
+
+
+def decode_name(raw):
+    """A slot's name field as str; undecodable bytes are escaped, never raised."""
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
