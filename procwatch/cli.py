@@ -1,0 +1,266 @@
+"""Command line: ``procwatch serve | status``.
+
+Exit statuses follow the LSB convention that ``systemctl status`` uses:
+0 fine, 1 a runtime failure (the one-line message of a ProcwatchError),
+2 a usage error (argparse), 3 ``status`` found no running service.
+"""
+
+import argparse as _argparse
+import json as _json
+import logging as _logging
+import os as _os
+import sys as _sys
+import time as _time
+
+from . import __version__
+from . import abi as _abi
+from .errors import ProcwatchError, SegmentMissing
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+
+_EPILOG = """\
+environment:
+  PROCWATCH_KEY   SysV key of the slot table when --key is not given
+                  (default 0x70770001)
+
+signals (serve):
+  SIGTERM, SIGINT  stop cleanly; the table stays, so clients keep their slots
+
+exit status:
+  0 success, 1 runtime failure, 2 usage error, 3 service not running (status)
+
+files:
+  docs/ABI.md      the slot table's layout, for clients in other languages
+
+See 'procwatch COMMAND --help' for each command."""
+
+
+def _key(text):
+    try:
+        key = int(text, 0)
+    except ValueError:
+        raise _argparse.ArgumentTypeError(f"{text!r} is not an integer key (e.g. 0x70770001)") from None
+    if not 0 < key <= 0x7FFFFFFF:
+        raise _argparse.ArgumentTypeError(f"key {text} is out of range 1..0x7fffffff")
+    return key
+
+
+def _positive_int(lo, hi):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise _argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise _argparse.ArgumentTypeError(f"{v} is out of range {lo}..{hi}")
+        return v
+    return parse
+
+
+def _seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise _argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < v <= 3600:
+        raise _argparse.ArgumentTypeError(f"{v:g} s is out of range (0, 3600]")
+    return v
+
+
+def build_parser():
+    fmt = _argparse.RawDescriptionHelpFormatter
+    p = _argparse.ArgumentParser(
+        prog="procwatch", formatter_class=fmt, epilog=_EPILOG,
+        description="Tell other processes, within a millisecond, that a watched process "
+                    "has died or hung.\n\nClients register in a SysV shared-memory slot table; "
+                    "the service zeroes a\nslot's PID word the moment the kernel reports that "
+                    "process's exit.")
+    p.add_argument("--version", action="version", version=f"procwatch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    key_help = "SysV key of the slot table (default: $PROCWATCH_KEY, else 0x70770001)"
+
+    s = sub.add_parser(
+        "serve", formatter_class=fmt, help="run the service in the foreground",
+        description="Create (or re-adopt) the slot table and watch every registered process.\n\n"
+                    "On a registered process's exit, zero its slot's PID word, wake the peers\n"
+                    "waiting on it, record the exit status and log one line (journald when\n"
+                    "available, else stderr).  Needs CAP_NET_ADMIN for the proc connector.",
+        epilog="signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n\n"
+               "example:\n  sudo procwatch serve --slots 4096")
+    s.add_argument("--key", type=_key, help=key_help)
+    s.add_argument("--slots", type=_positive_int(1, _abi.MAX_SLOTS), default=_abi.DEFAULT_SLOTS,
+                   help="slots of a new table (default %(default)s; an adopted table keeps its own)")
+    s.add_argument("--backend", choices=("auto", "connector", "pidfd"), default="auto",
+                   help="exit-detection backend (default %(default)s: the proc connector where it works)")
+    s.add_argument("--rcvbuf", type=_positive_int(4096, 1 << 30), metavar="BYTES",
+                   help="connector socket receive buffer (default 4 MiB)")
+    s.add_argument("--reconcile-interval", type=_seconds, default=1.0, metavar="S",
+                   help="seconds between full checks of the table (default %(default)s)")
+    s.add_argument("--group", metavar="NAME",
+                   help="group that owns the table (mode 0660); its members may register")
+    s.add_argument("--log", choices=("auto", "journal", "stderr"), default="auto",
+                   help="where events go (default %(default)s: journald if reachable)")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="least severe events to log (default %(default)s)")
+
+    st = sub.add_parser(
+        "status", formatter_class=fmt, help="show the service and the registered processes",
+        description="Show whether the service runs, then one row per used slot.",
+        epilog="exit status:\n  0 the service runs, 3 it does not (or no table exists), 1 error\n\n"
+               "--json prints one object: {\"key\", \"service\": {\"pid\", \"alive\", \"backend\",\n"
+               "\"heartbeat\"}, \"slot_count\", \"exits\", \"slots\": [{\"slot\", \"name\", \"pid\",\n"
+               "\"state\", \"since\", \"cause\", \"exit_status\", \"exit_code\", \"signal\",\n"
+               "\"core_dumped\", \"latency_us\", \"heartbeat_ms\", \"misses\", \"last_beat_age_s\"}]}.\n"
+               "Times are Unix seconds; absent values are null.")
+    st.add_argument("--key", type=_key, help=key_help)
+    st.add_argument("--json", action="store_true", help="machine-readable output (stable schema)")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"serve": cmd_serve, "status": cmd_status}[args.command](args)
+    except ProcwatchError as e:
+        print(f"procwatch: {e}", file=_sys.stderr)
+        return EXIT_FAILURE
+    except ValueError as e:            # bad values that argparse could not see (env)
+        print(f"procwatch: {e}", file=_sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_serve(args):
+    from . import journal
+    from .service import Service
+    journal.setup(args.log, getattr(_logging, args.log_level.upper()))
+    service = Service(key=args.key, slots=args.slots, backend=args.backend, rcvbuf=args.rcvbuf,
+                      reconcile_interval=args.reconcile_interval, group=args.group)
+    return service.run()
+
+
+def _slot_json(s, now_ns):
+    import signal
+    status = s.exit_status if s.exit_status != _abi.EXIT_STATUS_UNKNOWN and s.state in (
+        _abi.State.EXITED,) else None
+    code = sig = core = None
+    if status is not None:
+        if _os.WIFSIGNALED(status):
+            try:
+                sig = signal.Signals(_os.WTERMSIG(status)).name
+            except ValueError:
+                sig = str(_os.WTERMSIG(status))
+            core = bool(_os.WCOREDUMP(status))
+        else:
+            code = _os.WEXITSTATUS(status)
+    ended = s.state in (_abi.State.EXITED, _abi.State.FOUND_DEAD, _abi.State.UNREGISTERED)
+    return {
+        "slot": s.index, "name": s.name, "pid": s.pid, "state": s.state_name,
+        "since": (s.exit_time_ns if ended else s.registered_ns) / 1e9 or None,
+        "cause": s.cause_name if ended else None,
+        "exit_status": status, "exit_code": code, "signal": sig, "core_dumped": core,
+        "latency_us": None if s.latency_us == _abi.LATENCY_UNKNOWN else s.latency_us,
+        "heartbeat_ms": s.heartbeat_ms,
+        "misses": s.misses,
+        "last_beat_age_s": round((now_ns - s.last_beat_ns) / 1e9, 3) if s.heartbeat_ms and s.last_beat_ns else None,
+    }
+
+
+def _age(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} d ago"
+
+
+def status_snapshot(key=None):
+    """The data of ``procwatch status --json`` (None when no table exists)."""
+    from . import client
+    from .segment import Table
+    try:
+        table = Table.attach(key)
+    except SegmentMissing:
+        return None
+    try:
+        h = table.header()
+        now_ns = _time.time_ns()
+        alive = client.monitor_alive(table.key)
+        try:
+            backend = _abi.Backend(h["backend"]).name.lower()
+        except ValueError:
+            backend = f"invalid({h['backend']})"
+        return {
+            "key": f"{table.key:#010x}",
+            "service": {"pid": h["service_pid"] or None, "alive": alive,
+                        "backend": backend if alive else None, "heartbeat": h["service_heartbeat"]},
+            "slot_count": table.slot_count,
+            "exits": h["exits"],
+            "slots": [_slot_json(s, now_ns) for s in table.used_slots()],
+        }
+    finally:
+        table.detach()
+
+
+def cmd_status(args):
+    from .segment import resolve_key
+    key = resolve_key(args.key)
+    snap = status_snapshot(key)
+    if snap is None:
+        if args.json:
+            print(_json.dumps({"key": f"{key:#010x}", "service": {"pid": None, "alive": False},
+                               "slots": []}))
+        else:
+            print(f"procwatch: no slot table at key {key:#010x}: the service is not running")
+        return EXIT_NOT_RUNNING
+    if args.json:
+        print(_json.dumps(snap, indent=2))
+    else:
+        print(format_status(snap))
+    return EXIT_OK if snap["service"]["alive"] else EXIT_NOT_RUNNING
+
+
+def format_status(snap):
+    svc = snap["service"]
+    if svc["alive"]:
+        head = f"procwatch: running, PID {svc['pid']}, {svc['backend']} backend"
+    else:
+        head = "procwatch: NOT running" + (f" (last PID {svc['pid']})" if svc["pid"] else "")
+    used = snap["slots"]
+    live = sum(1 for s in used if s["state"] in ("alive", "hung"))
+    lines = [head, f"table {snap['key']}: {live} live, {len(used)} used of {snap['slot_count']} slots, "
+                   f"{snap['exits']} exits", ""]
+    now = _time.time()
+    rows = [("SLOT", "NAME", "PID", "STATE", "SINCE", "LAST EXIT", "BEAT")]
+    for s in used:
+        if s["signal"]:
+            last = f"killed by {s['signal']}" + (" (core)" if s["core_dumped"] else "")
+        elif s["exit_code"] is not None:
+            last = f"exit code {s['exit_code']}"
+        elif s["cause"]:
+            last = s["cause"].replace("_", " ")
+        else:
+            last = "-"
+        if s["cause"] == "killed_hung":
+            last += ", hung"
+        beat = "-"
+        if s["heartbeat_ms"]:
+            beat = f"{s['heartbeat_ms'] / 1000:g}s/{_age(s['last_beat_age_s'])}/{s['misses']} missed"
+        rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), s["state"],
+                     _age(now - s["since"]) if s["since"] else "-", last, beat))
+    if len(rows) == 1:
+        lines.append("no registered processes")
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _sys.exit(main())

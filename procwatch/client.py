@@ -1,0 +1,310 @@
+"""The client side: register a process, beat, and watch a peer.
+
+Everything here is a plain read or one aligned store on the mapped table:
+no syscall per ``Peer.pid`` read or per ``beat()``, no lock outside slot
+allocation, and nothing from pyroute2 or systemd is imported, so a client
+pays only for sysv_ipc.
+
+A client never depends on the service.  With no table at the key,
+:func:`register_pid` logs one warning and returns None, and the program goes
+on as if procwatch did not exist.
+"""
+
+import logging as _logging
+import os as _os
+import time as _time
+
+from . import abi as _abi
+from . import futex as _futex
+from . import procfs as _procfs
+from .errors import NameInUse, NameNotFound, SegmentMissing, TableFull
+from .segment import Table as _Table
+
+log = _logging.getLogger("procwatch.client")
+_ENDED = (_abi.State.EXITED, _abi.State.FOUND_DEAD, _abi.State.UNREGISTERED)
+
+
+def _name_bytes(name, pid):
+    if name is None:
+        comm = open(f"/proc/{pid}/comm", "rb").read().strip() if _os.path.exists(f"/proc/{pid}/comm") else b"pid"
+        name = f"{comm.decode('utf-8', 'replace')}-{pid}"
+    elif isinstance(name, (bytes, bytearray)):
+        try:
+            name = bytes(name).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"name {bytes(name)!r} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return _abi.encode_name(name)
+    except UnicodeEncodeError:
+        raise ValueError(f"name {name!r} cannot be encoded as UTF-8") from None
+
+
+def _slot_live(table, i, state):
+    """Whether slot ``i`` names a live process (its PID and start time match)."""
+    pid = table.u32[table.pid_index(i)]
+    return (state in _abi.LIVE_STATES and pid != 0 and _procfs.valid_pid(pid)
+            and _procfs.start_time(pid) == table.get64(i, _abi.S_START_TIME))
+
+
+def _choose_slot(table, raw):
+    """Pick a slot for name ``raw`` (hold table.lock()).
+
+    Same name first (an error if its process lives), then the first EMPTY
+    slot, then the ended or stale slot that ended longest ago.  /proc is read
+    only for the same-name slot and, when the table has no empty slot, for
+    the candidates to reuse.
+    """
+    first_empty = None
+    others = []
+    for i in range(table.slot_count):
+        state = table.get32(i, _abi.S_STATE)
+        if state == _abi.State.EMPTY:
+            if first_empty is None:
+                first_empty = i
+            continue
+        off = _abi.slot_offset(i) + _abi.S_NAME
+        if bytes(table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == raw:
+            # A CLAIMING slot under our lock is a stale claim: its client died
+            # mid-registration and SEM_UNDO released the lock.
+            if state != _abi.State.CLAIMING and _slot_live(table, i, state):
+                raise NameInUse(raw.decode("utf-8", "backslashreplace"), table.u32[table.pid_index(i)])
+            return i
+        others.append((i, state))
+    if first_empty is not None:
+        return first_empty
+    ended = [(table.get64(i, _abi.S_EXIT_TIME_NS) if state in _ENDED else 0, i)
+             for i, state in others if state == _abi.State.CLAIMING or not _slot_live(table, i, state)]
+    if ended:
+        return min(ended)[1]
+    raise TableFull(table.key, table.slot_count)
+
+
+class Registration:
+    """A process's slot in the table.  Also a context manager that unregisters."""
+
+    def __init__(self, table, slot, pid, start_time, name):
+        self.table = table
+        self.slot = slot
+        self.pid = pid
+        self.start_time = start_time
+        self.name = name
+        self._u64 = table.u64
+        self._seq_index = (_abi.slot_offset(slot) + _abi.S_HEARTBEAT_SEQ) >> 3
+        self._registered = True
+
+    def beat(self):
+        """Count progress: one aligned 8-byte store, no syscall, no lock."""
+        self._u64[self._seq_index] += 1
+
+    def set_heartbeat(self, seconds):
+        """Expect a beat at least every ``seconds`` (0 turns hang detection off)."""
+        self.table.set32(self.slot, _abi.S_HEARTBEAT_MS, _heartbeat_ms(seconds))
+        self.table.set64(self.slot, _abi.S_LAST_BEAT_NS, _time.time_ns())
+
+    @property
+    def registered(self):
+        return self._registered and self.table.u32[self.table.pid_index(self.slot)] == self.pid
+
+    def unregister(self):
+        """Leave the table cleanly; peers see the PID word turn 0.  Idempotent."""
+        if not self._registered:
+            return
+        self._registered = False
+        t = self.table
+        try:
+            with t.lock():
+                if t.u32[t.pid_index(self.slot)] == self.pid:
+                    t.u32[t.pid_index(self.slot)] = 0
+                    _futex.wake(t.pid_address(self.slot))
+                    t.set32(self.slot, _abi.S_CAUSE, _abi.Cause.UNREGISTERED)
+                    t.set64(self.slot, _abi.S_EXIT_TIME_NS, _time.time_ns())
+                    t.set32(self.slot, _abi.S_STATE, _abi.State.UNREGISTERED)
+                    t.bump_generation()
+        except SegmentMissing:
+            pass                      # the table went away: nothing left to clean
+        finally:
+            t.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unregister()
+
+    def __repr__(self):
+        return (f"<procwatch.Registration name={self.name!r} pid={self.pid} slot={self.slot} "
+                f"key={self.table.key:#010x}>")
+
+
+def _heartbeat_ms(seconds):
+    if seconds is None or seconds < 0:
+        raise ValueError(f"heartbeat must be >= 0 seconds, not {seconds!r}")
+    ms = round(seconds * 1000)
+    if seconds and ms == 0 or ms > 0xFFFFFFFF:
+        raise ValueError(f"heartbeat {seconds!r} s is out of range (1 ms .. 49 days)")
+    return ms
+
+
+def register_pid(name=None, *, pid=None, key=None, heartbeat=0):
+    """Claim a slot for ``pid`` (default: this process) under ``name``.
+
+    Returns a :class:`Registration`, or None when no table exists (no
+    service): one warning is logged and the caller goes on working.
+
+    A name held by a live process raises :class:`NameInUse`; a name whose
+    process is gone reuses its slot.  ``heartbeat`` > 0 asks the service to
+    declare the process hung when it does not call ``beat()`` for that many
+    seconds, three checks in a row.
+    """
+    pid = _os.getpid() if pid is None else pid
+    if not isinstance(pid, int) or not _procfs.valid_pid(pid):
+        raise ValueError(f"PID {pid!r} is not a valid process ID (1..{_procfs.pid_max() - 1})")
+    raw = _name_bytes(name, pid)
+    hb_ms = _heartbeat_ms(heartbeat)
+    try:
+        table = _Table.attach(key)
+    except SegmentMissing as e:
+        log.warning("procwatch is not running (%s); continuing without it", e)
+        return None
+    try:
+        with table.lock():
+            start = _procfs.start_time(pid)
+            if start is None:
+                raise ValueError(f"no process with PID {pid}")
+            i = _choose_slot(table, raw)
+            now = _time.time_ns()
+            table.u32[table.pid_index(i)] = 0         # cleared first
+            table.set32(i, _abi.S_STATE, _abi.State.CLAIMING)
+            table.clear_slot_body(i)
+            table.set64(i, _abi.S_START_TIME, start)
+            table.write_name(i, raw)
+            table.set32(i, _abi.S_HEARTBEAT_MS, hb_ms)
+            table.set32(i, _abi.S_EXIT_STATUS, _abi.EXIT_STATUS_UNKNOWN)
+            table.set64(i, _abi.S_REGISTERED_NS, now)
+            table.set32(i, _abi.S_LATENCY_US, _abi.LATENCY_UNKNOWN)
+            table.set32(i, _abi.S_OWNER_UID, _os.getuid())
+            table.set64(i, _abi.S_LAST_BEAT_NS, now)
+            table.set32(i, _abi.S_STATE, _abi.State.ALIVE)
+            table.u32[table.pid_index(i)] = pid       # published last
+            table.bump_generation()
+    except BaseException:
+        table.detach()
+        raise
+    return Registration(table, i, pid, start, raw.decode("utf-8"))
+
+
+def _find_slot(table, raw):
+    """Slot index carrying name ``raw``: the live one, else the latest ended one."""
+    best = best_time = None
+    for i in range(table.slot_count):
+        state = table.get32(i, _abi.S_STATE)
+        if state == _abi.State.EMPTY:
+            continue
+        off = _abi.slot_offset(i) + _abi.S_NAME
+        if bytes(table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") != raw:
+            continue
+        if state in _abi.LIVE_STATES:
+            return i
+        t = table.get64(i, _abi.S_REGISTERED_NS)
+        if best is None or t > best_time:
+            best, best_time = i, t
+    return best
+
+
+class Peer:
+    """Another registered process, seen through its slot's PID word.
+
+    ``pid`` and ``alive`` read the mapped word directly; ``wait_exit`` sleeps
+    on it as a futex, woken by the service when it zeroes the word.
+    """
+
+    def __init__(self, name, *, key=None):
+        self._raw = _name_bytes(name, 0)
+        self.name = self._raw.decode("utf-8")
+        self.table = _Table.attach(key)
+        slot = _find_slot(self.table, self._raw)
+        if slot is None:
+            self.table.detach()
+            raise NameNotFound(self.name, self.table.key)
+        self.slot = slot
+        self._u32 = self.table.u32
+        self._index = self.table.pid_index(slot)
+        self._known = self._u32[self._index]
+
+    def _follow(self, pid):
+        """The word changed: make sure the slot still carries our name."""
+        off = _abi.slot_offset(self.slot) + _abi.S_NAME
+        if bytes(self.table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == self._raw:
+            self._known = pid
+            return pid
+        slot = _find_slot(self.table, self._raw)     # the slot was given to another name
+        if slot is None:
+            return 0
+        self.slot, self._index = slot, self.table.pid_index(slot)
+        self._known = self._u32[self._index]
+        return self._known
+
+    @property
+    def pid(self):
+        """The target's PID, or 0 when it is gone (or was never started)."""
+        pid = self._u32[self._index]
+        if pid == self._known or pid == 0:
+            return pid
+        return self._follow(pid)
+
+    @property
+    def alive(self):
+        return self.pid != 0
+
+    def wait_exit(self, timeout=None):
+        """Block until the PID word is 0; False if ``timeout`` seconds pass first.
+
+        Sleeps in FUTEX_WAIT on the word; no polling.
+        """
+        deadline = None if timeout is None else _time.monotonic() + timeout
+        address = self.table.pid_address(self.slot)
+        while True:
+            pid = self.pid
+            if pid == 0:
+                return True
+            left = None if deadline is None else deadline - _time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            _futex.wait(address, pid, left)
+
+    def slot_info(self):
+        """A snapshot of the slot (state, exit status, ...)."""
+        return self.table.read_slot(self.slot)
+
+    def close(self):
+        self.table.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<procwatch.Peer name={self.name!r} pid={self.pid} slot={self.slot}>"
+
+
+def monitor_alive(key=None):
+    """Whether a live procwatch service is watching the table at ``key``.
+
+    True when the header names a service PID whose start time matches and
+    that is not stopped.  A client works the same either way.
+    """
+    try:
+        table = _Table.attach(key)
+    except SegmentMissing:
+        return False
+    try:
+        pid = table.hget32(_abi.H_SERVICE_PID)
+        if not pid or not _procfs.valid_pid(pid):
+            return False
+        if _procfs.start_time(pid) != table.hget64(_abi.H_SERVICE_START_TIME):
+            return False
+        return _procfs.stat_state(pid) not in (None, "T", "t", "Z", "X")
+    finally:
+        table.detach()

@@ -1,0 +1,377 @@
+"""Exit detection: the watch list, the detector thread, and reconcile.
+
+The patent's design: a detector thread reads exit events; when one names a
+registered process it zeroes that slot's PID word (0 = "gone", seen at once
+by any peer reading the word) and ends; the service then starts a new
+detector thread on the same, still open, socket, so no event is lost.
+
+The hot path is ordered so that peers learn first and bookkeeping waits:
+decode -> dict lookup by tgid -> "is the whole group gone?" (a poll of the
+pidfd opened at registration) -> zero the word and FUTEX_WAKE -> then
+record the status, measure, log.  An unrelated exit costs one decode and one
+dict miss.
+
+Why a pidfd check: the kernel sends an exit event for every thread, naming
+the thread (pid) and its process (tgid).  The main thread may exit first
+(pthread_exit) while others run on, so neither "pid == tgid" nor "first
+event of the group" means the process died.  A pidfd becomes readable only
+once the whole thread group has exited, and the kernel marks that before it
+sends the last thread's exit event (exit_notify() runs before
+proc_exit_connector() in do_exit()).
+
+Reconcile catches what events cannot: exits while the service was down, and
+events the kernel dropped (ENOBUFS).  A slot whose process is gone, or
+whose PID now belongs to another process (start time changed), is ended as
+"found dead" with an unknown latency.
+"""
+
+import collections as _collections
+import errno as _errno
+import logging as _logging
+import os as _os
+import signal as _signal
+import threading as _threading
+import time as _time
+
+from . import abi as _abi
+from . import procfs as _procfs
+from .connector import EXIT_EVENT as _EXIT
+from .connector import PROC_EVENT_EXIT as _PROC_EVENT_EXIT
+from .journal import Event, emit
+
+log = _logging.getLogger("procwatch")
+FOUND_DEAD_GRACE = 0.2   # s a slot must stay gone before a periodic reconcile ends it
+
+
+class Watched:
+    """One registered process the detector watches."""
+    __slots__ = ("slot", "pid", "start_time", "name", "pidfd", "gone_since", "reused")
+
+    def __init__(self, slot, pid, start_time, name, pidfd, reused=False):
+        self.slot, self.pid, self.start_time, self.name = slot, pid, start_time, name
+        self.pidfd = pidfd
+        self.gone_since = None if pidfd is not None else _time.monotonic()
+        self.reused = reused
+
+    def gone(self):
+        return self.pidfd is None or _procfs.pidfd_exited(self.pidfd)
+
+
+def describe_status(status):
+    """(text, fields) for a wait(2) status: 'exited with code 3' / 'killed by SIGKILL'."""
+    if status is None or status < 0:
+        return "ended (status unknown)", {}
+    if _os.WIFSIGNALED(status):
+        sig = _os.WTERMSIG(status)
+        try:
+            name = _signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        core = _os.WCOREDUMP(status)
+        return (f"killed by {name}" + (" (core dumped)" if core else ""),
+                {"SIGNAL": name, "SIGNAL_NUMBER": sig, "CORE_DUMPED": int(core)})
+    code = _os.WEXITSTATUS(status)
+    return f"exited with code {code}", {"EXIT_CODE": code}
+
+
+class Stats:
+    """Counters the service reports (status, STATUS=, metrics)."""
+
+    def __init__(self):
+        self.exits = 0
+        self.found_dead = 0
+        self.overflows = 0
+        self.respawns = 0
+        self.corrupt = 0
+        self.events = 0
+        self.latencies_us = _collections.deque(maxlen=4096)
+        self.last_end = None        # (name, text, monotonic time)
+
+
+class Watchlist:
+    """Registered processes by PID, rebuilt from the table when its generation moves.
+
+    ``by_pid`` maps a tgid to a tuple of :class:`Watched` (a hostile or odd
+    table may hold one PID in two slots).  The detector reads it without a
+    lock: a dict lookup is atomic, and a rebuild swaps the whole dict.
+    """
+
+    def __init__(self, table, reporter):
+        self.table = table
+        self.reporter = reporter
+        self.by_pid = {}
+        self.generation = None
+        self._lock = _threading.RLock()
+
+    def entries(self):
+        return [w for ws in self.by_pid.values() for w in ws]
+
+    def sync(self, force=False):
+        """Bring ``by_pid`` in line with the table's PID words."""
+        t = self.table
+        if not force and t.generation == self.generation:
+            return
+        with self._lock:
+            # The generation is read before the scan and published after the new
+            # dict: the detector treats "generation unchanged" as "by_pid is
+            # current", so publishing it early would let an exit slip through.
+            generation = t.generation
+            old = {(w.slot, w.pid): w for w in self.entries()}
+            new = {}
+            for slot, pid in enumerate(t.pid_words()):
+                if pid == 0:
+                    continue
+                start = t.get64(slot, _abi.S_START_TIME)
+                w = old.pop((slot, pid), None)
+                if w is None or w.start_time != start:
+                    if w is not None:
+                        _close(w)
+                    w = self._adopt(slot, pid, start)
+                    if w is None:
+                        continue
+                new.setdefault(pid, []).append(w)
+            for w in old.values():          # unregistered, or ended by us
+                _close(w)
+                if t.get32(w.slot, _abi.S_STATE) == _abi.State.UNREGISTERED:
+                    emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
+                         NAME=w.name, PID=w.pid, SLOT=w.slot)
+            self.by_pid = {pid: tuple(ws) for pid, ws in new.items()}
+            self.generation = generation
+
+    def _adopt(self, slot, pid, start):
+        """A Watched for a newly seen PID word, or None if the slot is corrupt."""
+        t = self.table
+        state = t.get32(slot, _abi.S_STATE)
+        raw = t.read_slot(slot)
+        problem = None
+        if not _procfs.valid_pid(pid):
+            problem = f"PID word {pid} is not a valid PID (pid_max {_procfs.pid_max()})"
+        elif state not in (_abi.State.ALIVE, _abi.State.HUNG):
+            problem = f"PID word {pid} with state {raw.state_name}"
+        else:
+            try:
+                raw.raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                problem = f"name {raw.raw_name!r} is not UTF-8"
+        if problem:
+            self.reporter.clear_corrupt(slot, pid, problem)
+            return None
+        pidfd = _procfs.open_verified(pid, start)
+        reused = pidfd is None and _procfs.start_time(pid) is not None
+        w = Watched(slot, pid, start, raw.name, pidfd, reused)
+        if pidfd is not None:
+            emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, pid, slot,
+                 NAME=w.name, PID=pid, SLOT=slot, HEARTBEAT_MS=raw.heartbeat_ms or None)
+        return w
+
+    def forget(self, w):
+        """Drop ``w`` after its end was reported."""
+        with self._lock:
+            ws = self.by_pid.get(w.pid, ())
+            rest = tuple(x for x in ws if x is not w)
+            by_pid = dict(self.by_pid)
+            if rest:
+                by_pid[w.pid] = rest
+            else:
+                by_pid.pop(w.pid, None)
+            self.by_pid = by_pid
+            _close(w)
+
+
+def _close(w):
+    if w.pidfd is not None:
+        _os.close(w.pidfd)
+        w.pidfd = None
+
+
+class Reporter:
+    """Ends slots: zero the word and wake first, then record and log."""
+
+    def __init__(self, table, stats, on_end=None, on_overflow=None):
+        self.table = table
+        self.stats = stats
+        self.watch = Watchlist(table, self)
+        self.on_end = on_end            # callback(event, watched, fields): hooks, metrics
+        self.on_overflow = on_overflow  # callback(): the service reconciles at once
+        self.overflow_pending = False
+
+    def overflow(self):
+        """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile."""
+        self.stats.overflows += 1
+        if self.overflow_pending:
+            return
+        self.overflow_pending = True
+        emit(Event.OVERFLOW, "the kernel dropped exit events (socket receive buffer overflow, "
+             "%d so far); reconciling the table now", self.stats.overflows,
+             OVERFLOWS=self.stats.overflows)
+        if self.on_overflow:
+            self.on_overflow()
+
+    def report_exit(self, w, status, kernel_ts_ns):
+        """The kernel said ``w`` exited; False if somebody else already ended it."""
+        t = self.table
+        if not t.clear_pid(w.slot, w.pid):
+            self.watch.forget(w)
+            return False
+        latency_us = (_time.monotonic_ns() - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
+        hung = t.get32(w.slot, _abi.S_STATE) == _abi.State.HUNG
+        cause = _abi.Cause.KILLED_HUNG if hung else _abi.Cause.EXITED
+        t.record_end(w.slot, _abi.State.EXITED, cause, status, latency_us)
+        self.watch.forget(w)
+        text, fields = describe_status(status)
+        self.stats.exits += 1
+        if latency_us != _abi.LATENCY_UNKNOWN:
+            self.stats.latencies_us.append(latency_us)
+        self.stats.last_end = (w.name, text, _time.monotonic())
+        how = "killed: hung, " if hung else ""
+        emit(Event.EXIT, "%s (pid %d) %s%s; detected in %s µs", w.name, w.pid, how, text,
+             latency_us if latency_us != _abi.LATENCY_UNKNOWN else "?",
+             NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
+             CAUSE=_abi.Cause(cause).name.lower(), **fields)
+        if self.on_end:
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower()))
+        return True
+
+    def report_found_dead(self, w, cause=_abi.Cause.FOUND_DEAD):
+        t = self.table
+        if not t.clear_pid(w.slot, w.pid):
+            self.watch.forget(w)
+            return False
+        if w.reused:
+            cause = _abi.Cause.PID_REUSED
+        t.record_end(w.slot, _abi.State.FOUND_DEAD, cause)
+        self.watch.forget(w)
+        self.stats.found_dead += 1
+        why = {_abi.Cause.PID_REUSED: "its PID now belongs to another process",
+               _abi.Cause.FOUND_DEAD_OVERFLOW: "its exit event was lost in an overflow",
+               }.get(cause, "it exited while no event reached procwatch")
+        self.stats.last_end = (w.name, "found dead", _time.monotonic())
+        emit(Event.FOUND_DEAD, "%s (pid %d) found dead: %s; exit status unknown", w.name, w.pid, why,
+             NAME=w.name, PID=w.pid, SLOT=w.slot, CAUSE=_abi.Cause(cause).name.lower())
+        if self.on_end:
+            self.on_end(Event.FOUND_DEAD, w, {"CAUSE": _abi.Cause(cause).name.lower()})
+        return True
+
+    def clear_corrupt(self, slot, pid, problem):
+        """A slot no client could have written: clear it, say so, go on."""
+        t = self.table
+        if t.clear_pid(slot, pid):
+            t.clear_slot_body(slot)
+            t.set32(slot, _abi.S_STATE, _abi.State.EMPTY)
+        self.stats.corrupt += 1
+        emit(Event.CORRUPT, "slot %d is corrupt (%s); cleared", slot, problem,
+             SLOT=slot, PROBLEM=problem, level=_logging.ERROR)
+
+    def reconcile(self, immediate=False, cause=_abi.Cause.FOUND_DEAD):
+        """End every watched slot whose process is gone.
+
+        ``immediate`` (start-up, after an overflow): end them now.  Otherwise
+        a slot must have been seen gone for FOUND_DEAD_GRACE first, so that an
+        exit event still on its way wins and reports the real status.
+        """
+        self.watch.sync(force=True)
+        now = _time.monotonic()
+        ended = 0
+        for w in self.watch.entries():
+            if not w.gone():
+                w.gone_since = None
+                continue
+            if w.gone_since is None:
+                w.gone_since = now
+            if immediate or now - w.gone_since >= FOUND_DEAD_GRACE:
+                ended += self.report_found_dead(w, cause)
+        self._clear_stale_claims()
+        return ended
+
+    def _clear_stale_claims(self):
+        """CLAIMING slots left by a client killed mid-registration.
+
+        Under the lock no client is mid-claim, so a CLAIMING slot is stale.
+        (ALIVE with a zero PID word is not: that is this service between
+        clear_pid() and record_end().)
+        """
+        t = self.table
+        stale = [s.index for s in t.used_slots() if s.pid == 0 and s.state == _abi.State.CLAIMING]
+        if not stale or not t.try_lock():
+            return
+        try:
+            for i in stale:
+                if t.u32[t.pid_index(i)] == 0 and t.get32(i, _abi.S_STATE) == _abi.State.CLAIMING:
+                    t.clear_slot_body(i)
+                    t.set32(i, _abi.S_STATE, _abi.State.EMPTY)
+                    log.info("slot %d: cleared a registration its client never finished", i)
+        finally:
+            t.unlock()
+
+
+class ConnectorDetector(_threading.Thread):
+    """One detector thread: reads exit events until one ends a registered process.
+
+    Then it returns and the service starts the next one (``done`` is called
+    with the thread).  Any exception ends it too, with the traceback logged by
+    the service, which then respawns and reconciles.
+    """
+
+    def __init__(self, connector, reporter, done, generation):
+        super().__init__(name=f"procwatch-detector-{generation}", daemon=True)
+        self.connector = connector
+        self.reporter = reporter
+        self.done = done
+        self.stop_requested = False
+        self.alive_at = _time.monotonic()
+        self.error = None
+        self.ended_pid = None
+
+    def run(self):
+        try:
+            self._loop()
+        except BaseException as e:      # reported by the service, which respawns
+            self.error = e
+        finally:
+            self.done(self)
+
+    def _loop(self):
+        recv_into = self.connector.sock.recv_into
+        buf = bytearray(1024)
+        watch = self.reporter.watch
+        table = self.reporter.table
+        stats = self.reporter.stats
+        pidfd_exited = _procfs.pidfd_exited
+        monotonic = _time.monotonic
+        while not self.stop_requested:
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:             # SO_RCVTIMEO: nothing for a while
+                self.alive_at = monotonic()
+                continue
+            except OSError as e:
+                if e.errno != _errno.ENOBUFS:
+                    raise
+                self.alive_at = monotonic()
+                self.reporter.overflow()
+                continue
+            self.alive_at = monotonic()
+            # decode_exit() inlined: this runs for every exit on the machine.
+            if n < 60:
+                continue
+            what, _cpu, ts, _pid, tgid, status = _EXIT.unpack_from(buf, 36)
+            if what != _PROC_EVENT_EXIT:
+                continue
+            stats.events += 1
+            ws = watch.by_pid.get(tgid)
+            if ws is None:
+                if table.generation == watch.generation:
+                    continue
+                watch.sync()                    # a registration we have not seen yet
+                ws = watch.by_pid.get(tgid)
+                if ws is None:
+                    continue
+            ended = False
+            for w in ws:
+                if w.pidfd is not None and not pidfd_exited(w.pidfd):
+                    continue                    # one thread of a live process
+                ended |= self.reporter.report_exit(w, status, ts)
+            if ended:
+                self.ended_pid = tgid
+                return
+

@@ -1,0 +1,72 @@
+"""Shared futexes on words of the slot table: sleeping without polling.
+
+A peer waiting for its target's PID word to turn 0 must not spin or poll:
+FUTEX_WAIT sleeps in the kernel until somebody calls FUTEX_WAKE on the same
+word, and the service does exactly that right after zeroing it.  The futex is
+*shared* (no FUTEX_PRIVATE_FLAG) because waiter and waker are different
+processes that map the same SysV segment at different addresses; the kernel
+keys shared futexes by the page's backing object, not the address.
+
+Python has no futex binding, so this calls futex(2) through ctypes; it costs
+about a microsecond more than C.  See futex(2).
+"""
+
+import ctypes as _ctypes
+import errno as _errno
+import os as _os
+import platform as _platform
+import time as _time
+
+# asm/unistd.h: __NR_futex
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "i686": 240, "armv7l": 240,
+              "ppc64le": 221, "s390x": 238, "riscv64": 98}[_platform.machine()]
+FUTEX_WAIT = 0
+FUTEX_WAKE = 1
+INT_MAX = 0x7FFFFFFF
+
+_libc = _ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = _ctypes.c_long
+
+
+class _timespec(_ctypes.Structure):
+    _fields_ = [("tv_sec", _ctypes.c_long), ("tv_nsec", _ctypes.c_long)]
+
+
+def wait(address, expected, timeout=None):
+    """Sleep while the u32 at ``address`` equals ``expected``.
+
+    Returns True when woken or when the word already differs, False when
+    ``timeout`` seconds passed.  Spurious wake-ups are possible, as with any
+    futex: callers re-read the word and loop.
+    """
+    deadline = None if timeout is None else _time.monotonic() + timeout
+    while True:
+        if deadline is None:
+            ts = None
+        else:
+            left = deadline - _time.monotonic()
+            if left <= 0:
+                return False
+            ts = _ctypes.byref(_timespec(int(left), int((left % 1) * 1e9)))
+        rc = _syscall(_SYS_FUTEX, _ctypes.c_void_p(address), FUTEX_WAIT,
+                      _ctypes.c_uint32(expected & 0xFFFFFFFF), ts, None, 0)
+        if rc == 0:
+            return True
+        err = _ctypes.get_errno()
+        if err == _errno.EAGAIN:       # the word no longer holds ``expected``
+            return True
+        if err == _errno.ETIMEDOUT:
+            return False
+        if err == _errno.EINTR:
+            continue
+        raise OSError(err, _os.strerror(err))
+
+
+def wake(address, count=INT_MAX):
+    """Wake up to ``count`` waiters on the u32 at ``address``; returns how many."""
+    rc = _syscall(_SYS_FUTEX, _ctypes.c_void_p(address), FUTEX_WAKE, count, None, None, 0)
+    if rc < 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, _os.strerror(err))
+    return rc

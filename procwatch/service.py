@@ -1,0 +1,259 @@
+"""The service: one place that knows every part and wires them together.
+
+    table (segment)  <-  clients register, peers read
+       ^
+    Reporter / Watchlist (detector.py)  <-  detector thread (connector events)
+       ^
+    Service main loop: respawn detectors, reconcile, service heartbeat,
+                       signals (SIGTERM/SIGINT stop)
+
+The detector, the clients and the peers never call each other: they meet in
+the slot table.  The main loop owns every slow thing (reconcile, logging of
+respawns, sd_notify), so the detector thread only reads events and zeroes
+words.
+"""
+
+import logging as _logging
+import os as _os
+import queue as _queue
+import signal as _signal
+import socket as _socket
+import threading as _threading
+import time as _time
+import traceback as _traceback
+
+from . import abi as _abi
+from . import procfs as _procfs
+from .detector import ConnectorDetector, Reporter, Stats
+from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
+from .journal import Event, emit, notify
+from .segment import Table
+
+log = _logging.getLogger("procwatch")
+_STOP = "stop"
+_OVERFLOW = "overflow"
+
+
+class Service:
+    """``procwatch serve``: create or adopt the table and watch it until stopped."""
+
+    def __init__(self, key=None, slots=_abi.DEFAULT_SLOTS, backend="auto",
+                 rcvbuf=None, reconcile_interval=1.0, group=None, mode=0o660,
+                 heartbeat_period=1.0):
+        from .segment import resolve_key
+        self.key = resolve_key(key)
+        self.slots = slots
+        self.backend = backend
+        self.rcvbuf = rcvbuf
+        self.reconcile_interval = reconcile_interval
+        self.heartbeat_period = heartbeat_period
+        self.group = group
+        self.mode = mode
+        self.stats = Stats()
+        self.table = None
+        self.connector = None
+        self.reporter = None
+        self.detector = None
+        self.backend_name = None
+        self._queue = _queue.SimpleQueue()     # put() is safe from signal handlers
+        self._instance_sock = None
+        self._generation = 0
+        self._stopping = False
+        self._registrations = None
+
+    # -- start-up ---------------------------------------------------------------
+    def _claim_instance(self):
+        """One service per key: an abstract socket name, freed by the kernel at exit."""
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        try:
+            s.bind(f"\0procwatch-{self.key:08x}")
+        except OSError:
+            s.close()
+            pid = 0
+            try:
+                t = Table.attach(self.key)
+                pid = t.hget32(_abi.H_SERVICE_PID)
+                t.detach()
+            except ProcwatchError:
+                pass
+            raise ServiceRunning(self.key, pid or "?") from None
+        self._instance_sock = s
+
+    def _gid(self):
+        if self.group is None:
+            return None
+        import grp
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise ProcwatchError(f"group {self.group!r} does not exist: create it "
+                                 f"(groupadd --system {self.group}) or pass another --group") from None
+
+    def _open_table(self):
+        self.table, adopted = Table.create_or_adopt(self.key, self.slots, self.mode, self._gid())
+        t = self.table
+        pid = t.hget32(_abi.H_SERVICE_PID)
+        if pid and pid != _os.getpid() and _procfs.valid_pid(pid) and \
+                _procfs.start_time(pid) == t.hget64(_abi.H_SERVICE_START_TIME):
+            raise ServiceRunning(self.key, pid)
+        if adopted and t.slot_count != self.slots:
+            log.warning("adopted table key %#010x has %d slots; --slots %d applies only to a new table",
+                        self.key, t.slot_count, self.slots)
+        t.hset64(_abi.H_SERVICE_START_TIME, _procfs.start_time(_os.getpid()))
+        t.hset32(_abi.H_HEARTBEAT_PERIOD_MS, int(self.heartbeat_period * 1000))
+        t.hset32(_abi.H_SERVICE_PID, _os.getpid())
+        return adopted
+
+    def _open_backend(self):
+        if self.backend in ("auto", "connector"):
+            from .connector import DEFAULT_RCVBUF, ProcConnector
+            try:
+                self.connector = ProcConnector(self.rcvbuf or DEFAULT_RCVBUF)
+                self.backend_name = "connector"
+                self.table.hset32(_abi.H_BACKEND, _abi.Backend.CONNECTOR)
+                return
+            except ConnectorUnavailable:
+                if self.backend == "connector":
+                    raise
+                raise   # XXX: the pidfd backend (issue 5) is the fallback for auto
+        raise ProcwatchError(f"backend {self.backend!r} is not available in this build")
+
+    def start(self):
+        """Everything up to READY=1: table, backend, first reconcile, detector."""
+        self._claim_instance()
+        adopted = self._open_table()
+        self._open_backend()
+        self.reporter = Reporter(self.table, self.stats,
+                                 on_overflow=lambda: self._queue.put(_OVERFLOW))
+        found = self.reporter.reconcile(immediate=True)
+        self._spawn_detector()
+        self._registrations = _threading.Thread(target=self._watch_registrations,
+                                                name="procwatch-registrations", daemon=True)
+        self._registrations.start()
+        emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
+             "with the %s backend (%s)", "adopted" if adopted else "created", self.key,
+             self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
+             self.connector.mode if self.connector else "-",
+             KEY=f"{self.key:#010x}", BACKEND=self.backend_name)
+        notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _watch_registrations(self):
+        """Sleep on the header's generation futex; sync the watch list when it moves.
+
+        Clients bump and FUTEX_WAKE the generation on every registration
+        change, so a new registration is watched (its pidfd opened, "registered"
+        logged) at once, off the detector's hot path.
+        """
+        from . import futex
+        address = self.table.address + _abi.H_GENERATION
+        while not self._stopping:
+            seen = self.reporter.watch.generation
+            if seen is None or self.table.generation == seen:
+                futex.wait(address, seen or 0, 0.5)
+            if self._stopping:
+                return
+            self.reporter.watch.sync()
+
+    def _spawn_detector(self):
+        self._generation += 1
+        self.detector = ConnectorDetector(self.connector, self.reporter, self._queue.put, self._generation)
+        self.detector.start()
+
+    # -- running ------------------------------------------------------------------
+    def status_line(self):
+        n = len(self.reporter.watch.entries()) if self.reporter else 0
+        line = f"watching {n} process{'es' if n != 1 else ''}, {self.stats.exits + self.stats.found_dead} exits"
+        if self.stats.last_end:
+            name, text, when = self.stats.last_end
+            line += f", last: {name} {text} {_time.monotonic() - when:.0f} s ago"
+        return line
+
+    def request_stop(self, *_):
+        self._queue.put(_STOP)
+
+    def run(self):
+        """Serve until SIGTERM/SIGINT.  Returns the exit status."""
+        for sig in (_signal.SIGTERM, _signal.SIGINT):
+            _signal.signal(sig, self.request_stop)
+        self.start()
+        next_tick = _time.monotonic()
+        next_reconcile = _time.monotonic() + self.reconcile_interval
+        try:
+            while True:
+                now = _time.monotonic()
+                try:
+                    msg = self._queue.get(timeout=max(0.0, min(next_tick, next_reconcile) - now))
+                except _queue.Empty:
+                    msg = None
+                if msg == _STOP:
+                    break
+                if msg == _OVERFLOW:
+                    self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW)
+                    self.reporter.overflow_pending = False
+                elif msg is not None:
+                    self._detector_ended(msg)
+                now = _time.monotonic()
+                if now >= next_tick:
+                    self._tick()
+                    next_tick = now + self.heartbeat_period
+                if now >= next_reconcile:
+                    self.reporter.reconcile()
+                    next_reconcile = now + self.reconcile_interval
+        finally:
+            self.stop()
+        return 0
+
+    def _detector_ended(self, detector):
+        """The patent's respawn: a detector ended (an exit handled, or an error)."""
+        if detector is not self.detector:
+            return
+        self.stats.respawns += 1
+        if detector.error is not None:
+            tb = "".join(_traceback.format_exception(detector.error))
+            emit(Event.RESPAWN, "detector thread failed; starting a new one:\n%s", tb,
+                 RESPAWNS=self.stats.respawns, level=_logging.ERROR)
+            if isinstance(detector.error, OSError) and self.connector.sock.fileno() < 0:
+                self._reopen_connector()
+        else:
+            emit(Event.RESPAWN, "detector thread ended after pid %s exited; starting a new one",
+                 detector.ended_pid, RESPAWNS=self.stats.respawns, level=_logging.DEBUG)
+        self._spawn_detector()
+        self.reporter.reconcile()
+
+    def _reopen_connector(self):
+        from .connector import ProcConnector
+        try:
+            self.connector.close()
+        except OSError:
+            pass
+        self.connector = ProcConnector(self.connector.rcvbuf)
+        self.reporter.reconcile(immediate=True)
+
+    def _tick(self):
+        """Every heartbeat period: prove the service lives, check the table."""
+        t = self.table
+        t.hset64(_abi.H_SERVICE_HEARTBEAT, t.hget64(_abi.H_SERVICE_HEARTBEAT) + 1)
+        if _time.monotonic() - self.detector.alive_at < 3 * self.heartbeat_period:
+            notify("WATCHDOG=1", f"STATUS={self.status_line()}")
+
+    def stop(self):
+        """A clean stop: the table stays, so clients keep their slots."""
+        notify("STOPPING=1")
+        self._stopping = True
+        if self._registrations is not None:
+            self._registrations.join(1.0)
+        if self.detector is not None:
+            self.detector.stop_requested = True
+            self.detector.join(1.0)
+        if self.connector is not None:
+            self.connector.close()
+        if self.table is not None:
+            if self.table.hget32(_abi.H_SERVICE_PID) == _os.getpid():
+                self.table.hset32(_abi.H_SERVICE_PID, 0)
+                self.table.hset32(_abi.H_BACKEND, _abi.Backend.NONE)
+            emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients", self.key,
+                 KEY=f"{self.key:#010x}")
+            self.table.detach()
+            self.table = None
+        if self._instance_sock is not None:
+            self._instance_sock.close()

@@ -1,0 +1,227 @@
+"""Shared fixtures: private table keys, a real service, real client processes.
+
+Everything here is real: the service is ``python -m procwatch serve`` in a
+subprocess, clients are processes that register and really die.  Each test
+gets its own SysV key (never the default one) and its segment and semaphore
+are removed afterwards.  Processes a test starts are ended by PID at
+teardown, never by name.
+"""
+
+import itertools
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sysv_ipc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGS = Path(__file__).resolve().parent / "progs"
+PY = sys.executable
+_serial = itertools.count(1)
+
+
+def fresh_key():
+    """A key no other test run uses: 0x7e, then 12 bits of our PID, then a counter."""
+    return 0x7E000000 | ((os.getpid() & 0xFFF) << 12) | (next(_serial) & 0xFFF)
+
+
+def remove_ipc(key):
+    for cls in (sysv_ipc.SharedMemory, sysv_ipc.Semaphore):
+        try:
+            cls(key).remove()
+        except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError):
+            pass
+
+
+def wait_until(predicate, timeout=10.0, what="condition", detail=None):
+    """Poll ``predicate`` until true; fail the test with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{detail()}" if detail else ""
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(0.005)
+
+
+def end_process(p, timeout=5.0):
+    """End a Popen we started: SIGTERM, then SIGKILL, by PID; reap it."""
+    if p.poll() is None:
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def key():
+    k = fresh_key()
+    remove_ipc(k)
+    yield k
+    remove_ipc(k)
+
+
+class ServiceProcess:
+    """``procwatch serve`` in a subprocess, its stderr kept for event checks."""
+
+    def __init__(self, key, log_path, *args, env=None, preexec=None):
+        self.key = key
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "procwatch", "serve", "--key", hex(key), "--log", "stderr",
+             "--log-level", "debug", *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            env=env, cwd=ROOT, preexec_fn=preexec)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_ready(self, timeout=15.0):
+        from procwatch import abi
+        from procwatch.segment import Table
+
+        def ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"service exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                t = Table.attach(self.key)
+            except Exception:
+                return False
+            try:
+                return t.hget32(abi.H_SERVICE_PID) == self.proc.pid and "event=started" in self.log()
+            finally:
+                t.detach()
+        wait_until(ready, timeout, "the service to be ready")
+        return self
+
+    def log(self):
+        if not self._log.closed:
+            self._log.flush()
+        return Path(self.log_path).read_text(errors="replace")
+
+    def events(self, kind=None):
+        """Event lines of the log as dicts of their key=value fields."""
+        out = []
+        for line in self.log().splitlines():
+            if "  event=" not in line:
+                continue
+            fields = dict(kv.split("=", 1) for kv in line.rsplit("  ", 1)[1].split() if "=" in kv)
+            fields["message"] = line
+            if kind is None or fields.get("event") == kind:
+                out.append(fields)
+        return out
+
+    def wait_event(self, kind, timeout=10.0, **match):
+        def found():
+            for e in self.events(kind):
+                if all(e.get(k) == str(v) for k, v in match.items()):
+                    return e
+            return None
+        return wait_until(found, timeout, f"event {kind} {match} in the service log",
+                          detail=lambda: self.log()[-3000:])
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def service(key, tmp_path):
+    """Factory: ``service()`` starts a ready service on the test's key."""
+    started = []
+
+    def start(*args, key_=None, ready=True, **kw):
+        s = ServiceProcess(key_ or key, tmp_path / f"service-{len(started)}.log", *args, **kw)
+        started.append(s)
+        return s.wait_ready() if ready else s
+    yield start
+    for s in started:
+        s.stop()
+
+
+class Client:
+    """A real client process (tests/progs/client.py) that registered itself."""
+
+    def __init__(self, proc, name, slot, pid):
+        self.proc, self.name, self.slot, self.pid = proc, name, slot, pid
+
+    def kill(self, sig=signal.SIGKILL):
+        os.kill(self.pid, sig)
+
+    def tell(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+
+@pytest.fixture
+def clients():
+    """Factory: ``clients(key, name, *args)`` starts tests/progs/client.py and waits for READY."""
+    started = []
+
+    def spawn(key, name, *args, expect_ready=True, timeout=15.0, user=None):
+        cmd = [PY, str(PROGS / "client.py"), "--key", hex(key), "--name", name, *args]
+        if user is not None:
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        started.append(p)
+        if not expect_ready:
+            return p
+        line = _read_line(p, timeout)
+        if not line.startswith("READY"):
+            p.kill()
+            pytest.fail(f"client {name} did not register: {line!r} {p.stderr.read().decode()}")
+        _, slot, pid = line.split()
+        return Client(p, name, int(slot), int(pid))
+    yield spawn
+    for p in started:
+        end_process(p)
+
+
+def _read_line(p, timeout):
+    r, _, _ = select.select([p.stdout], [], [], timeout)
+    if not r:
+        return "(no output within %gs)" % timeout
+    return p.stdout.readline().decode().strip()
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """Factory: compile tests/progs/NAME.c once per session; returns the binary's path."""
+    out = tmp_path_factory.mktemp("bin")
+    cache = {}
+
+    def build(name, *flags):
+        if name not in cache:
+            exe = out / name
+            subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe),
+                            str(PROGS / f"{name}.c"), "-pthread", *flags], check=True)
+            cache[name] = exe
+        return cache[name]
+    return build
+
+
+def require_root():
+    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the proc connector needs CAP_NET_ADMIN)")

@@ -1,0 +1,217 @@
+"""The client API against a real table (no service needed for most of it)."""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import procwatch
+from procwatch import abi
+from procwatch.segment import Table
+
+
+@pytest.fixture
+def table(key):
+    t, _ = Table.create_or_adopt(key, 8)
+    yield t
+    t.detach()
+
+
+def test_no_service_warns_once_and_returns_none(key, caplog):
+    with caplog.at_level(logging.WARNING, logger="procwatch"):
+        assert procwatch.register_pid("lonely", key=key) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "continuing without it" in warnings[0].getMessage()
+
+
+def test_register_writes_slot_and_publishes_pid(table):
+    reg = procwatch.register_pid("dp-1", key=table.key)
+    try:
+        s = table.read_slot(reg.slot)
+        assert s.pid == os.getpid() and s.name == "dp-1" and s.state == abi.State.ALIVE
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            assert s.start_time == int(f.read().rsplit(")", 1)[1].split()[19])
+        assert s.owner_uid == os.getuid() and s.exit_status == -1
+        assert s.latency_us == abi.LATENCY_UNKNOWN
+        assert table.generation == 1
+    finally:
+        reg.unregister()
+    s = table.read_slot(reg.slot)
+    assert s.pid == 0 and s.state == abi.State.UNREGISTERED and s.cause == abi.Cause.UNREGISTERED
+    assert table.generation == 2
+
+
+def test_context_manager_unregisters(table):
+    with procwatch.register_pid("cm", key=table.key) as reg:
+        assert procwatch.Peer("cm", key=table.key).pid == os.getpid()
+    assert table.read_slot(reg.slot).pid == 0
+
+
+def test_default_name_is_comm_and_pid(table):
+    reg = procwatch.register_pid(key=table.key)
+    try:
+        assert reg.name.endswith(f"-{os.getpid()}")
+    finally:
+        reg.unregister()
+
+
+@pytest.mark.parametrize("name, why", [
+    ("x" * 32, "limit is 31"),
+    ("é" * 16, "limit is 31"),          # 32 bytes of UTF-8
+    (b"\xff\xfe", "not valid UTF-8"),
+    ("\ud800", "cannot be encoded"),
+    ("", "empty"),
+    ("a\0b", "NUL"),
+])
+def test_bad_names_are_clear_errors(table, name, why):
+    with pytest.raises(ValueError, match=why):
+        procwatch.register_pid(name, key=table.key)
+    assert table.used_slots() == []
+
+
+def test_31_byte_utf8_name_fits(table):
+    name = "é" * 15 + "x"                 # 31 bytes
+    with procwatch.register_pid(name, key=table.key) as reg:
+        assert table.read_slot(reg.slot).name == name
+
+
+@pytest.mark.parametrize("pid", [0, -1, 2**22 + 5, 10**9, "12"])
+def test_hostile_pids_are_refused(table, pid):
+    with pytest.raises(ValueError, match="not a valid process ID"):
+        procwatch.register_pid("h", pid=pid, key=table.key)
+
+
+def test_name_held_by_live_process_is_an_error(table):
+    with procwatch.register_pid("dup", key=table.key) as reg:
+        with pytest.raises(procwatch.NameInUse) as e:
+            procwatch.register_pid("dup", key=table.key)
+        assert str(os.getpid()) in str(e.value)
+        assert table.read_slot(reg.slot).pid == os.getpid()
+
+
+def test_name_of_dead_process_reuses_its_slot(table):
+    p = subprocess.Popen(["sleep", "60"])
+    reg = procwatch.register_pid("again", pid=p.pid, key=table.key)
+    p.kill()
+    p.wait()
+    reg2 = procwatch.register_pid("again", key=table.key)
+    try:
+        assert reg2.slot == reg.slot and table.read_slot(reg2.slot).pid == os.getpid()
+    finally:
+        reg2.unregister()
+
+
+def test_full_table_is_clear_and_disturbs_nothing(table):
+    regs = [procwatch.register_pid(f"n{i}", key=table.key) for i in range(8)]
+    before = bytes(table.buf)
+    with pytest.raises(procwatch.TableFull, match="full"):
+        procwatch.register_pid("one-too-many", key=table.key)
+    assert bytes(table.buf) == before
+    for r in regs:
+        r.unregister()
+
+
+def test_ended_slot_is_reused_when_table_is_full(table):
+    regs = [procwatch.register_pid(f"n{i}", key=table.key) for i in range(8)]
+    regs[3].unregister()
+    with procwatch.register_pid("late", key=table.key) as reg:
+        assert reg.slot == regs[3].slot
+    for r in regs:
+        r.unregister()
+
+
+def test_beat_and_set_heartbeat(table):
+    with procwatch.register_pid("beater", key=table.key, heartbeat=0.5) as reg:
+        assert table.read_slot(reg.slot).heartbeat_ms == 500
+        for _ in range(5):
+            reg.beat()
+        assert table.read_slot(reg.slot).heartbeat_seq == 5
+        reg.set_heartbeat(2)
+        assert table.read_slot(reg.slot).heartbeat_ms == 2000
+        with pytest.raises(ValueError):
+            reg.set_heartbeat(-1)
+
+
+def test_peer_unknown_name(table):
+    with pytest.raises(procwatch.NameNotFound, match="procwatch status"):
+        procwatch.Peer("nobody-here", key=table.key)
+
+
+def test_peer_without_table(key):
+    with pytest.raises(procwatch.SegmentMissing):
+        procwatch.Peer("x", key=key)
+
+
+def test_peer_wait_exit_times_out_while_alive(table):
+    with procwatch.register_pid("steady", key=table.key):
+        peer = procwatch.Peer("steady", key=table.key)
+        assert peer.alive and peer.wait_exit(timeout=0.05) is False
+
+
+def test_peer_wakes_on_unregister(table):
+    """The futex: a waiting thread wakes when the word is cleared."""
+    reg = procwatch.register_pid("leaving", key=table.key)
+    peer = procwatch.Peer("leaving", key=table.key)
+    result = []
+    t = threading.Thread(target=lambda: result.append(peer.wait_exit(timeout=30)))
+    t.start()
+    reg.unregister()
+    t.join(30)
+    assert result == [True] and peer.pid == 0
+
+
+_RACER = """
+import sys, procwatch
+try:
+    r = procwatch.register_pid(sys.argv[2], key=int(sys.argv[1], 0))
+    print("WON", r.slot, flush=True)
+    sys.stdin.readline()
+except procwatch.NameInUse:
+    print("LOST", flush=True)
+"""
+
+
+def _racers(table, names):
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, hex(table.key), n],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for n in names]
+    outs = [p.stdout.readline().split() for p in procs]
+    return procs, outs
+
+
+def test_twenty_concurrent_registrations_get_distinct_slots(key):
+    t, _ = Table.create_or_adopt(key, 32)
+    procs, outs = _racers(t, [f"c{i}" for i in range(20)])
+    try:
+        slots = [int(o[1]) for o in outs if o[0] == "WON"]
+        assert len(slots) == 20 and len(set(slots)) == 20
+        assert sorted(s.pid for s in t.used_slots()) == sorted(p.pid for p in procs)
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait()
+        t.detach()
+
+
+def test_two_clients_racing_for_one_name(table):
+    procs, outs = _racers(table, ["contested"] * 2)
+    try:
+        assert sorted(o[0] for o in outs) == ["LOST", "WON"]
+        assert [s.name for s in table.used_slots()] == ["contested"]
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait()
+
+
+def test_monitor_alive_without_service(table):
+    assert procwatch.monitor_alive(table.key) is False
+
+
+def test_import_procwatch_loads_no_pyroute2_or_systemd():
+    code = "import sys, procwatch; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'systemd')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

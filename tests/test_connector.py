@@ -1,0 +1,143 @@
+"""The proc connector: decoding recorded kernel bytes, and the real socket (root)."""
+
+import os
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_root
+from procwatch import connector
+from procwatch.errors import ConnectorUnavailable
+
+FIX = Path(__file__).parent / "fixtures" / "cn_proc"
+
+
+def load(name):
+    data = (FIX / name).read_bytes()
+    return bytearray(data), len(data)
+
+
+def test_decode_normal_exit():
+    tgid, status, ts, pid = connector.decode_exit(*load("exit_code3.bin"))
+    assert (tgid, pid) == (30458, 30458)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    assert ts > 0
+
+
+def test_decode_sigkill_exit():
+    tgid, status, _, _ = connector.decode_exit(*load("exit_sigkill.bin"))
+    assert tgid == 30459
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_decode_sigsegv_exit():
+    _, status, _, _ = connector.decode_exit(*load("exit_sigsegv.bin"))
+    assert os.WTERMSIG(status) == signal.SIGSEGV and not os.WCOREDUMP(status)
+
+
+def test_fork_event_is_not_an_exit():
+    assert connector.decode_exit(*load("fork.bin")) is None
+
+
+def test_ack_decodes_cookie_and_error():
+    seq, ack, err = connector.decode_ack(*load("ack_ok.bin"))
+    assert ack == 0x1234567 + 1 and err == 0
+    assert connector.decode_ack(*load("exit_code3.bin")) is None
+
+
+@pytest.mark.parametrize("cut", [0, 1, 16, 36, 52, 59])
+def test_truncated_messages_decode_to_none(cut):
+    buf, _ = load("exit_code3.bin")
+    assert connector.decode_exit(buf, cut) is None
+    assert connector.decode_ack(buf, min(cut, 55)) is None
+
+
+def test_subscribe_request_layout():
+    """The filtered request carries struct proc_input; the legacy one a bare op."""
+    filtered = connector.subscribe_request(connector.PROC_CN_MCAST_LISTEN, 5, True)
+    legacy = connector.subscribe_request(connector.PROC_CN_MCAST_LISTEN, 5, False)
+    assert len(filtered) == 16 + 20 + 8 and len(legacy) == 16 + 20 + 4
+    assert struct.unpack_from("=I", filtered, 0)[0] == len(filtered)
+    idx, val, _seq, ack, length, _ = struct.unpack_from("=IIIIHH", filtered, 16)
+    assert (idx, val, ack, length) == (1, 1, 5, 8)
+    assert struct.unpack_from("=II", filtered, 36) == (1, 0x80000000)
+
+
+def test_kernel_filter_version_probe():
+    assert connector.kernel_has_filter("6.6.0")
+    assert connector.kernel_has_filter("6.18.44-fc")
+    assert not connector.kernel_has_filter("6.5.13")
+    assert not connector.kernel_has_filter("5.15.0-91-generic")
+    assert not connector.kernel_has_filter("garbage")
+
+
+@require_root()
+def test_real_subscription_sees_a_child_exit():
+    conn = connector.ProcConnector()
+    try:
+        assert conn.mode == ("filtered" if connector.kernel_has_filter() else "legacy")
+        assert conn.rcvbuf_effective >= connector.DEFAULT_RCVBUF
+        child = subprocess.Popen(["sh", "-c", "exit 5"])
+        buf = bytearray(1024)
+        deadline = time.monotonic() + 10
+        seen = None
+        while time.monotonic() < deadline and seen is None:
+            try:
+                n = conn.sock.recv_into(buf)
+            except BlockingIOError:
+                continue
+            except OSError:         # ENOBUFS on a busy machine: keep reading
+                continue
+            ev = connector.decode_exit(buf, n)
+            if ev and ev[0] == child.pid:
+                seen = ev
+        child.wait()
+        assert seen is not None, "the child's exit event never arrived"
+        assert os.WEXITSTATUS(seen[1]) == 5
+        # The kernel timestamp is CLOCK_MONOTONIC (ktime_get_ns): it is in the past.
+        assert 0 < seen[2] <= time.monotonic_ns()
+    finally:
+        conn.close()
+
+
+_UNPRIVILEGED_PROBE = """
+import os, subprocess
+import procwatch.connector as c
+try:
+    conn = c.ProcConnector()
+except Exception as e:
+    print(type(e).__name__, e)
+    raise SystemExit
+child = subprocess.Popen(["true"])
+buf = bytearray(1024)
+for _ in range(100000):
+    try:
+        n = conn.sock.recv_into(buf)
+    except OSError:
+        continue
+    ev = c.decode_exit(buf, n)
+    if ev and ev[0] == child.pid:
+        print("SAW", conn.mode)
+        break
+"""
+
+
+@require_root()
+def test_unprivileged_subscriber():
+    """Without CAP_NET_ADMIN: kernels >= 6.6 let any user in the initial
+    namespaces subscribe (the series that added filtering also opened the
+    connector to non-root), so the subscriber must really see exits; older
+    kernels refuse the multicast bind, and that must be one clear line."""
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          os.sys.executable, "-c", _UNPRIVILEGED_PROBE], capture_output=True,
+                         text=True, cwd=Path(__file__).parent.parent, timeout=60)
+    if connector.kernel_has_filter():
+        assert out.stdout.strip() == "SAW filtered", out
+    else:
+        assert out.stdout.startswith("ConnectorUnavailable"), out
+        assert "CAP_NET_ADMIN" in out.stdout and "--backend pidfd" in out.stdout
+        assert len(out.stdout.strip().splitlines()) == 1

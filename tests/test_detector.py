@@ -1,0 +1,222 @@
+"""Exit detection end to end: a real service, real clients that really die (root)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import procwatch
+from conftest import PY, ROOT, require_root, wait_until
+from procwatch import abi
+from procwatch.segment import Table
+
+pytestmark = [require_root()]
+
+
+def slot(key, i):
+    t = Table.attach(key)
+    try:
+        return t.read_slot(i)
+    finally:
+        t.detach()
+
+
+def wait_ended(key, i, timeout=10):
+    return wait_until(lambda: (lambda s: s if s.pid == 0 and s.state != abi.State.ALIVE else None)(slot(key, i)),
+                      timeout, f"slot {i} to be ended")
+
+
+def test_sigkill_zeroes_slot_and_records_signal(key, service, clients):
+    svc = service()
+    c = clients(key, "victim")
+    assert slot(key, c.slot).pid == c.pid
+    c.kill(signal.SIGKILL)
+    s = wait_ended(key, c.slot)
+    assert s.state == abi.State.EXITED and s.cause == abi.Cause.EXITED
+    assert os.WIFSIGNALED(s.exit_status) and os.WTERMSIG(s.exit_status) == signal.SIGKILL
+    assert s.latency_us != abi.LATENCY_UNKNOWN and s.exit_time_ns > s.registered_ns
+    e = svc.wait_event("exit", name="victim")
+    assert e["pid"] == str(c.pid) and e["signal"] == "SIGKILL" and int(e["latency_us"]) >= 0
+    svc.wait_event("respawn")
+
+
+def test_normal_exit_code_recorded(key, service, clients):
+    service()
+    c = clients(key, "leaver", "--then", "exit", "--code", "42")
+    c.tell("go")
+    s = wait_ended(key, c.slot)
+    assert s.state == abi.State.EXITED and os.WEXITSTATUS(s.exit_status) == 42
+
+
+def test_hundred_register_then_die_at_once_none_missed(key, service, clients):
+    svc = service("--slots", "128")
+    procs = []
+    for i in range(100):
+        procs.append(subprocess.Popen(
+            [PY, str(ROOT / "tests/progs/client.py"), "--key", hex(key), "--name", f"flash-{i}",
+             "--then", "exit-now", "--code", str(i)], stdout=subprocess.PIPE, cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT))))
+        if len(procs) % 10 == 0:          # bounded: ten at a time
+            for p in procs[-10:]:
+                p.wait(30)
+    for p in procs:
+        p.wait(30)
+    lines = [p.stdout.read().decode().split() for p in procs]
+    assert all(ln and ln[0] == "READY" for ln in lines), lines
+    t = Table.attach(key)
+    try:
+        def all_ended():
+            used = {s.name: s for s in t.used_slots()}
+            return len(used) == 100 and all(s.pid == 0 for s in used.values()) and used
+        used = wait_until(all_ended, 30, "all 100 slots to be ended")
+        for i in range(100):
+            s = used.get(f"flash-{i}")
+            assert s is not None, sorted(used)
+            assert s.state == abi.State.EXITED, (s, svc.log()[-2000:])
+            assert os.WEXITSTATUS(s.exit_status) == i
+    finally:
+        t.detach()
+    assert len(svc.events("exit")) == 100 and not svc.events("found_dead")
+
+
+def test_leader_thread_exit_is_not_death(key, service, compiled):
+    """pthread_exit() in main: the group lives on; report only its last thread's exit,
+    at once (from the event, not the reconcile timer)."""
+    svc = service("--reconcile-interval", "0.2")
+    exe = compiled("leader_exits")
+    p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().split()[0] == b"READY"
+        reg = procwatch.register_pid("threads", pid=p.pid, key=key)
+        # The leader is gone once its task shows as a zombie thread.
+        wait_until(lambda: open(f"/proc/{p.pid}/task/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+                   10, "the main thread to exit")
+        time.sleep(1.0)   # five reconcile periods: neither an event nor reconcile may report it
+        s = slot(key, reg.slot)
+        assert s.pid == p.pid and s.state == abi.State.ALIVE, svc.log()[-2000:]
+        p.stdin.write(b"x\n")
+        p.stdin.flush()
+        s = wait_ended(key, reg.slot)
+        assert s.state == abi.State.EXITED and s.cause == abi.Cause.EXITED
+        assert os.WEXITSTATUS(s.exit_status) == 7
+        assert s.latency_us != abi.LATENCY_UNKNOWN     # from the kernel event, not reconcile
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _spawn_at_pid(target_pid, attempts=50):
+    """Fork a `sleep` that gets ``target_pid`` (real PID reuse via ns_last_pid), or None."""
+    for _ in range(attempts):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(target_pid - 1))
+        p = subprocess.Popen(["sleep", "60"])
+        if p.pid == target_pid:
+            return p
+        p.kill()
+        p.wait()
+    return None
+
+
+def test_pid_reuse_is_found_dead_and_the_new_process_is_untouched(key, service, clients):
+    """A registered process dies while no service runs; its PID is reused by another
+    process; the restarted service must end the slot (start time mismatch), not
+    mistake the newcomer for the client."""
+    svc = service()
+    c = clients(key, "reused")
+    svc.stop()
+    c.kill()
+    c.proc.wait()
+    newcomer = _spawn_at_pid(c.pid)
+    if newcomer is None:
+        pytest.fail(f"could not get PID {c.pid} reused after 50 forks (a busy machine?)")
+    try:
+        svc2 = service()
+        s = wait_ended(key, c.slot)
+        assert s.state == abi.State.FOUND_DEAD and s.cause == abi.Cause.PID_REUSED
+        svc2.wait_event("found_dead", name="reused", cause="pid_reused")
+        assert newcomer.poll() is None
+    finally:
+        newcomer.kill()
+        newcomer.wait()
+
+
+def test_restart_reports_deaths_while_down_and_keeps_the_living(key, service, clients):
+    svc = service()
+    a, b, live = clients(key, "a"), clients(key, "b"), clients(key, "live")
+    svc.stop()
+    for c in (a, b):
+        c.kill()
+        c.proc.wait()
+    svc2 = service()
+    for c in (a, b):
+        s = wait_ended(key, c.slot)
+        assert s.state == abi.State.FOUND_DEAD and s.cause == abi.Cause.FOUND_DEAD
+        assert s.latency_us == abi.LATENCY_UNKNOWN
+        svc2.wait_event("found_dead", name=c.name)
+    s = slot(key, live.slot)
+    assert s.pid == live.pid and s.state == abi.State.ALIVE
+    live.kill()                                # and the kept one is still watched
+    assert wait_ended(key, live.slot).state == abi.State.EXITED
+
+
+def _futex_blocked(pid):
+    """Whether every thread of ``pid`` sleeps in futex(2) (x86_64: 202, aarch64: 98)."""
+    nr = {"x86_64": "202", "aarch64": "98"}[os.uname().machine]
+    tasks = os.listdir(f"/proc/{pid}/task")
+    return any(open(f"/proc/{pid}/task/{t}/syscall").read().split()[0] == nr for t in tasks)
+
+
+def _ctx_switches(pid):
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        for line in open(f"/proc/{pid}/task/{t}/status"):
+            if "ctxt_switches" in line:
+                total += int(line.split()[1])
+    return total
+
+
+def test_wait_exit_returns_on_kill_without_polling(key, service, clients):
+    service()
+    target = clients(key, "target")
+    waiter = subprocess.Popen(
+        [PY, "-c", "import procwatch,sys; p=procwatch.Peer('target', key=int(sys.argv[1],0)); "
+                   "print('WAITING', flush=True); print(p.wait_exit(), flush=True)", hex(key)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert waiter.stdout.readline().strip() == "WAITING"
+        wait_until(lambda: _futex_blocked(waiter.pid), 10, "the waiter to sleep in futex()")
+        before = _ctx_switches(waiter.pid)
+        time.sleep(0.5)
+        # A poller would wake up many times in half a second; a futex sleeper does not.
+        assert _ctx_switches(waiter.pid) - before <= 2
+        target.kill()
+        assert waiter.stdout.readline().strip() == "True"
+        assert waiter.wait(10) == 0
+    finally:
+        waiter.kill()
+        waiter.wait()
+
+
+def test_unregister_is_logged_and_not_an_exit(key, service):
+    svc = service()
+    code = ("import procwatch,sys; r=procwatch.register_pid('polite', key=int(sys.argv[1],0)); "
+            "print('R', flush=True); sys.stdin.readline(); r.unregister()")
+    p = subprocess.Popen([PY, "-c", code, hex(key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert p.stdout.readline() == b"R\n"
+        # The service hears of a registration through the generation futex, not a timer.
+        svc.wait_event("registered", timeout=0.9, name="polite")
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.wait(10) == 0
+        svc.wait_event("unregistered", name="polite")
+        time.sleep(0.3)
+        assert not svc.events("exit") and not svc.events("found_dead")
+    finally:
+        p.kill()
+        p.wait()

@@ -1,0 +1,117 @@
+"""The SysV segment: creation, adoption, validation, and error translation."""
+
+import os
+import stat
+
+import pytest
+import sysv_ipc
+
+from procwatch import abi
+from procwatch.errors import SegmentCorrupt, SegmentMissing
+from procwatch.segment import Table, resolve_key
+
+
+def test_new_table_is_zeroed_not_spaces(key):
+    """sysv_ipc fills new segments with spaces unless told; a table must start at 0."""
+    t, adopted = Table.create_or_adopt(key, 8)
+    try:
+        assert not adopted
+        body = bytes(t.buf[abi.HEADER_SIZE:])
+        assert body == bytes(len(body))
+        assert t.pid_words() == [0] * 8
+        h = t.header()
+        assert h["slot_count"] == 8 and h["generation"] == 0
+        assert bytes(t.buf[:8]) == abi.MAGIC
+    finally:
+        t.detach()
+
+
+def test_table_mode_is_0660(key):
+    t, _ = Table.create_or_adopt(key, 4)
+    try:
+        assert sysv_ipc.SharedMemory(key).mode & 0o777 == 0o660
+        assert sysv_ipc.Semaphore(key).mode & 0o777 == 0o660
+    finally:
+        t.detach()
+
+
+def test_adopt_keeps_registrations(key):
+    t, _ = Table.create_or_adopt(key, 4)
+    t.set64(2, abi.S_START_TIME, 1234)
+    t.set32(2, abi.S_STATE, abi.State.ALIVE)
+    t.u32[t.pid_index(2)] = os.getpid()
+    t.detach()
+    t2, adopted = Table.create_or_adopt(key, 16)   # a different --slots is not applied
+    try:
+        assert adopted and t2.slot_count == 4
+        s = t2.read_slot(2)
+        assert (s.pid, s.start_time, s.state) == (os.getpid(), 1234, abi.State.ALIVE)
+    finally:
+        t2.detach()
+
+
+def test_attach_missing_is_segment_missing(key):
+    with pytest.raises(SegmentMissing) as e:
+        Table.attach(key)
+    assert f"{key:#010x}" in str(e.value) and "procwatch serve" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda b: b.__setitem__(slice(0, 8), b"NOTPWTAB"), "magic"),
+    (lambda b: b.__setitem__(slice(8, 12), (99).to_bytes(4, "little")), "version 99"),
+    (lambda b: b.__setitem__(slice(16, 20), (64).to_bytes(4, "little")), "sizes"),
+    (lambda b: b.__setitem__(slice(20, 24), (10**6).to_bytes(4, "little")), "slot count"),
+])
+def test_corrupt_header_names_key_and_ipcrm(key, damage, why):
+    t, _ = Table.create_or_adopt(key, 4)
+    damage(t.buf)
+    t.detach()
+    for opener in (lambda: Table.attach(key), lambda: Table.create_or_adopt(key, 4)):
+        with pytest.raises(SegmentCorrupt) as e:
+            opener()
+        msg = str(e.value)
+        assert why in msg and f"ipcrm -M {key:#010x}" in msg and "\n" not in msg
+
+
+def test_foreign_small_segment_is_corrupt(key):
+    shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=16)
+    shm.detach()
+    with pytest.raises(SegmentCorrupt, match="smaller than"):
+        Table.attach(key)
+
+
+def test_resolve_key_from_env(monkeypatch):
+    monkeypatch.setenv("PROCWATCH_KEY", "0x7e001234")
+    assert resolve_key() == 0x7E001234
+    assert resolve_key(5) == 5
+    monkeypatch.setenv("PROCWATCH_KEY", "banana")
+    with pytest.raises(ValueError, match="PROCWATCH_KEY"):
+        resolve_key()
+    monkeypatch.delenv("PROCWATCH_KEY")
+    assert resolve_key() == abi.DEFAULT_KEY
+
+
+def test_lock_is_undone_when_holder_dies(key):
+    """SEM_UNDO: a client killed while holding the lock does not deadlock the table."""
+    t, _ = Table.create_or_adopt(key, 4)
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                       # child: take the lock, then die holding it
+            try:
+                os.close(r)
+                c = Table.attach(key)
+                assert c.try_lock()
+                os.write(w, b"x")
+                os.pause()                 # until killed
+            finally:
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        assert not t.try_lock()            # the child holds it
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        with t.lock(timeout=2):            # the kernel released it
+            pass
+    finally:
+        t.detach()

@@ -1,0 +1,145 @@
+"""The service as an operator meets it: start-up, refusals, hostile tables, stop (root)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+
+import sysv_ipc
+
+import procwatch
+from conftest import PY, ROOT, require_root, wait_until
+from procwatch import abi
+from procwatch.segment import Table
+
+pytestmark = [require_root()]
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([PY, "-m", "procwatch", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_second_service_on_same_key_refuses_first_unharmed(key, service, clients):
+    first = service()
+    c = clients(key, "kept")
+    second = service(ready=False)
+    assert second.proc.wait(30) == 1
+    err = second.log()
+    assert f"procwatch PID {first.pid} already serves key {key:#010x}" in err
+    assert first.proc.poll() is None
+    t = Table.attach(key)
+    try:
+        assert t.hget32(abi.H_SERVICE_PID) == first.pid
+    finally:
+        t.detach()
+    c.kill()
+    first.wait_event("exit", name="kept")
+
+
+def test_corrupt_header_refuses_with_ipcrm_hint(key, service):
+    t, _ = Table.create_or_adopt(key, 4)
+    t.buf[0:8] = b"GARBAGE!"
+    t.detach()
+    svc = service(ready=False)
+    assert svc.proc.wait(30) == 1
+    lines = [ln for ln in svc.log().splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"ipcrm -M {key:#010x}" in lines[0], lines
+    # Nothing was wiped: the foreign bytes are still there for the operator to look at.
+    assert sysv_ipc.SharedMemory(key).read(8) == b"GARBAGE!"
+
+
+def test_hostile_slots_never_crash_or_signal(key, service, clients):
+    """Random bytes, PID 1, an unrelated live process, a PID above pid_max: the
+    service clears or ends those slots, says so, signals nobody, and keeps working."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        t, _ = Table.create_or_adopt(key, 16)
+        rnd = random.Random(1234)
+        t.buf[abi.slot_offset(0):abi.slot_offset(1)] = bytes(rnd.randrange(256) for _ in range(abi.SLOT_SIZE))
+        for i, pid in ((1, 1), (2, bystander.pid), (3, 4194304 + 17)):
+            t.set32(i, abi.S_STATE, abi.State.ALIVE)
+            t.set64(i, abi.S_START_TIME, 1)           # never the real one
+            t.write_name(i, f"hostile-{i}".encode())
+            t.u32[t.pid_index(i)] = pid
+        t.buf[abi.slot_offset(4) + abi.S_NAME:abi.slot_offset(4) + abi.S_NAME + 4] = b"\xff\xfe\xfd\x00"
+        t.set32(4, abi.S_STATE, abi.State.ALIVE)
+        t.u32[t.pid_index(4)] = bystander.pid
+        t.detach()
+        svc = service()
+        t = Table.attach(key)
+        try:
+            wait_until(lambda: all(t.u32[t.pid_index(i)] == 0 for i in range(5)), 10,
+                       "hostile slots to be cleared")
+        finally:
+            t.detach()
+        assert svc.events("corrupt"), svc.log()
+        ended = {e["name"] for e in svc.events("found_dead")}
+        assert {"hostile-1", "hostile-2"} <= ended
+        assert bystander.poll() is None and os.kill(1, 0) is None
+        # ... and it still does its job.
+        c = clients(key, "honest")
+        c.kill()
+        svc.wait_event("exit", name="honest")
+        assert svc.proc.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_sigterm_stops_cleanly_and_keeps_the_table(key, service, clients):
+    svc = service()
+    c = clients(key, "stays")
+    assert procwatch.monitor_alive(key)
+    assert svc.stop(signal.SIGTERM) == 0
+    assert not procwatch.monitor_alive(key)
+    t = Table.attach(key)
+    try:
+        s = t.read_slot(c.slot)
+        assert s.pid == c.pid and s.state == abi.State.ALIVE
+        assert t.hget32(abi.H_SERVICE_PID) == 0
+    finally:
+        t.detach()
+    assert "event=stopping" in svc.log()
+
+
+def test_status_json_and_exit_codes(key, service, clients):
+    out = run_cli("status", "--key", hex(key))
+    assert out.returncode == 3 and "not running" in out.stdout
+    svc = service()
+    alive = clients(key, "alive-one")
+    dead = clients(key, "dead-one")
+    dead.kill()
+    svc.wait_event("exit", name="dead-one")
+    out = run_cli("status", "--key", hex(key), "--json")
+    assert out.returncode == 0, out.stderr
+    snap = json.loads(out.stdout)
+    assert snap["service"] == {"pid": svc.pid, "alive": True, "backend": "connector",
+                               "heartbeat": snap["service"]["heartbeat"]}
+    rows = {r["name"]: r for r in snap["slots"]}
+    assert rows["alive-one"]["pid"] == alive.pid and rows["alive-one"]["state"] == "alive"
+    d = rows["dead-one"]
+    assert d["pid"] == 0 and d["state"] == "exited" and d["signal"] == "SIGKILL"
+    assert d["cause"] == "exited" and d["latency_us"] is not None
+    text = run_cli("status", "--key", hex(key))
+    assert text.returncode == 0
+    assert "alive-one" in text.stdout and "killed by SIGKILL" in text.stdout
+    svc.stop()
+    assert run_cli("status", "--key", hex(key)).returncode == 3
+
+
+def test_help_reads_like_a_man_page():
+    for args in ([], ["serve"], ["status"]):
+        out = run_cli(*args, "--help")
+        assert out.returncode == 0
+        assert "usage: procwatch" in out.stdout
+    top = run_cli("--help").stdout
+    assert "PROCWATCH_KEY" in top and "SIGTERM" in top and "exit status" in top
+
+
+def test_bad_arguments_are_usage_errors():
+    out = run_cli("serve", "--slots", "0")
+    assert out.returncode == 2 and "out of range" in out.stderr
+    out = run_cli("status", "--key", "banana")
+    assert out.returncode == 2 and "not an integer key" in out.stderr
