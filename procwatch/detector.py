@@ -291,7 +291,8 @@ class Reporter:
         clear_pid() and record_end().)
         """
         t = self.table
-        stale = [s.index for s in t.used_slots() if s.pid == 0 and s.state == _abi.State.CLAIMING]
+        stale = [i for i, (pid, state) in enumerate(zip(t.pid_words(), t.state_words()))
+                 if pid == 0 and state == _abi.State.CLAIMING]
         if not stale or not t.try_lock():
             return
         try:

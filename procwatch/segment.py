@@ -351,6 +351,11 @@ class Table:
         start = _abi.HEADER_SIZE // 4
         return self.u32[start:start + self.slot_count * (_abi.SLOT_SIZE // 4):_abi.SLOT_SIZE // 4].tolist()
 
+    def state_words(self):
+        """Every slot's state word, as a list."""
+        start = (_abi.HEADER_SIZE + _abi.S_STATE) // 4
+        return self.u32[start:start + self.slot_count * (_abi.SLOT_SIZE // 4):_abi.SLOT_SIZE // 4].tolist()
+
     # -- whole slots ----------------------------------------------------------
     def read_slot(self, i):
         if not 0 <= i < self.slot_count:
@@ -360,8 +365,7 @@ class Table:
 
     def used_slots(self):
         """Snapshots of every slot that is not EMPTY."""
-        states = self.u32[_abi.HEADER_SIZE // 4 + 1::_abi.SLOT_SIZE // 4].tolist()[:self.slot_count]
-        return [self.read_slot(i) for i, s in enumerate(states) if s != _abi.State.EMPTY]
+        return [self.read_slot(i) for i, s in enumerate(self.state_words()) if s != _abi.State.EMPTY]
 
     def write_name(self, i, raw):
         off = _abi.slot_offset(i) + _abi.S_NAME
