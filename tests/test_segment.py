@@ -1,6 +1,7 @@
 """The SysV segment: creation, adoption, validation, and error translation."""
 
 import os
+import signal
 import stat
 
 import pytest
@@ -103,7 +104,7 @@ def test_lock_is_undone_when_holder_dies(key):
                 c = Table.attach(key)
                 assert c.try_lock()
                 os.write(w, b"x")
-                os.pause()                 # until killed
+                signal.pause()             # until killed (os has no pause())
             finally:
                 os._exit(0)
         os.close(w)
