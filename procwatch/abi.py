@@ -72,14 +72,15 @@ S_HEARTBEAT_SEQ = 48     # u64  bumped by the client: Registration.beat()
 S_HEARTBEAT_MS = 56      # u32  expected beat interval in ms; 0 = no hang detection
 S_MISSES = 60            # u32  consecutive checks without progress (service)
 S_EXIT_STATUS = 64       # i32  wait(2) status of the exit; -1 unknown
-S_CAUSE = 68             # u32  Cause of the end
+S_CAUSE = 68             # u32  Cause of the end; while the state is HUNG, KILLED_HUNG
+                         #      means the service has sent the hang signal (heartbeat.py)
 S_EXIT_TIME_NS = 72      # u64  CLOCK_REALTIME ns of the end
 S_REGISTERED_NS = 80     # u64  CLOCK_REALTIME ns of the registration
 S_LATENCY_US = 88        # u32  kernel event -> slot zeroed, µs; LATENCY_UNKNOWN
 S_OWNER_UID = 92         # u32  real uid of the registering process
 S_LAST_BEAT_NS = 96      # u64  CLOCK_REALTIME ns the service last saw progress
 S_HEARTBEAT_ACTION = 104  # u32  HangAction for this slot (0 = service default)
-S_HEARTBEAT_SIGNAL = 108  # u32  signal for the kill action (0 = service default)
+S_HEARTBEAT_SIGNAL = 108  # u32  signal number for HangAction.KILL (0 = service default)
 # 112..127 reserved, zero.
 
 LATENCY_UNKNOWN = 0xFFFFFFFF
@@ -112,6 +113,16 @@ class Cause(_enum.IntEnum):
     FOUND_DEAD_OVERFLOW = 4  # reconcile after the connector socket overflowed
     PID_REUSED = 5         # the PID is alive but its start time changed
     UNREGISTERED = 6       # Registration.unregister()
+
+
+class HangAction(_enum.IntEnum):
+    """What the service does to a hung process (slot field S_HEARTBEAT_ACTION).  Values are ABI.
+
+    A value the service does not know is read as DEFAULT.
+    """
+    DEFAULT = 0        # the service's --hang-action
+    KILL = 1           # send S_HEARTBEAT_SIGNAL (0: the service's --hang-signal)
+    LOG = 2            # log only; the process is left alone
 
 
 class Backend(_enum.IntEnum):

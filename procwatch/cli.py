@@ -67,6 +67,14 @@ def _seconds(text):
     return v
 
 
+def _signal_arg(text):
+    from .client import hang_signal_value
+    try:
+        return hang_signal_value(text)
+    except ValueError as e:
+        raise _argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser():
     fmt = _argparse.RawDescriptionHelpFormatter
     p = _argparse.ArgumentParser(
@@ -100,6 +108,13 @@ def build_parser():
                    help="seconds between full checks of the table (default %(default)s)")
     s.add_argument("--group", metavar="NAME",
                    help="group that owns the table (mode 0660); its members may register")
+    s.add_argument("--hang-action", choices=("kill", "log"), default="kill",
+                   help="what to do to a hung process whose slot does not say (default %(default)s)")
+    s.add_argument("--hang-signal", type=_signal_arg, default="SIGKILL", metavar="NAME",
+                   help="signal for the kill action (default %(default)s; SIGABRT dumps core)")
+    s.add_argument("--max-misses", type=_positive_int(1, 1000), default=3, metavar="N",
+                   help="heartbeat checks in a row without progress before a process is hung "
+                        "(default %(default)s)")
     s.add_argument("--log", choices=("auto", "journal", "stderr"), default="auto",
                    help="where events go (default %(default)s: journald if reachable)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
@@ -112,8 +127,11 @@ def build_parser():
                "--json prints one object: {\"key\", \"service\": {\"pid\", \"alive\", \"backend\",\n"
                "\"heartbeat\"}, \"slot_count\", \"exits\", \"slots\": [{\"slot\", \"name\", \"pid\",\n"
                "\"state\", \"since\", \"cause\", \"exit_status\", \"exit_code\", \"signal\",\n"
-               "\"core_dumped\", \"latency_us\", \"heartbeat_ms\", \"misses\", \"last_beat_age_s\"}]}.\n"
-               "Times are Unix seconds; absent values are null.")
+               "\"core_dumped\", \"latency_us\", \"heartbeat_ms\", \"misses\", \"last_beat_age_s\",\n"
+               "\"hang_action\", \"hang_signal\", \"kill_sent\"}]}.\n"
+               "Times are Unix seconds; absent values are null.  hang_action and hang_signal are\n"
+               "the slot's own (null: the service's --hang-action, --hang-signal); kill_sent is\n"
+               "true while a hung process has been sent its signal and has not exited yet.")
     st.add_argument("--key", type=_key, help=key_help)
     st.add_argument("--json", action="store_true", help="machine-readable output (stable schema)")
     return p
@@ -137,7 +155,9 @@ def cmd_serve(args):
     from .service import Service
     journal.setup(args.log, getattr(_logging, args.log_level.upper()))
     service = Service(key=args.key, slots=args.slots, backend=args.backend, rcvbuf=args.rcvbuf,
-                      reconcile_interval=args.reconcile_interval, group=args.group)
+                      reconcile_interval=args.reconcile_interval, group=args.group,
+                      hang_action=_abi.HangAction[args.hang_action.upper()],
+                      hang_signal=args.hang_signal, max_misses=args.max_misses)
     return service.run()
 
 
@@ -165,7 +185,27 @@ def _slot_json(s, now_ns):
         "heartbeat_ms": s.heartbeat_ms,
         "misses": s.misses,
         "last_beat_age_s": round((now_ns - s.last_beat_ns) / 1e9, 3) if s.heartbeat_ms and s.last_beat_ns else None,
+        "hang_action": _hang_action_name(s.heartbeat_action),
+        "hang_signal": _signal_name(s.heartbeat_signal) if s.heartbeat_signal else None,
+        "kill_sent": s.state == _abi.State.HUNG and s.cause == _abi.Cause.KILLED_HUNG,
     }
+
+
+def _hang_action_name(value):
+    """The slot's own hang action, or None for the service's default."""
+    try:
+        action = _abi.HangAction(value)
+    except ValueError:
+        return f"invalid({value})"
+    return None if action == _abi.HangAction.DEFAULT else action.name.lower()
+
+
+def _signal_name(num):
+    import signal
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
 
 
 def _age(seconds):
@@ -251,7 +291,13 @@ def format_status(snap):
             last += ", hung"
         beat = "-"
         if s["heartbeat_ms"]:
-            beat = f"{s['heartbeat_ms'] / 1000:g}s/{_age(s['last_beat_age_s'])}/{s['misses']} missed"
+            age = s["last_beat_age_s"]
+            age = f"{age:.1f} s ago" if age is not None and age < 10 else _age(age)
+            beat = f"{s['heartbeat_ms'] / 1000:g}s/{age}/{s['misses']} missed"
+            if s["hang_action"] or s["hang_signal"]:
+                beat += f" ({s['hang_action'] or 'kill'}" + (f" {s['hang_signal']})" if s["hang_signal"] else ")")
+            if s["kill_sent"]:
+                beat += ", kill sent"
         rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), s["state"],
                      _age(now - s["since"]) if s["since"] else "-", last, beat))
     if len(rows) == 1:

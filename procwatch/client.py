@@ -12,6 +12,7 @@ on as if procwatch did not exist.
 
 import logging as _logging
 import os as _os
+import signal as _signal
 import time as _time
 
 from . import abi as _abi
@@ -101,6 +102,15 @@ class Registration:
         self.table.set32(self.slot, _abi.S_HEARTBEAT_MS, _heartbeat_ms(seconds))
         self.table.set64(self.slot, _abi.S_LAST_BEAT_NS, _time.time_ns())
 
+    def set_hang_action(self, action=None, signal=None):
+        """What the service does when this process hangs: 'kill' or 'log', and the signal.
+
+        None keeps the service's default (``--hang-action``, ``--hang-signal``).
+        """
+        a, s = hang_action_value(action), hang_signal_value(signal)
+        self.table.set32(self.slot, _abi.S_HEARTBEAT_ACTION, a)
+        self.table.set32(self.slot, _abi.S_HEARTBEAT_SIGNAL, s)
+
     @property
     def registered(self):
         return self._registered and self.table.u32[self.table.pid_index(self.slot)] == self.pid
@@ -136,6 +146,57 @@ class Registration:
                 f"key={self.table.key:#010x}>")
 
 
+def hang_action_value(action):
+    """HangAction for ``action``: None (service default), 'kill', 'log', or a HangAction."""
+    if action is None:
+        return _abi.HangAction.DEFAULT
+    if isinstance(action, str):
+        try:
+            return _abi.HangAction[action.upper()]
+        except KeyError:
+            pass
+    elif isinstance(action, int) and not isinstance(action, bool):
+        try:
+            return _abi.HangAction(action)
+        except ValueError:
+            pass
+    raise ValueError(f"hang action {action!r} is not 'kill' or 'log' (or None for the service's default)")
+
+
+def hang_signal_value(sig):
+    """Signal number for ``sig``: None (0, service default), a number, or a name ('SIGTERM', 'TERM')."""
+    if sig is None:
+        return 0
+    num = None
+    if isinstance(sig, str):
+        text = sig.strip().upper()
+        if text.isdigit():
+            num = int(text)
+        else:
+            try:
+                num = _signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+            except KeyError:
+                pass
+    elif isinstance(sig, int) and not isinstance(sig, bool):
+        num = sig
+    if num is None or num not in _signal.valid_signals():
+        raise ValueError(f"hang signal {sig!r} is not a signal: use a name like SIGKILL, SIGTERM or "
+                         f"SIGABRT (core dump)")
+    if not hang_signal_ok(num):
+        raise ValueError(f"hang signal {sig!r} only stops or continues a process: use one that ends "
+                         f"it, like SIGKILL, SIGTERM or SIGABRT (core dump)")
+    return int(num)
+
+
+# Job-control signals stop or continue a process; they cannot end a hung one.
+_JOB_CONTROL = frozenset((_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU, _signal.SIGCONT))
+
+
+def hang_signal_ok(num):
+    """Whether signal number ``num`` may be a hang signal (a real signal, not job control)."""
+    return num in _signal.valid_signals() and num not in _JOB_CONTROL
+
+
 def _heartbeat_ms(seconds):
     if seconds is None or seconds < 0:
         raise ValueError(f"heartbeat must be >= 0 seconds, not {seconds!r}")
@@ -145,7 +206,7 @@ def _heartbeat_ms(seconds):
     return ms
 
 
-def register_pid(name=None, *, pid=None, key=None, heartbeat=0):
+def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None, hang_signal=None):
     """Claim a slot for ``pid`` (default: this process) under ``name``.
 
     Returns a :class:`Registration`, or None when no table exists (no
@@ -154,13 +215,19 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0):
     A name held by a live process raises :class:`NameInUse`; a name whose
     process is gone reuses its slot.  ``heartbeat`` > 0 asks the service to
     declare the process hung when it does not call ``beat()`` for that many
-    seconds, three checks in a row.
+    seconds, ``--max-misses`` (3) checks in a row.  ``hang_action`` ('kill'
+    or 'log') and ``hang_signal`` (a name or number, e.g. 'SIGABRT' for a
+    core dump) override the service's defaults for this process; None keeps
+    them.  The kill needs the target to have the table attached (so
+    ``pid=`` another process works only if that process attached it too).
     """
     pid = _os.getpid() if pid is None else pid
     if not isinstance(pid, int) or not _procfs.valid_pid(pid):
         raise ValueError(f"PID {pid!r} is not a valid process ID (1..{_procfs.pid_max() - 1})")
     raw = _name_bytes(name, pid)
     hb_ms = _heartbeat_ms(heartbeat)
+    action = hang_action_value(hang_action)
+    sig = hang_signal_value(hang_signal)
     try:
         table = _Table.attach(key)
     except SegmentMissing as e:
@@ -179,6 +246,8 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0):
             table.set64(i, _abi.S_START_TIME, start)
             table.write_name(i, raw)
             table.set32(i, _abi.S_HEARTBEAT_MS, hb_ms)
+            table.set32(i, _abi.S_HEARTBEAT_ACTION, action)
+            table.set32(i, _abi.S_HEARTBEAT_SIGNAL, sig)
             table.set32(i, _abi.S_EXIT_STATUS, _abi.EXIT_STATUS_UNKNOWN)
             table.set64(i, _abi.S_REGISTERED_NS, now)
             table.set32(i, _abi.S_LATENCY_US, _abi.LATENCY_UNKNOWN)

@@ -214,7 +214,9 @@ class Reporter:
             self.watch.forget(w)
             return False
         latency_us = (_time.monotonic_ns() - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
-        hung = t.get32(w.slot, _abi.S_STATE) == _abi.State.HUNG
+        # Killed by procwatch: HUNG, and the heartbeat checker marked the cause before its signal.
+        hung = (t.get32(w.slot, _abi.S_STATE) == _abi.State.HUNG
+                and t.get32(w.slot, _abi.S_CAUSE) == _abi.Cause.KILLED_HUNG)
         cause = _abi.Cause.KILLED_HUNG if hung else _abi.Cause.EXITED
         t.record_end(w.slot, _abi.State.EXITED, cause, status, latency_us)
         self.watch.forget(w)

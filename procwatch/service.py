@@ -39,7 +39,8 @@ class Service:
 
     def __init__(self, key=None, slots=_abi.DEFAULT_SLOTS, backend="auto",
                  rcvbuf=None, reconcile_interval=1.0, group=None, mode=0o660,
-                 heartbeat_period=1.0):
+                 heartbeat_period=1.0, hang_action=_abi.HangAction.KILL,
+                 hang_signal=_signal.SIGKILL, max_misses=3):
         from .segment import resolve_key
         self.key = resolve_key(key)
         self.slots = slots
@@ -47,6 +48,10 @@ class Service:
         self.rcvbuf = rcvbuf
         self.reconcile_interval = reconcile_interval
         self.heartbeat_period = heartbeat_period
+        self.hang_action = hang_action
+        self.hang_signal = hang_signal
+        self.max_misses = max_misses
+        self.checker = None            # heartbeat.HeartbeatChecker: hang detection, its own thread
         self.group = group
         self.mode = mode
         self.stats = Stats()
@@ -130,6 +135,9 @@ class Service:
         self._registrations = _threading.Thread(target=self._watch_registrations,
                                                 name="procwatch-registrations", daemon=True)
         self._registrations.start()
+        from .heartbeat import HeartbeatChecker
+        self.checker = HeartbeatChecker(self.table, self.hang_action, self.hang_signal, self.max_misses)
+        self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
              "with the %s backend (%s)", "adopted" if adopted else "created", self.key,
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
@@ -242,6 +250,8 @@ class Service:
         self._stopping = True
         if self._registrations is not None:
             self._registrations.join(1.0)
+        if self.checker is not None:
+            self.checker.stop()          # before detach: its pass reads the table
         if self.detector is not None:
             self.detector.stop_requested = True
             self.detector.join(1.0)

@@ -1,8 +1,9 @@
 """A test client: registers, prints READY <slot> <pid>, then does what it is told.
 
 Modes (--then): sleep (until killed or stdin closes), exit (exit with --code
-once stdin gives a line), beat (call beat() every --beat-every seconds until
-told 'stop' on stdin, then stop beating and sleep).
+once stdin gives a line), beat (call beat() every --beat-every seconds; a
+'stop' line on stdin stops the beats, 'start' resumes them, each answered
+with a line 'OK <command>'; once stdin closes, sleep without beating).
 """
 
 import argparse
@@ -20,10 +21,13 @@ ap.add_argument("--then", default="sleep", choices=("sleep", "exit", "beat", "ex
 ap.add_argument("--code", type=int, default=0)
 ap.add_argument("--heartbeat", type=float, default=0)
 ap.add_argument("--beat-every", type=float, default=0.1)
+ap.add_argument("--hang-action", default=None)
+ap.add_argument("--hang-signal", default=None)
 args = ap.parse_args()
 
 try:
-    reg = procwatch.register_pid(args.name, key=args.key, heartbeat=args.heartbeat)
+    reg = procwatch.register_pid(args.name, key=args.key, heartbeat=args.heartbeat,
+                                 hang_action=args.hang_action, hang_signal=args.hang_signal)
 except procwatch.ProcwatchError as e:
     print(f"ERROR {type(e).__name__} {e}", flush=True)
     sys.exit(3)
@@ -38,11 +42,16 @@ if args.then == "exit":
     sys.stdin.readline()
     os._exit(args.code)
 if args.then == "beat":
+    beating = True
     while True:
-        reg.beat()
+        if beating:
+            reg.beat()
         if select.select([sys.stdin], [], [], args.beat_every)[0]:
-            sys.stdin.readline()
-            break
+            line = sys.stdin.readline()
+            if not line:
+                break
+            beating = line.strip() != "stop"
+            print(f"OK {line.strip()}", flush=True)
 while True:
     # Sleep until stdin closes (the test's teardown) or a signal ends us.
     if not sys.stdin.readline():

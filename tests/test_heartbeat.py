@@ -1,0 +1,260 @@
+"""Hang detection end to end: real clients that stop beating, stop, or resume; a real service (root).
+
+Intervals are 0.1-0.4 s so that each test takes a few seconds.  Nothing here
+asserts a duration: progress is followed through the slot's own words
+(``last_beat_ns`` written by the checker, ``misses``) and the service's log.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import procwatch
+from conftest import PY, ROOT, require_root, wait_until
+from procwatch import abi, procfs
+from procwatch.segment import Table
+
+pytestmark = [require_root()]
+
+
+@pytest.fixture
+def table(key):
+    """The test's table, attached once (the service creates it)."""
+    held = []
+
+    def attach():
+        if not held:
+            held.append(Table.attach(key))
+        return held[0]
+    yield attach
+    for t in held:
+        t.detach()
+
+
+def beat_seen(t, c, after=None):
+    """Wait until the checker has recorded progress of client ``c`` (after ``after`` ns)."""
+    base = t.get64(c.slot, abi.S_REGISTERED_NS) if after is None else after
+    return wait_until(lambda: t.get64(c.slot, abi.S_LAST_BEAT_NS) > base and t.get64(c.slot, abi.S_LAST_BEAT_NS),
+                      10, f"the checker to see {c.name} beat")
+
+
+def ask(c, command):
+    c.tell(command)
+    assert c.proc.stdout.readline().decode().strip() == f"OK {command}"
+
+
+def ended(t, c, timeout=10):
+    return wait_until(lambda: t.u32[t.pid_index(c.slot)] == 0 and t.get32(c.slot, abi.S_STATE) == abi.State.EXITED
+                      and t.read_slot(c.slot), timeout, f"{c.name}'s slot to end")
+
+
+def test_client_that_stops_beating_is_hung_then_killed_with_the_configured_signal(key, service, clients, table):
+    svc = service("--hang-signal", "SIGTERM")
+    c = clients(key, "stalls", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    t = table()
+    beat_seen(t, c)
+    ask(c, "stop")
+    hung = svc.wait_event("hung", name="stalls")
+    assert hung["action"] == "kill" and int(hung["misses"]) == 3 and "refused" not in hung
+    # Three checks at least one interval apart, each without progress, since the last one with it.
+    assert int(hung["since_beat_ms"]) >= 3 * 100 * 0.95, hung
+    killed = svc.wait_event("killed", name="stalls")
+    assert killed["signal"] == "SIGTERM" and killed["pid"] == str(c.pid)
+    s = ended(t, c)
+    assert s.cause == abi.Cause.KILLED_HUNG
+    assert os.WIFSIGNALED(s.exit_status) and os.WTERMSIG(s.exit_status) == signal.SIGTERM
+    assert c.proc.wait(10) == -signal.SIGTERM
+    e = svc.wait_event("exit", name="stalls")
+    assert e["cause"] == "killed_hung" and "killed: hung" in e["message"]
+
+
+def test_slow_beater_within_its_interval_is_never_killed(key, service, clients, table):
+    svc = service()
+    c = clients(key, "slow", "--heartbeat", "0.3", "--then", "beat", "--beat-every", "0.2")
+    t = table()
+    seen = set()
+
+    def checked_many():
+        seen.add(t.get64(c.slot, abi.S_LAST_BEAT_NS))
+        return len(seen) >= 8              # progress recorded at 7+ checks: ~7 intervals
+    wait_until(checked_many, 20, "seven checks that saw progress")
+    assert c.proc.poll() is None
+    s = t.read_slot(c.slot)
+    assert s.pid == c.pid and s.state == abi.State.ALIVE and s.misses < 3
+    assert not svc.events("hung") and not svc.events("killed")
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_stopped_client_is_hung_and_killed(key, service, clients, table, sig):
+    """SIGKILL acts on a stopped process; SIGTERM needs the SIGCONT the checker adds."""
+    svc = service("--hang-signal", sig)
+    c = clients(key, "frozen", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    t = table()
+    beat_seen(t, c)
+    os.kill(c.pid, signal.SIGSTOP)
+    svc.wait_event("hung", name="frozen")
+    s = ended(t, c)
+    assert s.cause == abi.Cause.KILLED_HUNG and os.WTERMSIG(s.exit_status) == signal.Signals[sig]
+    assert svc.wait_event("killed", name="frozen")["signal"] == sig
+
+
+def test_action_log_never_kills_and_a_beat_recovers(key, service, clients, table):
+    """Service default 'log'; a second client overrides it per slot with kill + SIGUSR1."""
+    svc = service("--hang-action", "log")
+    quiet = clients(key, "quiet", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    strict = clients(key, "strict", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02",
+                     "--hang-action", "kill", "--hang-signal", "USR1")
+    other = clients(key, "other", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    t = table()
+    for c in (quiet, strict, other):
+        beat_seen(t, c)
+        ask(c, "stop")
+    assert svc.wait_event("hung", name="quiet")["action"] == "log"
+    # A hung process that procwatch did not kill ends as an ordinary exit, not "killed: hung".
+    svc.wait_event("hung", name="other")
+    other.kill(signal.SIGKILL)
+    s = ended(t, other)
+    assert s.cause == abi.Cause.EXITED and svc.wait_event("exit", name="other")["cause"] == "exited"
+    s = ended(t, strict)
+    assert s.cause == abi.Cause.KILLED_HUNG and os.WTERMSIG(s.exit_status) == signal.SIGUSR1
+    # Several more intervals go by, counted by the checker itself.
+    wait_until(lambda: t.get32(quiet.slot, abi.S_MISSES) >= 8, 10, "five more missed checks")
+    assert quiet.proc.poll() is None
+    s = t.read_slot(quiet.slot)
+    assert s.pid == quiet.pid and s.state == abi.State.HUNG and s.cause == abi.Cause.NONE
+    assert [e["name"] for e in svc.events("killed")] == ["strict"]
+    assert len(svc.events("hung")) == 3                  # logged once each
+
+    out = subprocess.run([PY, "-m", "procwatch", "status", "--key", hex(key), "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    row = {r["name"]: r for r in json.loads(out.stdout)["slots"]}["quiet"]
+    assert row["state"] == "hung" and row["heartbeat_ms"] == 100 and row["misses"] >= 8
+    assert row["last_beat_age_s"] >= 0.8 and row["hang_action"] is None and row["kill_sent"] is False
+    gone = {r["name"]: r for r in json.loads(out.stdout)["slots"]}["strict"]
+    assert gone["hang_action"] == "kill" and gone["hang_signal"] == "SIGUSR1" and gone["cause"] == "killed_hung"
+    text = subprocess.run([PY, "-m", "procwatch", "status", "--key", hex(key)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
+    line = next(ln for ln in text.splitlines() if " quiet " in ln)
+    assert " hung " in line and "0.1s/" in line and "missed" in line, text
+
+    ask(quiet, "start")
+    svc.wait_event("recovered", name="quiet")
+    wait_until(lambda: t.get32(quiet.slot, abi.S_MISSES) == 0, 10, "misses back to 0")
+    assert t.get32(quiet.slot, abi.S_STATE) == abi.State.ALIVE and quiet.proc.poll() is None
+
+
+def test_two_misses_then_resume_is_not_killed_and_misses_reset(key, service, clients, table):
+    svc = service()
+    c = clients(key, "hiccup", "--heartbeat", "0.4", "--then", "beat", "--beat-every", "0.05")
+    t = table()
+    beat_seen(t, c)
+    ask(c, "stop")
+    wait_until(lambda: t.get32(c.slot, abi.S_MISSES) == 2, 10, "two missed checks")
+    stopped_at = t.get64(c.slot, abi.S_LAST_BEAT_NS)
+    ask(c, "start")
+    beat_seen(t, c, after=stopped_at)
+    assert t.get32(c.slot, abi.S_MISSES) == 0
+    s = t.read_slot(c.slot)
+    assert s.pid == c.pid and s.state == abi.State.ALIVE and c.proc.poll() is None
+    # The count starts again from 0: the next miss is the first, not the third.
+    ask(c, "stop")
+    assert wait_until(lambda: t.get32(c.slot, abi.S_MISSES), 10, "a new miss") == 1
+    ask(c, "start")
+    assert not svc.events("hung") and not svc.events("killed")
+
+
+def _plant(t, i, pid, start, owner_uid=0, name=None):
+    """Write a slot no client wrote: state ALIVE, 100 ms heartbeat, PID word last."""
+    now = time.time_ns()
+    t.u32[t.pid_index(i)] = 0
+    t.set32(i, abi.S_STATE, abi.State.CLAIMING)
+    t.clear_slot_body(i)
+    t.set64(i, abi.S_START_TIME, start)
+    t.write_name(i, (name or f"planted-{i}").encode())
+    t.set32(i, abi.S_HEARTBEAT_MS, 100)
+    t.set64(i, abi.S_REGISTERED_NS, now)
+    t.set64(i, abi.S_LAST_BEAT_NS, now)
+    t.set32(i, abi.S_OWNER_UID, owner_uid)
+    t.set32(i, abi.S_STATE, abi.State.ALIVE)
+    t.u32[t.pid_index(i)] = pid
+
+
+def test_hostile_slots_are_never_signalled(key, service, clients, table):
+    """PID 1, the service, a process without the table attached, a PID whose start time
+    is not the slot's, an attached process of another uid than the slot's owner, and
+    a PID word no kernel could hand out: each is declared hung, each kill is refused
+    with one line, nobody is signalled, and the checker keeps going."""
+    # A long reconcile interval keeps the reused-PID slot for the checker (reconcile would end it).
+    svc = service("--reconcile-interval", "3600", "--max-misses", "2")
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        member = clients(key, "member")                       # has the table attached, runs as root
+        # Planted after the service's watch list took in "member" (and with no generation
+        # bump), the detector leaves these slots to the checker.
+        svc.wait_event("registered", name="member")
+        t = table()
+        n = t.slot_count
+        planted = {
+            n - 1: (1, procfs.start_time(1), 0, "init"),
+            n - 2: (svc.pid, procfs.start_time(svc.pid), 0, "self"),
+            n - 3: (bystander.pid, procfs.start_time(bystander.pid), 0, "not_attached"),
+            n - 4: (bystander.pid, procfs.start_time(bystander.pid) + 1, 0, "pid_reused"),
+            n - 5: (member.pid, procfs.start_time(member.pid), 65534, "uid"),
+            n - 6: (0xFFFFFFF0, 1, 0, "invalid"),
+        }
+        for i, (pid, start, uid, why) in planted.items():
+            _plant(t, i, pid, start, uid, name=f"hostile-{why}")
+
+        def refused():
+            got = {e["name"]: e for e in svc.events("hung") if "refused" in e}
+            return len(got) == len(planted) and got
+        got = wait_until(refused, 15, "a refusal for each planted slot", detail=lambda: svc.log()[-3000:])
+        for i, (pid, _start, _uid, why) in planted.items():
+            e = got[f"hostile-{why}"]
+            assert e["refused"] == why and e["pid"] == str(pid), e
+            assert t.u32[t.pid_index(i)] == pid and t.get32(i, abi.S_STATE) == abi.State.HUNG
+            assert t.get32(i, abi.S_CAUSE) == abi.Cause.NONE
+        assert not svc.events("killed") and "Traceback" not in svc.log()
+        assert bystander.poll() is None and member.proc.poll() is None and svc.proc.poll() is None
+        assert procfs.stat_state(1) not in (None, "Z")
+        # Each refusal is said once, however many more checks go by.
+        wait_until(lambda: all(t.get32(i, abi.S_MISSES) >= 5 for i in planted), 10, "more missed checks")
+        assert len([e for e in svc.events("hung") if "refused" in e]) == len(planted)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_monitor_alive_follows_the_service(key, service, table):
+    assert not procwatch.monitor_alive(key)
+    svc = service()
+    assert procwatch.monitor_alive(key)
+    t = table()
+    first = t.hget64(abi.H_SERVICE_HEARTBEAT)
+    wait_until(lambda: t.hget64(abi.H_SERVICE_HEARTBEAT) > first, 5, "the service heartbeat to move")
+    svc.stop()
+    assert not procwatch.monitor_alive(key)
+
+
+def test_hang_settings_are_checked_and_written(key):
+    t, _ = Table.create_or_adopt(key, 4)
+    try:
+        with pytest.raises(ValueError, match="not 'kill' or 'log'"):
+            procwatch.register_pid("x", key=key, heartbeat=1, hang_action="reboot")
+        with pytest.raises(ValueError, match="is not a signal"):
+            procwatch.register_pid("x", key=key, heartbeat=1, hang_signal="SIGNOPE")
+        with procwatch.register_pid("x", key=key, heartbeat=1, hang_signal="SIGABRT") as reg:
+            s = t.read_slot(reg.slot)
+            assert s.heartbeat_action == abi.HangAction.DEFAULT and s.heartbeat_signal == signal.SIGABRT
+            reg.set_hang_action("log")
+            s = t.read_slot(reg.slot)
+            assert s.heartbeat_action == abi.HangAction.LOG and s.heartbeat_signal == 0
+    finally:
+        t.detach()
+    out = subprocess.run([PY, "-m", "procwatch", "serve", "--key", hex(key), "--hang-signal", "SIGNOPE"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode == 2 and "is not a signal" in out.stderr
