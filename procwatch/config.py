@@ -43,7 +43,7 @@ from procwatch.errors import ProcwatchError
 __all__ = (
     "DEFAULT_PATH", "ConfigError", "Config", "HangSettings", "HookSettings",
     "RuleHooks", "Rule", "Policy", "Address", "load", "parse", "merge",
-    "rule_for", "policy_for", "documented_keys", "OVERRIDES", "EVENTS",
+    "rule_for", "policy_for", "documented_keys", "find_line", "OVERRIDES", "EVENTS",
 )
 
 DEFAULT_PATH = "/etc/procwatch/procwatch.toml"
