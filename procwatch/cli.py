@@ -1,4 +1,4 @@
-"""Command line: ``procwatch serve | status``.
+"""Command line: ``procwatch serve | status | check-config``.
 
 Exit statuses follow the LSB convention that ``systemctl status`` uses:
 0 fine, 1 a runtime failure (the one-line message of a ProcwatchError),
@@ -25,11 +25,13 @@ environment:
 
 signals (serve):
   SIGTERM, SIGINT  stop cleanly; the table stays, so clients keep their slots
+  SIGHUP           reload the configuration file (a bad file is refused, logged)
 
 exit status:
   0 success, 1 runtime failure, 2 usage error, 3 service not running (status)
 
 files:
+  /etc/procwatch/procwatch.toml  configuration (serve --config FILE to use another)
   docs/ABI.md      the slot table's layout, for clients in other languages
 
 See 'procwatch COMMAND --help' for each command."""
@@ -75,6 +77,13 @@ def _signal_arg(text):
         raise _argparse.ArgumentTypeError(str(e)) from None
 
 
+def _interval(text):
+    v = _seconds(text)
+    if v < 0.05:
+        raise _argparse.ArgumentTypeError(f"{v:g} s is too short: use at least 0.05")
+    return v
+
+
 def build_parser():
     fmt = _argparse.RawDescriptionHelpFormatter
     p = _argparse.ArgumentParser(
@@ -95,30 +104,51 @@ def build_parser():
                     "On a registered process's exit, zero its slot's PID word, wake the peers\n"
                     "waiting on it, record the exit status and log one line (journald when\n"
                     "available, else stderr).  Needs CAP_NET_ADMIN for the proc connector.",
-        epilog="signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n\n"
-               "example:\n  sudo procwatch serve --slots 4096")
-    s.add_argument("--key", type=_key, help=key_help)
-    s.add_argument("--slots", type=_positive_int(1, _abi.MAX_SLOTS), default=_abi.DEFAULT_SLOTS,
-                   help="slots of a new table (default %(default)s; an adopted table keeps its own)")
-    s.add_argument("--backend", choices=("auto", "connector", "pidfd"), default="auto",
-                   help="exit-detection backend (default %(default)s: the proc connector where it works)")
+        epilog="Options given here win over the configuration file; options left out\n"
+               "come from the file, else from the built-in defaults shown.\n\n"
+               "signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n"
+               "  SIGHUP           reload the configuration file; a bad file is refused and\n"
+               "                   logged, and the old settings stay (key, slots, backend,\n"
+               "                   rcvbuf and group need a restart)\n\n"
+               "example:\n  sudo procwatch serve --config /etc/procwatch/procwatch.toml --slots 4096")
+    # Defaults of None: "not given", so the file's value applies (config.merge).
+    s.add_argument("--config", metavar="FILE",
+                   help="configuration file (default /etc/procwatch/procwatch.toml; "
+                        "when that is missing, the built-in defaults)")
+    s.add_argument("--key", type=_key, help=key_help + ", else the file's service.key")
+    s.add_argument("--slots", type=_positive_int(1, _abi.MAX_SLOTS),
+                   help=f"slots of a new table (default {_abi.DEFAULT_SLOTS}; an adopted table keeps its own)")
+    s.add_argument("--backend", choices=("auto", "connector", "pidfd"),
+                   help="exit-detection backend (default auto: the proc connector where it works)")
     s.add_argument("--rcvbuf", type=_positive_int(4096, 1 << 30), metavar="BYTES",
                    help="connector socket receive buffer (default 4 MiB)")
-    s.add_argument("--reconcile-interval", type=_seconds, default=1.0, metavar="S",
-                   help="seconds between full checks of the table (default %(default)s)")
+    s.add_argument("--reconcile-interval", type=_seconds, metavar="S",
+                   help="seconds between full checks of the table (default 1.0)")
     s.add_argument("--group", metavar="NAME",
                    help="group that owns the table (mode 0660); its members may register")
-    s.add_argument("--hang-action", choices=("kill", "log"), default="kill",
-                   help="what to do to a hung process whose slot does not say (default %(default)s)")
-    s.add_argument("--hang-signal", type=_signal_arg, default="SIGKILL", metavar="NAME",
-                   help="signal for the kill action (default %(default)s; SIGABRT dumps core)")
-    s.add_argument("--max-misses", type=_positive_int(1, 1000), default=3, metavar="N",
+    s.add_argument("--hang-action", choices=("kill", "log"),
+                   help="what to do to a hung process whose slot does not say (default kill)")
+    s.add_argument("--hang-signal", type=_signal_arg, metavar="NAME",
+                   help="signal for the kill action (default SIGKILL; SIGABRT dumps core)")
+    s.add_argument("--max-misses", type=_positive_int(1, 1000), metavar="N",
                    help="heartbeat checks in a row without progress before a process is hung "
-                        "(default %(default)s)")
+                        "(default 3)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9464 "
+                        "(default off; 'off' turns off what the file enables)")
     s.add_argument("--log", choices=("auto", "journal", "stderr"), default="auto",
                    help="where events go (default %(default)s: journald if reachable)")
-    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                   help="least severe events to log (default %(default)s)")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="least severe events to log (default info)")
+
+    c = sub.add_parser(
+        "check-config", formatter_class=fmt, help="check a configuration file without starting anything",
+        description="Parse and check a configuration file as 'serve' and SIGHUP would.",
+        epilog="exit status:\n  0 the file is valid (or the default file is absent: built-in defaults),\n"
+               "  1 it is not: one line names the file, the line, the key and what was expected\n\n"
+               "example:\n  procwatch check-config /etc/procwatch/procwatch.toml && systemctl reload procwatch")
+    c.add_argument("file", nargs="?", metavar="FILE",
+                   help="the file to check (default /etc/procwatch/procwatch.toml)")
 
     st = sub.add_parser(
         "status", formatter_class=fmt, help="show the service and the registered processes",
@@ -134,6 +164,13 @@ def build_parser():
                "true while a hung process has been sent its signal and has not exited yet.")
     st.add_argument("--key", type=_key, help=key_help)
     st.add_argument("--json", action="store_true", help="machine-readable output (stable schema)")
+    st.add_argument("--watch", action="store_true",
+                    help="a live view refreshed in place, like top (q or Ctrl-C quits); "
+                         "when stdout is not a terminal, one plain table per refresh")
+    st.add_argument("--interval", type=_interval, default=1.0, metavar="S",
+                    help="seconds between refreshes with --watch (default %(default)s)")
+    st.add_argument("--count", type=_positive_int(1, 1 << 31), metavar="N",
+                    help="with --watch, stop after N refreshes (default: until q or Ctrl-C)")
     return p
 
 
@@ -141,7 +178,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"serve": cmd_serve, "status": cmd_status}[args.command](args)
+        return {"serve": cmd_serve, "status": cmd_status,
+                "check-config": cmd_check_config}[args.command](args)
     except ProcwatchError as e:
         print(f"procwatch: {e}", file=_sys.stderr)
         return EXIT_FAILURE
@@ -150,15 +188,43 @@ def main(argv=None):
         return EXIT_USAGE
 
 
+def serve_config(args):
+    """(config, loader): the file merged with the options given, and how to
+    redo that on SIGHUP.  Precedence: --key, $PROCWATCH_KEY, the file, built-in."""
+    from . import config
+    from .segment import resolve_key
+    overrides = {name: getattr(args, name, None) for name in config.OVERRIDES}
+    if overrides["key"] is None and _os.environ.get("PROCWATCH_KEY"):
+        overrides["key"] = resolve_key(None)
+
+    def load():
+        return config.merge(config.load(args.config), overrides)
+    return load(), load
+
+
 def cmd_serve(args):
     from . import journal
     from .service import Service
-    journal.setup(args.log, getattr(_logging, args.log_level.upper()))
-    service = Service(key=args.key, slots=args.slots, backend=args.backend, rcvbuf=args.rcvbuf,
-                      reconcile_interval=args.reconcile_interval, group=args.group,
-                      hang_action=_abi.HangAction[args.hang_action.upper()],
-                      hang_signal=args.hang_signal, max_misses=args.max_misses)
+    cfg, loader = serve_config(args)
+    journal.setup(args.log, getattr(_logging, cfg.log_level.upper()))
+    service = Service(key=cfg.key, slots=cfg.slots, backend=cfg.backend, rcvbuf=cfg.rcvbuf,
+                      reconcile_interval=cfg.reconcile_interval, group=cfg.group,
+                      hang_action=_abi.HangAction[cfg.hang.action.upper()],
+                      hang_signal=cfg.hang.signal, max_misses=cfg.hang.max_misses,
+                      config=cfg, load_config=loader)
     return service.run()
+
+
+def cmd_check_config(args):
+    from . import config
+    if args.file is None and not _os.path.exists(config.DEFAULT_PATH):
+        print(f"{config.DEFAULT_PATH}: no such file; 'procwatch serve' would run with the built-in defaults")
+        return EXIT_OK
+    cfg = config.load(args.file)      # ConfigError: main() prints its one line, exit 1
+    rules = len(cfg.rules)
+    print(f"{cfg.path}: OK ({rules} rule{'' if rules == 1 else 's'}, "
+          f"metrics {cfg.metrics or 'off'}, key {cfg.key:#010x})")
+    return EXIT_OK
 
 
 def _slot_json(s, now_ns):
@@ -251,6 +317,11 @@ def status_snapshot(key=None):
 def cmd_status(args):
     from .segment import resolve_key
     key = resolve_key(args.key)
+    if args.watch:
+        if args.json:
+            raise ValueError("--watch and --json do not combine: poll 'status --json' instead")
+        from . import liveview
+        return liveview.run(key, args.interval, args.count)
     snap = status_snapshot(key)
     if snap is None:
         if args.json:

@@ -25,7 +25,6 @@ whose PID now belongs to another process (start time changed), is ended as
 "found dead" with an unknown latency.
 """
 
-import collections as _collections
 import errno as _errno
 import logging as _logging
 import os as _os
@@ -38,6 +37,7 @@ from . import procfs as _procfs
 from .connector import EXIT_EVENT as _EXIT
 from .connector import PROC_EVENT_EXIT as _PROC_EVENT_EXIT
 from .journal import Event, emit
+from .stats import Stats  # noqa: F401  (was defined here; kept for older imports)
 
 log = _logging.getLogger("procwatch")
 FOUND_DEAD_GRACE = 0.2   # s a slot must stay gone before a periodic reconcile ends it
@@ -72,20 +72,6 @@ def describe_status(status):
                 {"SIGNAL": name, "SIGNAL_NUMBER": sig, "CORE_DUMPED": int(core)})
     code = _os.WEXITSTATUS(status)
     return f"exited with code {code}", {"EXIT_CODE": code}
-
-
-class Stats:
-    """Counters the service reports (status, STATUS=, metrics)."""
-
-    def __init__(self):
-        self.exits = 0
-        self.found_dead = 0
-        self.overflows = 0
-        self.respawns = 0
-        self.corrupt = 0
-        self.events = 0
-        self.latencies_us = _collections.deque(maxlen=4096)
-        self.last_end = None        # (name, text, monotonic time)
 
 
 class Watchlist:
@@ -197,7 +183,7 @@ class Reporter:
 
     def overflow(self):
         """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile."""
-        self.stats.overflows += 1
+        self.stats.record_overflow()
         if self.overflow_pending:
             return
         self.overflow_pending = True
@@ -221,17 +207,16 @@ class Reporter:
         t.record_end(w.slot, _abi.State.EXITED, cause, status, latency_us)
         self.watch.forget(w)
         text, fields = describe_status(status)
-        self.stats.exits += 1
-        if latency_us != _abi.LATENCY_UNKNOWN:
-            self.stats.latencies_us.append(latency_us)
-        self.stats.last_end = (w.name, text, _time.monotonic())
+        self.stats.record_exit(cause, latency_us)
+        self.stats.record_end(w.name, text)
         how = "killed: hung, " if hung else ""
         emit(Event.EXIT, "%s (pid %d) %s%s; detected in %s µs", w.name, w.pid, how, text,
              latency_us if latency_us != _abi.LATENCY_UNKNOWN else "?",
              NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
              CAUSE=_abi.Cause(cause).name.lower(), **fields)
         if self.on_end:
-            self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower()))
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower(),
+                                            LATENCY_US=latency_us))
         return True
 
     def report_found_dead(self, w, cause=_abi.Cause.FOUND_DEAD):
@@ -243,11 +228,11 @@ class Reporter:
             cause = _abi.Cause.PID_REUSED
         t.record_end(w.slot, _abi.State.FOUND_DEAD, cause)
         self.watch.forget(w)
-        self.stats.found_dead += 1
+        self.stats.record_exit(cause)
         why = {_abi.Cause.PID_REUSED: "its PID now belongs to another process",
                _abi.Cause.FOUND_DEAD_OVERFLOW: "its exit event was lost in an overflow",
                }.get(cause, "it exited while no event reached procwatch")
-        self.stats.last_end = (w.name, "found dead", _time.monotonic())
+        self.stats.record_end(w.name, "found dead")
         emit(Event.FOUND_DEAD, "%s (pid %d) found dead: %s; exit status unknown", w.name, w.pid, why,
              NAME=w.name, PID=w.pid, SLOT=w.slot, CAUSE=_abi.Cause(cause).name.lower())
         if self.on_end:
@@ -260,7 +245,7 @@ class Reporter:
         if t.clear_pid(slot, pid):
             t.clear_slot_body(slot)
             t.set32(slot, _abi.S_STATE, _abi.State.EMPTY)
-        self.stats.corrupt += 1
+        self.stats.record_corrupt()
         emit(Event.CORRUPT, "slot %d is corrupt (%s); cleared", slot, problem,
              SLOT=slot, PROBLEM=problem, level=_logging.ERROR)
 

@@ -331,7 +331,9 @@ class HookRunner:
 
     def _report(self, result):
         ev = result.event
-        extra = {"PROCWATCH_EVENT": ev.event, "PROCWATCH_NAME": ev.name,
+        # PROCWATCH_HOOK_EVENT, not PROCWATCH_EVENT: these records are about
+        # the hook, and 'journalctl PROCWATCH_EVENT=exit' must list exits only.
+        extra = {"PROCWATCH_HOOK_EVENT": ev.event, "PROCWATCH_NAME": ev.name,
                  "PROCWATCH_HOOK": result.argv[0]}
         level = _logging.INFO if result.ok else _logging.WARNING
         self.log.log(level, "%s hook %s for %r (pid %d): %s", ev.event, list(result.argv),

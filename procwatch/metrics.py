@@ -94,6 +94,8 @@ class Collector:
             ("procwatch_hook_timeouts", "Hook runs killed at their timeout.", s.hook_timeouts),
             ("procwatch_hook_dropped", "Hook runs dropped because the queue was full.",
              s.hook_dropped),
+            ("procwatch_corrupt_slots", "Slots holding what no client could have written, cleared.",
+             s.corrupt),
         ):
             yield _Counter(name, doc, value=value)
         yield self._histogram("procwatch_checker_duration_seconds",

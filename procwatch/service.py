@@ -5,7 +5,8 @@
     Reporter / Watchlist (detector.py)  <-  detector thread (connector events)
        ^
     Service main loop: respawn detectors, reconcile, service heartbeat,
-                       signals (SIGTERM/SIGINT stop)
+                       signals (SIGTERM/SIGINT stop, SIGHUP reload)
+    Operations (ops.py): rules, hooks, metrics; on_end callback of the Reporter
 
 The detector, the clients and the peers never call each other: they meet in
 the slot table.  The main loop owns every slow thing (reconcile, logging of
@@ -24,14 +25,16 @@ import traceback as _traceback
 
 from . import abi as _abi
 from . import procfs as _procfs
-from .detector import ConnectorDetector, Reporter, Stats
+from .detector import ConnectorDetector, Reporter
 from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
 from .journal import Event, emit, notify
 from .segment import Table
+from .stats import Stats
 
 log = _logging.getLogger("procwatch")
 _STOP = "stop"
 _OVERFLOW = "overflow"
+_RELOAD = "reload"
 
 
 class Service:
@@ -40,7 +43,8 @@ class Service:
     def __init__(self, key=None, slots=_abi.DEFAULT_SLOTS, backend="auto",
                  rcvbuf=None, reconcile_interval=1.0, group=None, mode=0o660,
                  heartbeat_period=1.0, hang_action=_abi.HangAction.KILL,
-                 hang_signal=_signal.SIGKILL, max_misses=3):
+                 hang_signal=_signal.SIGKILL, max_misses=3, config=None, load_config=None):
+        from .config import Config, HangSettings
         from .segment import resolve_key
         self.key = resolve_key(key)
         self.slots = slots
@@ -65,6 +69,16 @@ class Service:
         self._generation = 0
         self._stopping = False
         self._registrations = None
+        # The configuration in effect (rules, hooks, metrics); built from the
+        # arguments when none is given.  load_config() re-reads it on SIGHUP.
+        if config is None:
+            config = Config(key=self.key, slots=slots, backend=backend, rcvbuf=rcvbuf,
+                            reconcile_interval=reconcile_interval, group=group,
+                            hang=HangSettings(_abi.HangAction(hang_action).name.lower(),
+                                              _signal.Signals(hang_signal), max_misses))
+        self.config = config
+        self._load_config = load_config
+        self.ops = None
 
     # -- start-up ---------------------------------------------------------------
     def _claim_instance(self):
@@ -125,12 +139,17 @@ class Service:
 
     def start(self):
         """Everything up to READY=1: table, backend, first reconcile, detector."""
+        from .ops import Operations
         self._claim_instance()
+        self.ops = Operations(self.config, self.stats, key=self.key, table=lambda: self.table,
+                              loader=self._load_config)
+        self.ops.start()
         adopted = self._open_table()
         self._open_backend()
-        self.reporter = Reporter(self.table, self.stats,
+        self.reporter = Reporter(self.table, self.stats, on_end=self.ops.on_end,
                                  on_overflow=lambda: self._queue.put(_OVERFLOW))
         found = self.reporter.reconcile(immediate=True)
+        self.ops.apply_rules(self.reporter.watch)
         self._spawn_detector()
         self._registrations = _threading.Thread(target=self._watch_registrations,
                                                 name="procwatch-registrations", daemon=True)
@@ -161,6 +180,7 @@ class Service:
             if self._stopping:
                 return
             self.reporter.watch.sync()
+            self.ops.apply_rules(self.reporter.watch)
 
     def _spawn_detector(self):
         self._generation += 1
@@ -179,10 +199,21 @@ class Service:
     def request_stop(self, *_):
         self._queue.put(_STOP)
 
+    def request_reload(self, *_):
+        self._queue.put(_RELOAD)
+
+    def reload(self):
+        """SIGHUP: re-read the configuration; a bad file is refused and logged, the old stays."""
+        new = self.ops.reload(self.reporter.watch)
+        if new is not None:
+            self.config = new
+            self.reconcile_interval = new.reconcile_interval
+
     def run(self):
         """Serve until SIGTERM/SIGINT.  Returns the exit status."""
         for sig in (_signal.SIGTERM, _signal.SIGINT):
             _signal.signal(sig, self.request_stop)
+        _signal.signal(_signal.SIGHUP, self.request_reload)
         self.start()
         next_tick = _time.monotonic()
         next_reconcile = _time.monotonic() + self.reconcile_interval
@@ -195,7 +226,9 @@ class Service:
                     msg = None
                 if msg == _STOP:
                     break
-                if msg == _OVERFLOW:
+                if msg == _RELOAD:
+                    self.reload()
+                elif msg == _OVERFLOW:
                     self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW)
                     self.reporter.overflow_pending = False
                 elif msg is not None:
@@ -215,7 +248,7 @@ class Service:
         """The patent's respawn: a detector ended (an exit handled, or an error)."""
         if detector is not self.detector:
             return
-        self.stats.respawns += 1
+        self.stats.record_detector_respawn()
         if detector.error is not None:
             tb = "".join(_traceback.format_exception(detector.error))
             emit(Event.RESPAWN, "detector thread failed; starting a new one:\n%s", tb,
@@ -248,6 +281,8 @@ class Service:
         """A clean stop: the table stays, so clients keep their slots."""
         notify("STOPPING=1")
         self._stopping = True
+        if self.ops is not None:
+            self.ops.close()
         if self._registrations is not None:
             self._registrations.join(1.0)
         if self.checker is not None:

@@ -13,11 +13,19 @@ record.  ``x += 1`` on an attribute is not atomic between threads in CPython
 
 Nothing here knows about PIDs: labels of unbounded cardinality do not
 belong in metrics.
+
+Two fields are plain attributes, not locked counters: ``events`` (every
+exit event the detector decoded, written only by the one detector thread
+alive at a time, on the hottest path) and ``last_end`` (the status line's
+"last: ..." text, replaced whole).  ``exits``, ``found_dead``,
+``overflows``, ``respawns`` and ``corrupt`` read the locked counters, for
+the status line and log messages.
 """
 
 import bisect as _bisect
 import dataclasses as _dc
 import threading as _threading
+import time as _time
 
 from procwatch import abi as _abi
 
@@ -86,6 +94,7 @@ class Snapshot:
     hook_failures: int
     hook_timeouts: int
     hook_dropped: int
+    corrupt: int = 0
 
 
 class Stats:
@@ -98,6 +107,7 @@ class Stats:
       one (not for found-dead).  Found-dead causes also count in
       ``found_dead``.
     * ``record_overflow()`` on ENOBUFS from the connector socket.
+    * ``record_corrupt()`` when a slot no client could have written is cleared.
     * ``record_detector_respawn()`` each time a new detector thread starts
       after the first.
     * ``record_hung()`` when a slot is declared hung; ``record_killed()``
@@ -113,8 +123,41 @@ class Stats:
         self._found_dead = self._overflows = self._respawns = 0
         self._hung = self._killed = 0
         self._hook_runs = self._hook_failures = self._hook_timeouts = self._hook_dropped = 0
+        self._corrupt = 0
         self._latency = _Histogram(LATENCY_BUCKETS)
         self._checker = _Histogram(CHECKER_BUCKETS)
+        self.events = 0             # exit events decoded (detector thread only)
+        self.last_end = None        # (name, text, monotonic time) of the last end
+
+    # -- read by the status line and log messages ------------------------------
+
+    @property
+    def exits(self):
+        """Ends the kernel reported (causes exited and killed_hung)."""
+        with self._lock:
+            return self._exits["exited"] + self._exits["killed_hung"]
+
+    @property
+    def found_dead(self):
+        return self._found_dead
+
+    @property
+    def overflows(self):
+        return self._overflows
+
+    @property
+    def respawns(self):
+        return self._respawns
+
+    @property
+    def corrupt(self):
+        return self._corrupt
+
+    def record_end(self, name, text):
+        """Remember the last end for the status line: ``dp-1 killed by SIGKILL``."""
+        self.last_end = (name, text, _time.monotonic())
+
+    # -- counting ---------------------------------------------------------------
 
     def record_exit(self, cause, latency_us=None):
         label = cause_label(cause)
@@ -130,6 +173,10 @@ class Stats:
     def record_overflow(self):
         with self._lock:
             self._overflows += 1
+
+    def record_corrupt(self):
+        with self._lock:
+            self._corrupt += 1
 
     def record_detector_respawn(self):
         with self._lock:
@@ -174,4 +221,5 @@ class Stats:
                 hook_failures=self._hook_failures,
                 hook_timeouts=self._hook_timeouts,
                 hook_dropped=self._hook_dropped,
+                corrupt=self._corrupt,
             )

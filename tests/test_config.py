@@ -365,3 +365,49 @@ def test_find_line_dotted_and_quoted_keys():
     assert config.find_line(text, ("service", "slots")) == 2
     assert config.find_line(text, ("rule", 0, "hooks", "on_exit")) == 5
     assert config.find_line(text, ("rule", 3, "name")) is None
+
+
+# -- procwatch check-config --------------------------------------------------------------
+
+def check_config(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "procwatch", "check-config", *args],
+                          capture_output=True, text=True, cwd=EXAMPLE.parent, timeout=60)
+
+
+def test_check_config_accepts_the_example():
+    out = check_config(str(EXAMPLE))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{EXAMPLE}: OK (2 rules, metrics off, key 0x70770001)\n"
+
+
+def test_check_config_refuses_in_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[service]\nslots = 8\n\n[[rule]]\nname = "dp-*"\nsignal = "SIGKIL"\n')
+    out = check_config(str(path))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"procwatch: {path}:6: key 'rule[0].signal': expected a signal name whose "
+                          f"default action ends the process, such as 'SIGKILL', 'SIGABRT' or 'SIGTERM', "
+                          f"got string 'SIGKIL'\n")
+    out = check_config(str(tmp_path / "absent.toml"))
+    assert out.returncode == 1
+    assert out.stderr == f"procwatch: {tmp_path / 'absent.toml'}: no such file: check the --config path\n"
+
+
+def test_serve_help_documents_config_and_sighup():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "procwatch", "serve", "--help"], capture_output=True,
+                         text=True, cwd=EXAMPLE.parent, timeout=60)
+    assert out.returncode == 0
+    for word in ("--config", "--metrics", "SIGHUP", "/etc/procwatch/procwatch.toml", "need a restart"):
+        assert word in out.stdout, word
+
+
+def test_readme_examples_are_valid():
+    readme = (EXAMPLE.parent / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for i, text in enumerate(blocks):
+        config.parse(text, f"README.md toml block {i}")

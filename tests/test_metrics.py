@@ -81,6 +81,22 @@ def test_stats_bucket_bounds_are_inclusive():
     assert buckets[100e-6] == 1 and buckets[LATENCY_BUCKETS[-1]] == 1 and buckets[float("inf")] == 2
 
 
+def test_stats_readers_for_the_status_line():
+    """The service's status line and log messages read these (they replaced detector.Stats)."""
+    stats = Stats()
+    stats.record_exit(abi.Cause.EXITED, latency_us=10)
+    stats.record_exit(abi.Cause.KILLED_HUNG, latency_us=10)
+    stats.record_exit(abi.Cause.FOUND_DEAD)
+    stats.record_exit(abi.Cause.PID_REUSED)
+    stats.record_overflow()
+    stats.record_detector_respawn()
+    stats.record_corrupt()
+    stats.record_end("dp-1", "killed by SIGKILL")
+    assert (stats.exits, stats.found_dead, stats.overflows, stats.respawns, stats.corrupt) == (2, 2, 1, 1, 1)
+    assert stats.last_end[:2] == ("dp-1", "killed by SIGKILL")
+    assert stats.snapshot().corrupt == 1
+
+
 def test_stats_counts_exactly_under_threads():
     stats = Stats()
     per_thread, n_threads = 20_000, 8
@@ -127,6 +143,7 @@ def test_scrape_shows_every_metric_and_counters_move(server):
         "procwatch_hook_failures": "counter",
         "procwatch_hook_timeouts": "counter",
         "procwatch_hook_dropped": "counter",
+        "procwatch_corrupt_slots": "counter",
         "procwatch_checker_duration_seconds": "histogram",
     }
     assert value(before, "procwatch_registered_processes") == 2
@@ -146,6 +163,7 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     stats.record_overflow()
     stats.record_detector_respawn()
     stats.record_check(0.0004)
+    stats.record_corrupt()
     table.pop(0)
 
     after = scrape(srv)
@@ -164,6 +182,7 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     assert value(after, "procwatch_detection_latency_seconds_sum") == pytest.approx(120e-6)
     assert value(after, "procwatch_checker_duration_seconds_bucket", le="0.0005") == 1
     assert value(after, "procwatch_checker_duration_seconds_count") == 1
+    assert value(after, "procwatch_corrupt_slots_total") == 1
 
 
 def test_no_label_of_unbounded_cardinality(server):

@@ -1,0 +1,403 @@
+"""Rules, hooks, metrics and SIGHUP with the real service, real clients and real kills (root).
+
+Hooks are real commands the service runs; their results are read from files
+they write and from the service's log.  Metrics are scraped over 127.0.0.1
+and parsed with prometheus_client's own parser.
+"""
+
+import json
+import os
+import signal
+import socket
+import textwrap
+import types
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import PY, require_root, wait_until
+from procwatch import abi, config
+from procwatch.journal import Event
+from procwatch.ops import Operations
+from procwatch.segment import Table
+from procwatch.stats import Stats
+
+pytestmark = [require_root()]
+
+# A hook that writes its PROCWATCH_* environment to DIR/<name>.json and says hello.
+DUMP_ENV = ("import json, os, sys; env = {k: v for k, v in os.environ.items() if k.startswith('PROCWATCH_')}; "
+            "open(os.path.join(sys.argv[1], env['PROCWATCH_NAME'] + '.json'), 'w').write(json.dumps(env)); "
+            "print('hook says hello to', env['PROCWATCH_NAME'])")
+
+
+def q(text):
+    """A TOML basic string (JSON's escaping is valid TOML)."""
+    return json.dumps(str(text))
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def sample(families, name, **labels):
+    for family in families.values():
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise KeyError((name, labels))
+
+
+def slot_word(key, slot):
+    t = Table.attach(key)
+    try:
+        return t.u32[t.pid_index(slot)], t.read_slot(slot)
+    finally:
+        t.detach()
+
+
+def hook_pid_alive(pid):
+    """The hook process exists and is not a zombie (the service reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def log_lines(svc):
+    return svc.log().splitlines()
+
+
+# -- hooks --------------------------------------------------------------------------
+
+def test_hook_runs_on_a_real_exit_with_the_event_in_its_environment(key, service, clients, tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [[rule]]
+        name = "env-*"
+        [rule.hooks]
+        on_exit = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
+        """)
+    svc = service("--config", str(cfg))
+    killed = clients(key, "env-killed")
+    coded = clients(key, "env-coded", "--then", "exit", "--code", "3")
+    other = clients(key, "no-rule")
+    killed.kill(signal.SIGKILL)
+    coded.tell("go")
+    other.kill(signal.SIGKILL)
+    wait_until(lambda: (out / "env-killed.json").exists() and (out / "env-coded.json").exists(),
+               15, "both hooks to run", detail=lambda: svc.log()[-3000:])
+    env = json.loads((out / "env-killed.json").read_text())
+    latency = env.pop("PROCWATCH_LATENCY_US")
+    assert latency.isdigit()
+    stamp = env.pop("PROCWATCH_TIME")
+    assert stamp.endswith("Z") and stamp[:4].isdigit()
+    assert env == {
+        "PROCWATCH_EVENT": "exit", "PROCWATCH_NAME": "env-killed", "PROCWATCH_PID": str(killed.pid),
+        "PROCWATCH_SLOT": str(killed.slot), "PROCWATCH_EXIT_CODE": "", "PROCWATCH_SIGNAL": "SIGKILL",
+        "PROCWATCH_CORE_DUMPED": "0", "PROCWATCH_CAUSE": "exited", "PROCWATCH_KEY": f"{key:#010x}",
+    }
+    env = json.loads((out / "env-coded.json").read_text())
+    assert (env["PROCWATCH_EXIT_CODE"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_PID"]) == ("3", "", str(coded.pid))
+    # The hook's output is logged, and its run too; the event lines stay events.
+    wait_until(lambda: "exit hook " + PY + ": hook says hello to env-coded" in svc.log(), 10,
+               "the hook's output in the log")
+    wait_until(lambda: "for 'env-killed' (pid %d): exit status 0" % killed.pid in svc.log(), 10,
+               "the hook's run in the log", detail=lambda: svc.log()[-3000:])
+    svc.wait_event("exit", name="no-rule")
+    assert len(svc.events("exit")) == 3
+    assert not (out / "no-rule.json").exists()
+
+
+def test_found_dead_hook_after_the_service_was_down(key, service, clients, tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    first = service()
+    c = clients(key, "fd-1")
+    first.stop()
+    c.kill(signal.SIGKILL)
+    c.proc.wait(10)
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [[rule]]
+        name = "fd-*"
+        hooks = {{ on_found_dead = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}] }}
+        """)
+    second = service("--config", str(cfg))
+    second.wait_event("found_dead", name="fd-1")
+    wait_until(lambda: (out / "fd-1.json").exists(), 15, "the found_dead hook",
+               detail=lambda: second.log()[-3000:])
+    env = json.loads((out / "fd-1.json").read_text())
+    assert (env["PROCWATCH_EVENT"], env["PROCWATCH_CAUSE"], env["PROCWATCH_PID"]) == \
+        ("found_dead", "found_dead", str(c.pid))
+    assert (env["PROCWATCH_EXIT_CODE"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_LATENCY_US"]) == ("", "", "")
+
+
+def test_hanging_hook_is_killed_at_its_timeout_and_never_delays_detection(key, service, clients, tmp_path):
+    marker = tmp_path / "hook.pid"
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [[rule]]
+        name = "slow-*"
+        [rule.hooks]
+        on_exit = ["sh", "-c", "echo $$ > \\"$0.tmp\\"; mv \\"$0.tmp\\" \\"$0\\"; exec sleep 100000", {q(marker)}]
+        timeout = 4.0
+        """)
+    svc = service("--config", str(cfg))
+    slow = clients(key, "slow-1")
+    fast = clients(key, "fast-1")
+    slow.kill()
+    hook = int(wait_until(lambda: marker.exists() and marker.read_text().strip(), 15,
+                          "the slow hook to start", detail=lambda: svc.log()[-3000:]))
+    assert hook_pid_alive(hook)
+    fast.kill()
+    wait_until(lambda: slot_word(key, fast.slot)[0] == 0, 10, "fast-1's slot word to be zeroed")
+    # The second exit was reported while the first hook still ran ...
+    assert hook_pid_alive(hook), "the slow hook ended before the second exit was reported"
+    svc.wait_event("exit", name="fast-1", signal="SIGKILL")
+    assert slot_word(key, fast.slot)[1].state == abi.State.EXITED
+    # ... and the hook was then killed at its timeout, and reaped.
+    killed_line = wait_until(lambda: next((ln for ln in log_lines(svc) if "killed after its 4.0 s timeout" in ln),
+                                          None), 20, "the timeout kill in the log")
+    assert "for 'slow-1'" in killed_line
+    wait_until(lambda: not hook_pid_alive(hook) and not os.path.exists(f"/proc/{hook}"), 10,
+               "the hook process to be gone")
+    lines = log_lines(svc)
+    exit_fast = next(i for i, ln in enumerate(lines) if "event=exit" in ln and "name=fast-1" in ln)
+    assert exit_fast < lines.index(killed_line)
+
+
+def test_hook_burst_beyond_the_bound_is_dropped_and_counted(key, service, clients, tmp_path):
+    ran, gate = tmp_path / "ran", tmp_path / "gate"
+    os.mkfifo(gate)
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [hooks]
+        workers = 1
+        queue = 1
+
+        [[rule]]
+        name = "burst-*"
+        [rule.hooks]
+        # Blocks until the test writes a line into the FIFO.
+        on_exit = ["sh", "-c", "echo $PROCWATCH_NAME >> \\"$0\\"; read x < \\"$1\\"", {q(ran)}, {q(gate)}]
+        """)
+    svc = service("--config", str(cfg))
+    cs = [clients(key, f"burst-{i}") for i in range(5)]
+    cs[0].kill()
+    wait_until(lambda: ran.exists() and ran.read_text() == "burst-0\n", 15, "the first hook to block",
+               detail=lambda: svc.log()[-3000:])
+    for c in cs[1:]:
+        c.kill()
+    for c in cs[1:]:        # detection goes on while the only worker is stuck
+        svc.wait_event("exit", name=c.name)
+    gate_fd = os.open(gate, os.O_RDWR)      # never blocks on a FIFO (fifo(7)); keeps it open
+    try:
+        os.write(gate_fd, b"go\n" * 4)
+        wait_until(lambda: "hooks: dropped 3 hook runs" in svc.log(), 15, "the drop count in the log",
+                   detail=lambda: svc.log()[-3000:])
+        wait_until(lambda: len(ran.read_text().split()) == 2 and
+                   svc.log().count("exit hook ['sh'") == 2, 15, "the queued hook to run")
+    finally:
+        os.close(gate_fd)
+    assert ran.read_text().split()[0] == "burst-0"
+    assert "raise [hooks] queue or workers" in svc.log()
+
+
+# -- metrics ------------------------------------------------------------------------
+
+def test_metrics_scrape_after_a_real_kill(key, service, clients, tmp_path):
+    port = free_port()
+    svc = service("--metrics", f"127.0.0.1:{port}")
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in svc.log()
+    c = clients(key, "scraped")
+    keep = clients(key, "kept")
+    before = scrape(port)
+    assert sample(before, "procwatch_registered_processes") == 2
+    assert sample(before, "procwatch_exits_total", cause="exited") == 0
+    assert sample(before, "procwatch_detection_latency_seconds_count") == 0
+    c.kill()
+    svc.wait_event("exit", name="scraped")
+    after = scrape(port)
+    assert sample(after, "procwatch_registered_processes") == 1
+    assert sample(after, "procwatch_exits_total", cause="exited") == 1
+    assert sample(after, "procwatch_detection_latency_seconds_count") == 1
+    assert sample(after, "procwatch_detection_latency_seconds_bucket", le="+Inf") == 1
+    assert sample(after, "procwatch_detection_latency_seconds_sum") > 0
+    assert sample(after, "procwatch_detector_respawns_total") >= 1
+    labels = {k for f in after.values() for s in f.samples for k in s.labels}
+    assert labels == {"cause", "le"}, "a label of unbounded cardinality crept in"
+    assert keep.proc.poll() is None
+
+
+def test_metrics_port_in_use_refuses_to_start(key, service):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        svc = service("--metrics", f"127.0.0.1:{port}", ready=False)
+        assert svc.proc.wait(30) == 1
+    lines = [ln for ln in svc.log().splitlines() if ln.strip()]
+    assert lines == [f"procwatch: cannot serve metrics on 127.0.0.1:{port}: Address already in use: "
+                     f"pick another metrics address, or 'off'"]
+
+
+# -- SIGHUP --------------------------------------------------------------------------
+
+def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients, tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = write(tmp_path / "procwatch.toml", """
+        [[rule]]
+        name = "hup-*"
+        """)
+    svc = service("--config", str(cfg))
+    first = clients(key, "hup-1")
+    second = clients(key, "hup-2")
+    third = clients(key, "hup-3")
+    first.kill()
+    svc.wait_event("exit", name="hup-1")
+
+    port = free_port()
+    good = f"""
+        [service]
+        slots = 8
+
+        [metrics]
+        address = "127.0.0.1:{port}"
+
+        [[rule]]
+        name = "hup-*"
+        [rule.hooks]
+        on_exit = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
+        """
+    write(cfg, good)
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded from" in svc.log(), 10, "the reload",
+               detail=lambda: svc.log()[-3000:])
+    log = svc.log()
+    assert f"configuration reloaded from {cfg}: changed metrics, rules" in log
+    assert f"configuration: slots = 8 in {cfg} needs a restart; still running with 1024" in log
+    second.kill()
+    wait_until(lambda: (out / "hup-2.json").exists(), 15, "the hook the reload added")
+    assert sample(scrape(port), "procwatch_exits_total", cause="exited") == 2
+
+    bad = good.replace('name = "hup-*"', 'name = "hup-*"\n        heartbeat = "1s"')
+    write(cfg, bad)
+    line = next(i for i, ln in enumerate(textwrap.dedent(bad).splitlines(), 1) if "heartbeat" in ln)
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in svc.log(), 10, "the refusal", detail=lambda: svc.log()[-3000:])
+    refusal = next(ln for ln in log_lines(svc) if "reload refused" in ln)
+    assert refusal.endswith(f"configuration reload refused, the old settings stay: {cfg}:{line}: "
+                            f"key 'rule[0].heartbeat': expected 0 (off) or a number of seconds from "
+                            f"0.001 to 4.29497e+06, got string '1s'")
+    # The old settings stay: the hook and the metrics endpoint still work.
+    third.kill()
+    wait_until(lambda: (out / "hup-3.json").exists(), 15, "the hook of the old settings")
+    assert sample(scrape(port), "procwatch_exits_total", cause="exited") == 3
+    assert svc.proc.poll() is None
+    assert slot_word(key, third.slot)[1].state == abi.State.EXITED
+
+
+# -- serve --config ----------------------------------------------------------------------
+
+def test_command_line_wins_over_the_file(key, service, tmp_path):
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [service]
+        key = {key + 1}
+        slots = 16
+        """)
+    svc = service("--config", str(cfg), "--slots", "8")     # conftest passes --key too
+    t = Table.attach(key)
+    try:
+        assert t.slot_count == 8
+    finally:
+        t.detach()
+    svc.stop()
+    remove = Table.attach(key)
+    remove.remove()
+    svc = service("--config", str(cfg))
+    t = Table.attach(key)
+    try:
+        assert t.slot_count == 16           # the file's, since --slots was not given
+    finally:
+        t.detach()
+
+
+def test_serve_with_a_bad_file_refuses_in_one_line(key, service, tmp_path):
+    cfg = write(tmp_path / "procwatch.toml", """
+        [service]
+        slots = 8
+        backend = "kernel"
+        """)
+    svc = service("--config", str(cfg), ready=False)
+    assert svc.proc.wait(30) == 1
+    lines = [ln for ln in svc.log().splitlines() if ln.strip()]
+    assert lines == [f"procwatch: {cfg}:4: key 'service.backend': expected one of 'auto', "
+                     f"'connector', 'pidfd', got string 'kernel'"]
+    svc = service("--config", str(tmp_path / "absent.toml"), ready=False)
+    assert svc.proc.wait(30) == 1
+    assert "absent.toml: no such file: check the --config path" in svc.log()
+
+
+# -- rules ----------------------------------------------------------------------------------
+
+def test_rule_heartbeat_fills_only_slots_registered_without_one(key, service, clients, tmp_path):
+    cfg = write(tmp_path / "procwatch.toml", """
+        [[rule]]
+        name = "hb-*"
+        heartbeat = 2.5
+        """)
+    svc = service("--config", str(cfg))
+    # Both beat, so that a heartbeat checker (issue 4) finds them alive.
+    plain = clients(key, "hb-plain", "--then", "beat")
+    own = clients(key, "hb-own", "--heartbeat", "0.5", "--then", "beat")
+    other = clients(key, "other")
+    wait_until(lambda: slot_word(key, plain.slot)[1].heartbeat_ms == 2500, 10,
+               "the rule's heartbeat in hb-plain's slot", detail=lambda: svc.log()[-3000:])
+    assert slot_word(key, own.slot)[1].heartbeat_ms == 500
+    assert slot_word(key, other.slot)[1].heartbeat_ms == 0
+    assert f"hb-plain (pid {plain.pid}): heartbeat 2.5 s from rule 'hb-*'" in svc.log()
+
+
+def test_hung_hook_and_policy_for_the_heartbeat_checker(tmp_path):
+    """The adapter issue 4's checker calls: on_end(Event.HUNG, ...) runs on_hung, policy() merges."""
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = config.parse(textwrap.dedent(f"""
+        [hang]
+        signal = "SIGTERM"
+        max_misses = 5
+
+        [[rule]]
+        name = "dp-*"
+        signal = "SIGABRT"
+        [rule.hooks]
+        on_hung = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
+        """))
+    ops = Operations(cfg, Stats(), key=0x7E000001, table=lambda: None)
+    ops.start()
+    try:
+        assert (ops.policy("dp-2").signal, ops.policy("dp-2").max_misses) == (signal.SIGABRT, 5)
+        assert ops.policy("cp-1").signal == signal.SIGTERM
+        w = types.SimpleNamespace(name="dp-2", pid=os.getpid(), slot=4)
+        ops.on_end(Event.HUNG, w, {"SIGNAL": "SIGABRT", "ACTION": "kill"})
+        ops.on_end(Event.UNREGISTERED, w, {})            # no hook event: ignored
+        wait_until(lambda: (out / "dp-2.json").exists(), 15, "the on_hung hook")
+    finally:
+        ops.close()
+    env = json.loads((out / "dp-2.json").read_text())
+    assert (env["PROCWATCH_EVENT"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_SLOT"]) == ("hung", "SIGABRT", "4")
+    assert ops.stats.snapshot().hook_runs == 1
