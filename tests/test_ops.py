@@ -278,6 +278,9 @@ def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients,
         [service]
         slots = 8
 
+        [hooks]
+        workers = 3               # a new pool takes over from the old one
+
         [metrics]
         address = "127.0.0.1:{port}"
 
@@ -291,7 +294,7 @@ def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients,
     wait_until(lambda: "configuration reloaded from" in svc.log(), 10, "the reload",
                detail=lambda: svc.log()[-3000:])
     log = svc.log()
-    assert f"configuration reloaded from {cfg}: changed metrics, rules" in log
+    assert f"configuration reloaded from {cfg}: changed metrics, hooks, rules" in log
     assert f"configuration: slots = 8 in {cfg} needs a restart; still running with 1024" in log
     second.kill()
     wait_until(lambda: (out / "hup-2.json").exists(), 15, "the hook the reload added")
