@@ -196,6 +196,9 @@ def serve_config(args):
     overrides = {name: getattr(args, name, None) for name in config.OVERRIDES}
     if overrides["key"] is None and _os.environ.get("PROCWATCH_KEY"):
         overrides["key"] = resolve_key(None)
+    if overrides["hang_signal"] is not None:        # _signal_arg gives a number; the file a name
+        import signal
+        overrides["hang_signal"] = signal.Signals(overrides["hang_signal"]).name
 
     def load():
         return config.merge(config.load(args.config), overrides)

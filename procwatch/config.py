@@ -211,11 +211,6 @@ def _group(v):
 def _hang_signal(v):
     if isinstance(v, _signal.Signals):
         name = v.name
-    elif isinstance(v, int) and not isinstance(v, bool):     # --hang-signal gives a number
-        try:
-            name = _signal.Signals(v).name
-        except ValueError:
-            name = None
     elif isinstance(v, str):
         name = v if v.startswith("SIG") else "SIG" + v
     else:

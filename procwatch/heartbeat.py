@@ -52,8 +52,16 @@ GIL the pass holds delays the detector thread by at most that.  The thread
 sleeps until the next slot is due, but wakes at most every GRANULARITY
 seconds (a slot may be checked that much late, never early) and at least
 every DISCOVERY_PERIOD to see new registrations.
+
+The service's configuration (issue 8) comes in through three optional
+seams: ``policy(name)`` gives the action, signal and max_misses for a
+registered name (its first matching rule over ``[hang]``) when the slot
+does not set its own; ``on_event(Event.HUNG, who, fields)`` runs the rule's
+``on_hung`` hook (HookRunner.submit: it never blocks); ``stats`` counts
+hangs, kills and the duration of each pass that checked something.
 """
 
+import collections as _collections
 import logging as _logging
 import os as _os
 import signal as _signal
@@ -78,6 +86,9 @@ _HUNG = int(_abi.State.HUNG)
 _GONE = ("gone", "")
 _MISSES_AFTER_PID = (_abi.S_MISSES - _abi.S_PID) // 4   # u32 words from a slot's PID word to its misses
 
+# Who hung, for on_event: the fields the Reporter's on_end callback reads.
+Hung = _collections.namedtuple("Hung", "name pid slot")
+
 
 def signal_name(num):
     try:
@@ -89,10 +100,11 @@ def signal_name(num):
 class _Track:
     """What the checker remembers of one slot between passes."""
     __slots__ = ("i", "pid", "reg", "ms", "interval", "seq", "due", "misses", "handled",
-                 "pid_index", "beat_index")
+                 "pid_index", "beat_index", "max_misses")
 
-    def __init__(self, i, pid, reg, ms, seq, now, misses):
+    def __init__(self, i, pid, reg, ms, seq, now, misses, max_misses):
         self.i, self.pid, self.reg, self.ms, self.seq, self.misses = i, pid, reg, ms, seq, misses
+        self.max_misses = max_misses
         off = _abi.slot_offset(i)
         self.pid_index = (off + _abi.S_PID) >> 2             # into table.u32
         self.beat_index = (off + _abi.S_LAST_BEAT_NS) >> 3   # into table.u64
@@ -105,7 +117,8 @@ class HeartbeatChecker(_threading.Thread):
     """The checker thread.  ``check()`` is one pass (also usable without the thread)."""
 
     def __init__(self, table, action=_abi.HangAction.KILL, signal=_signal.SIGKILL,
-                 max_misses=DEFAULT_MAX_MISSES, procfs=_procfs.PROCFS):
+                 max_misses=DEFAULT_MAX_MISSES, procfs=_procfs.PROCFS, policy=None,
+                 on_event=None, stats=None):
         super().__init__(name="procwatch-heartbeat", daemon=True)
         if action not in (_abi.HangAction.KILL, _abi.HangAction.LOG):
             raise ValueError(f"hang action {action!r} is not kill or log")
@@ -118,6 +131,10 @@ class HeartbeatChecker(_threading.Thread):
         self.signal = int(signal)
         self.max_misses = max_misses
         self.procfs = procfs
+        self.policy = policy            # name -> (HangAction, signal number, max_misses)
+        self.on_event = on_event        # (Event.HUNG, Hung, fields): the on_hung hook
+        self.stats = stats
+        self._repolicy = False
         self.errors = 0
         self._tracks = {}               # slot index -> _Track, slots with an interval and a PID
         self._seen = (None, None, None)  # interval, PID and registration-time words of the last pass
@@ -145,6 +162,15 @@ class HeartbeatChecker(_threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
+    def refresh_policy(self):
+        """The policy changed (SIGHUP): re-read every tracked slot's max_misses next pass."""
+        self._repolicy = True
+
+    def _policy(self, name):
+        if self.policy is None:
+            return self.action, self.signal, self.max_misses
+        return self.policy(name)
+
     # -- one pass ----------------------------------------------------------------
     def _words(self, field, wide=False):
         """Field ``field`` of every slot, as a list: one strided copy."""
@@ -157,6 +183,10 @@ class HeartbeatChecker(_threading.Thread):
 
     def check(self):
         """Check every slot that is due; returns the seconds until the next pass is needed."""
+        started = _time.perf_counter()
+        if self._repolicy:
+            self._repolicy = False
+            self._seen = (None, None, None)     # every slot re-tracked with the new policy
         seen = (self._words(_abi.S_HEARTBEAT_MS), self._words(_abi.S_PID),
                 self._words(_abi.S_REGISTERED_NS, wide=True))
         mono = _time.monotonic()
@@ -168,7 +198,6 @@ class HeartbeatChecker(_threading.Thread):
         states = self._words(_abi.S_STATE)
         now_ns = _time.time_ns()
         u32, u64 = self.table.u32, self.table.u64
-        max_misses = self.max_misses
         next_due = mono + DISCOVERY_PERIOD
         for tr in self._tracks.values():
             due = tr.due
@@ -188,12 +217,14 @@ class HeartbeatChecker(_threading.Thread):
                     misses = tr.misses = tr.misses + 1
                     if u32[tr.pid_index] == tr.pid:
                         u32[tr.pid_index + _MISSES_AFTER_PID] = min(misses, 0xFFFFFFFF)
-                        if misses >= max_misses and not tr.handled:
+                        if misses >= tr.max_misses and not tr.handled:
                             tr.handled = True
                             self._hung(tr, now_ns)
             if due < next_due:
                 next_due = due
         self._next_due = next_due
+        if self.stats is not None:
+            self.stats.record_check(_time.perf_counter() - started)
         return max(GRANULARITY, next_due - _time.monotonic())
 
     def _retrack(self, seen, mono):
@@ -210,13 +241,15 @@ class HeartbeatChecker(_threading.Thread):
                 self._turned_off(tr)
             if not ms or not pid:
                 continue
+            max_misses = self.max_misses if self.policy is None else \
+                self.policy(self.table.read_slot(i).name)[2]
             if tr is not None and pid == tr.pid and reg == tr.reg:
                 misses = tr.misses                      # set_heartbeat(): same client, new interval
             else:
-                misses = min(self.table.get32(i, _abi.S_MISSES), self.max_misses)
+                misses = min(self.table.get32(i, _abi.S_MISSES), max_misses)
             if seqs is None:
                 seqs = self._words(_abi.S_HEARTBEAT_SEQ, wide=True)
-            tracks[i] = new = _Track(i, pid, reg, ms, seqs[i], mono, misses)
+            tracks[i] = new = _Track(i, pid, reg, ms, seqs[i], mono, misses, max_misses)
             if tr is not None and pid == tr.pid and reg == tr.reg:
                 new.handled = tr.handled
         self._seen = seen
@@ -268,16 +301,18 @@ class HeartbeatChecker(_threading.Thread):
              NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms)
 
     def _resolve(self, s):
-        """(action, signal number) for slot ``s``: its own, else the service's defaults."""
+        """(action, signal number) for slot ``s``: its own, else its rule's, else the service's."""
         try:
             action = _abi.HangAction(s.heartbeat_action)
         except ValueError:
             action = _abi.HangAction.DEFAULT
-        if action == _abi.HangAction.DEFAULT:
-            action = self.action
         sig = s.heartbeat_signal
-        if not _hang_signal_ok(sig):                 # 0 (default), or nothing a client could write
-            sig = self.signal
+        if action == _abi.HangAction.DEFAULT or not _hang_signal_ok(sig):
+            default_action, default_signal, _ = self._policy(s.name)
+            if action == _abi.HangAction.DEFAULT:
+                action = default_action
+            if not _hang_signal_ok(sig):             # 0 (default), or nothing a client could write
+                sig = default_signal
         return action, sig
 
     def _hung(self, tr, now_ns):
@@ -293,6 +328,12 @@ class HeartbeatChecker(_threading.Thread):
              s.name, tr.pid, since, tr.misses, tr.ms / 1000, then,
              NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms, MISSES=tr.misses,
              SINCE_BEAT_MS=since_ms, ACTION=action.name.lower())
+        if self.stats is not None:
+            self.stats.record_hung()
+        if self.on_event is not None:
+            kill = action == _abi.HangAction.KILL
+            self.on_event(Event.HUNG, Hung(s.name, tr.pid, i),
+                          {"ACTION": action.name.lower(), "SIGNAL": signal_name(sig) if kill else None})
         if action == _abi.HangAction.KILL:
             self._kill(s, tr, sig)
 
@@ -369,6 +410,8 @@ class HeartbeatChecker(_threading.Thread):
                 _signal.pidfd_send_signal(fd, _signal.SIGCONT)
             except ProcessLookupError:
                 pass
+        if self.stats is not None:
+            self.stats.record_killed()
         emit(Event.KILLED, "%s (pid %d) sent %s: hung for %d checks", s.name, pid, signal_name(sig),
              tr.misses, NAME=s.name, PID=pid, SLOT=i, SIGNAL=signal_name(sig), SIGNAL_NUMBER=sig,
              MISSES=tr.misses)

@@ -19,15 +19,14 @@ configuration.  It sits beside the detection path, never on it:
   that belong to the table or the socket (key, slots, backend, rcvbuf,
   group) cannot change under running clients: they are logged as needing a
   restart and the running values stay.
+* :meth:`Operations.hang_policy` is the heartbeat checker's ``policy``: the
+  action, signal and max_misses for a registered name, from its first
+  matching rule over ``[hang]`` (which holds --hang-action, --hang-signal
+  and --max-misses when given).  A slot's own ``heartbeat_action`` /
+  ``heartbeat_signal`` still win: the client asked.  The checker reports a
+  hang through :meth:`on_end` too (``Event.HUNG``), which runs ``on_hung``.
 * The metrics endpoint (prometheus_client, imported only when enabled) reads
   :class:`procwatch.stats.Stats` and the table when scraped.
-
-Adapter for hang detection (issue 4, not on main when this was written):
-its checker should take each slot's action/signal/max_misses from
-:meth:`Operations.policy` when the slot's own ``heartbeat_action`` /
-``heartbeat_signal`` are 0 ("as the service says"), and report a hang
-through the same callback, ``reporter.on_end(Event.HUNG, watched,
-{"SIGNAL": "SIGKILL", "ACTION": "kill"})``, which runs the ``on_hung`` hook.
 """
 
 import dataclasses as _dc
@@ -131,6 +130,11 @@ class Operations:
     def policy(self, name):
         """The :class:`procwatch.config.Policy` for registered ``name`` (rule over [hang])."""
         return _config.policy_for(self.config, name)
+
+    def hang_policy(self, name):
+        """(HangAction, signal number, max_misses) for ``name``: the heartbeat checker's policy."""
+        p = _config.policy_for(self.config, name)
+        return _abi.HangAction[p.action.upper()], int(p.signal), p.max_misses
 
     # -- rules on registration ---------------------------------------------------------
     def apply_rules(self, watch, force=False):

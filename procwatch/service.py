@@ -155,7 +155,9 @@ class Service:
                                                 name="procwatch-registrations", daemon=True)
         self._registrations.start()
         from .heartbeat import HeartbeatChecker
-        self.checker = HeartbeatChecker(self.table, self.hang_action, self.hang_signal, self.max_misses)
+        self.checker = HeartbeatChecker(self.table, self.hang_action, self.hang_signal, self.max_misses,
+                                        policy=self.ops.hang_policy, on_event=self.ops.on_end,
+                                        stats=self.stats)
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
              "with the %s backend (%s)", "adopted" if adopted else "created", self.key,
@@ -208,6 +210,8 @@ class Service:
         if new is not None:
             self.config = new
             self.reconcile_interval = new.reconcile_interval
+            if self.checker is not None:
+                self.checker.refresh_policy()
 
     def run(self):
         """Serve until SIGTERM/SIGINT.  Returns the exit status."""

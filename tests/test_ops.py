@@ -10,24 +10,20 @@ import os
 import signal
 import socket
 import textwrap
-import types
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PY, require_root, wait_until
-from procwatch import abi, config
-from procwatch.journal import Event
-from procwatch.ops import Operations
+from procwatch import abi
 from procwatch.segment import Table
-from procwatch.stats import Stats
 
 pytestmark = [require_root()]
 
-# A hook that writes its PROCWATCH_* environment to DIR/<name>.json and says hello.
+# A hook that writes its PROCWATCH_* environment to DIR/<name>-<event>.json and says hello.
 DUMP_ENV = ("import json, os, sys; env = {k: v for k, v in os.environ.items() if k.startswith('PROCWATCH_')}; "
-            "open(os.path.join(sys.argv[1], env['PROCWATCH_NAME'] + '.json'), 'w').write(json.dumps(env)); "
+            "path = os.path.join(sys.argv[1], env['PROCWATCH_NAME'] + '-' + env['PROCWATCH_EVENT'] + '.json'); "
+            "open(path + '.tmp', 'w').write(json.dumps(env)); os.rename(path + '.tmp', path); "
             "print('hook says hello to', env['PROCWATCH_NAME'])")
 
 
@@ -100,9 +96,9 @@ def test_hook_runs_on_a_real_exit_with_the_event_in_its_environment(key, service
     killed.kill(signal.SIGKILL)
     coded.tell("go")
     other.kill(signal.SIGKILL)
-    wait_until(lambda: (out / "env-killed.json").exists() and (out / "env-coded.json").exists(),
+    wait_until(lambda: (out / "env-killed-exit.json").exists() and (out / "env-coded-exit.json").exists(),
                15, "both hooks to run", detail=lambda: svc.log()[-3000:])
-    env = json.loads((out / "env-killed.json").read_text())
+    env = json.loads((out / "env-killed-exit.json").read_text())
     latency = env.pop("PROCWATCH_LATENCY_US")
     assert latency.isdigit()
     stamp = env.pop("PROCWATCH_TIME")
@@ -112,7 +108,7 @@ def test_hook_runs_on_a_real_exit_with_the_event_in_its_environment(key, service
         "PROCWATCH_SLOT": str(killed.slot), "PROCWATCH_EXIT_CODE": "", "PROCWATCH_SIGNAL": "SIGKILL",
         "PROCWATCH_CORE_DUMPED": "0", "PROCWATCH_CAUSE": "exited", "PROCWATCH_KEY": f"{key:#010x}",
     }
-    env = json.loads((out / "env-coded.json").read_text())
+    env = json.loads((out / "env-coded-exit.json").read_text())
     assert (env["PROCWATCH_EXIT_CODE"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_PID"]) == ("3", "", str(coded.pid))
     # The hook's output is logged, and its run too; the event lines stay events.
     wait_until(lambda: "exit hook " + PY + ": hook says hello to env-coded" in svc.log(), 10,
@@ -121,7 +117,7 @@ def test_hook_runs_on_a_real_exit_with_the_event_in_its_environment(key, service
                "the hook's run in the log", detail=lambda: svc.log()[-3000:])
     svc.wait_event("exit", name="no-rule")
     assert len(svc.events("exit")) == 3
-    assert not (out / "no-rule.json").exists()
+    assert not (out / "no-rule-exit.json").exists()
 
 
 def test_found_dead_hook_after_the_service_was_down(key, service, clients, tmp_path):
@@ -139,9 +135,9 @@ def test_found_dead_hook_after_the_service_was_down(key, service, clients, tmp_p
         """)
     second = service("--config", str(cfg))
     second.wait_event("found_dead", name="fd-1")
-    wait_until(lambda: (out / "fd-1.json").exists(), 15, "the found_dead hook",
+    wait_until(lambda: (out / "fd-1-found_dead.json").exists(), 15, "the found_dead hook",
                detail=lambda: second.log()[-3000:])
-    env = json.loads((out / "fd-1.json").read_text())
+    env = json.loads((out / "fd-1-found_dead.json").read_text())
     assert (env["PROCWATCH_EVENT"], env["PROCWATCH_CAUSE"], env["PROCWATCH_PID"]) == \
         ("found_dead", "found_dead", str(c.pid))
     assert (env["PROCWATCH_EXIT_CODE"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_LATENCY_US"]) == ("", "", "")
@@ -297,7 +293,7 @@ def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients,
     assert f"configuration reloaded from {cfg}: changed metrics, hooks, rules" in log
     assert f"configuration: slots = 8 in {cfg} needs a restart; still running with 1024" in log
     second.kill()
-    wait_until(lambda: (out / "hup-2.json").exists(), 15, "the hook the reload added")
+    wait_until(lambda: (out / "hup-2-exit.json").exists(), 15, "the hook the reload added")
     assert sample(scrape(port), "procwatch_exits_total", cause="exited") == 2
 
     bad = good.replace('name = "hup-*"', 'name = "hup-*"\n        heartbeat = "1s"')
@@ -311,7 +307,7 @@ def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients,
                             f"0.001 to 4.29497e+06, got string '1s'")
     # The old settings stay: the hook and the metrics endpoint still work.
     third.kill()
-    wait_until(lambda: (out / "hup-3.json").exists(), 15, "the hook of the old settings")
+    wait_until(lambda: (out / "hup-3-exit.json").exists(), 15, "the hook of the old settings")
     assert sample(scrape(port), "procwatch_exits_total", cause="exited") == 3
     assert svc.proc.poll() is None
     assert slot_word(key, third.slot)[1].state == abi.State.EXITED
@@ -378,32 +374,80 @@ def test_rule_heartbeat_fills_only_slots_registered_without_one(key, service, cl
     assert f"hb-plain (pid {plain.pid}): heartbeat 2.5 s from rule 'hb-*'" in svc.log()
 
 
-def test_hung_hook_and_policy_for_the_heartbeat_checker(tmp_path):
-    """The adapter issue 4's checker calls: on_end(Event.HUNG, ...) runs on_hung, policy() merges."""
+def ask(c, command):
+    """Tell a beating test client to 'stop' or 'start' its beats; it answers OK."""
+    c.tell(command)
+    assert c.proc.stdout.readline().decode().strip() == f"OK {command}"
+
+
+def beating(key, *cs):
+    """Wait until the heartbeat checker has seen each client beat."""
+    def seen():
+        t = Table.attach(key)
+        try:
+            return all(t.get64(c.slot, abi.S_LAST_BEAT_NS) > t.get64(c.slot, abi.S_REGISTERED_NS) for c in cs)
+        finally:
+            t.detach()
+    wait_until(seen, 10, "the checker to see the clients beat")
+
+
+def test_rule_hang_settings_hung_hook_and_hang_metrics(key, service, clients, tmp_path):
     out = tmp_path / "env"
     out.mkdir()
-    cfg = config.parse(textwrap.dedent(f"""
+    port = free_port()
+    cfg = write(tmp_path / "procwatch.toml", f"""
         [hang]
-        signal = "SIGTERM"
         max_misses = 5
 
         [[rule]]
         name = "dp-*"
-        signal = "SIGABRT"
+        signal = "SIGUSR1"          # over [hang]'s SIGKILL
+        max_misses = 2              # over [hang]'s 5
         [rule.hooks]
         on_hung = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
-        """))
-    ops = Operations(cfg, Stats(), key=0x7E000001, table=lambda: None)
-    ops.start()
-    try:
-        assert (ops.policy("dp-2").signal, ops.policy("dp-2").max_misses) == (signal.SIGABRT, 5)
-        assert ops.policy("cp-1").signal == signal.SIGTERM
-        w = types.SimpleNamespace(name="dp-2", pid=os.getpid(), slot=4)
-        ops.on_end(Event.HUNG, w, {"SIGNAL": "SIGABRT", "ACTION": "kill"})
-        ops.on_end(Event.UNREGISTERED, w, {})            # no hook event: ignored
-        wait_until(lambda: (out / "dp-2.json").exists(), 15, "the on_hung hook")
-    finally:
-        ops.close()
-    env = json.loads((out / "dp-2.json").read_text())
-    assert (env["PROCWATCH_EVENT"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_SLOT"]) == ("hung", "SIGABRT", "4")
-    assert ops.stats.snapshot().hook_runs == 1
+        on_exit = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
+        """)
+    svc = service("--config", str(cfg), "--metrics", f"127.0.0.1:{port}")
+    beat = ("--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    ruled = clients(key, "dp-1", *beat)
+    own = clients(key, "dp-own", *beat, "--hang-signal", "SIGTERM")     # the client's own signal wins
+    beating(key, ruled, own)
+    ask(ruled, "stop")
+    ask(own, "stop")
+    hung = svc.wait_event("hung", name="dp-1")
+    assert (hung["misses"], hung["action"]) == ("2", "kill")
+    assert svc.wait_event("killed", name="dp-1")["signal"] == "SIGUSR1"
+    assert svc.wait_event("killed", name="dp-own")["signal"] == "SIGTERM"
+    assert ruled.proc.wait(10) == -signal.SIGUSR1 and own.proc.wait(10) == -signal.SIGTERM
+    wait_until(lambda: all((out / f).exists() for f in ("dp-1-hung.json", "dp-1-exit.json", "dp-own-hung.json")),
+               15, "the hung and exit hooks", detail=lambda: svc.log()[-3000:])
+    env = json.loads((out / "dp-1-hung.json").read_text())
+    assert (env["PROCWATCH_EVENT"], env["PROCWATCH_PID"], env["PROCWATCH_SIGNAL"]) == ("hung", str(ruled.pid), "SIGUSR1")
+    env = json.loads((out / "dp-1-exit.json").read_text())
+    assert (env["PROCWATCH_CAUSE"], env["PROCWATCH_SIGNAL"]) == ("killed_hung", "SIGUSR1")
+    assert json.loads((out / "dp-own-hung.json").read_text())["PROCWATCH_SIGNAL"] == "SIGTERM"
+    svc.wait_event("exit", name="dp-own")
+    m = scrape(port)
+    assert sample(m, "procwatch_hung_total") == 2 and sample(m, "procwatch_killed_total") == 2
+    assert sample(m, "procwatch_exits_total", cause="killed_hung") == 2
+    assert sample(m, "procwatch_checker_duration_seconds_count") > 0
+
+
+def test_sighup_gives_registered_processes_the_new_hang_policy(key, service, clients, tmp_path):
+    rule = """
+        [[rule]]
+        name = "rl-*"
+        action = "log"
+        max_misses = {n}
+        """
+    cfg = write(tmp_path / "procwatch.toml", rule.format(n=1000))
+    svc = service("--config", str(cfg))
+    c = clients(key, "rl-1", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    beating(key, c)
+    write(cfg, rule.format(n=2))
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in svc.log(), 10, "the reload")
+    ask(c, "stop")
+    hung = svc.wait_event("hung", name="rl-1")
+    assert (hung["misses"], hung["action"]) == ("2", "log")
+    assert c.proc.poll() is None and not svc.events("killed")
