@@ -346,9 +346,14 @@ class ConnectorDetector(_threading.Thread):
             if what != _PROC_EVENT_EXIT:
                 continue
             stats.events += 1
+            # The generation first, then the dict: Watchlist.sync() publishes
+            # the dict before the generation, so a registration this dict lacks
+            # always shows as a generation that moved (read the other way round,
+            # a sync between the two reads would hide it).
+            seen = watch.generation
             ws = watch.by_pid.get(tgid)
             if ws is None:
-                if table.generation == watch.generation:
+                if table.generation == seen:
                     continue
                 watch.sync()                    # a registration we have not seen yet
                 ws = watch.by_pid.get(tgid)
