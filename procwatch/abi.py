@@ -58,7 +58,9 @@ H_SERVICE_START_TIME = 40  # u64  start time of H_SERVICE_PID (clock ticks)
 H_HEARTBEAT_PERIOD_MS = 48  # u32  how often the service bumps its heartbeat
 H_BACKEND = 52           # u32  Backend in use
 H_EXITS = 56             # u64  exits reported since the segment was made
-# 64..127 reserved, zero.
+H_PENDING_ENDS = 64      # u64[8]  ends the service zeroed but has not logged yet (service only):
+                         #         (pid << 32) | (slot + 1); 0 = free.  See segment.Table.clear_pid.
+PENDING_ENDS = 8
 
 HEADER_STATIC = _struct.Struct("=8sIIII")   # magic .. slot_count, packed once at creation
 

@@ -125,7 +125,8 @@ def build_parser():
     s.add_argument("--reconcile-interval", type=_seconds, metavar="S",
                    help="seconds between full checks of the table (default 1.0)")
     s.add_argument("--group", metavar="NAME",
-                   help="group that owns the table (mode 0660); its members may register")
+                   help="group that owns the table (mode 0660); its members may register "
+                        "(default: 'procwatch' if that group exists, else root's)")
     s.add_argument("--hang-action", choices=("kill", "log"),
                    help="what to do to a hung process whose slot does not say (default kill)")
     s.add_argument("--hang-signal", type=_signal_arg, metavar="NAME",

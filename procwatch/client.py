@@ -7,7 +7,9 @@ pays only for sysv_ipc.
 
 A client never depends on the service.  With no table at the key,
 :func:`register_pid` logs one warning and returns None, and the program goes
-on as if procwatch did not exist.
+on as if procwatch did not exist.  A table it may not use (not in the table's
+group, a damaged header, a lock held for seconds) is the same to the program,
+but is logged as an error that says what to fix.
 """
 
 import logging as _logging
@@ -18,7 +20,8 @@ import time as _time
 from . import abi as _abi
 from . import futex as _futex
 from . import procfs as _procfs
-from .errors import NameInUse, NameNotFound, SegmentMissing, TableFull
+from .errors import (AccessDenied, NameInUse, NameNotFound, SegmentCorrupt, SegmentMissing,
+                     SegmentPermissionError, TableBusy, TableFull)
 from .segment import Table as _Table
 
 log = _logging.getLogger("procwatch.client")
@@ -73,7 +76,11 @@ def _choose_slot(table, raw):
         others.append((i, state))
     if first_empty is not None:
         return first_empty
-    ended = [(table.get64(i, _abi.S_EXIT_TIME_NS) if state in _ENDED else 0, i)
+    # Reported ends first, oldest first; then stale claims (never published).
+    # A live-state slot whose process is gone comes last: its death is not
+    # reported yet, and taking its slot would lose that report.
+    ended = [((0, table.get64(i, _abi.S_EXIT_TIME_NS)) if state in _ENDED
+              else (0, 0) if state == _abi.State.CLAIMING else (1, 0), i)
              for i, state in others if state == _abi.State.CLAIMING or not _slot_live(table, i, state)]
     if ended:
         return min(ended)[1]
@@ -210,7 +217,15 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
     """Claim a slot for ``pid`` (default: this process) under ``name``.
 
     Returns a :class:`Registration`, or None when no table exists (no
-    service): one warning is logged and the caller goes on working.
+    service): one warning is logged and the caller goes on working.  A table
+    this process may not use also returns None, with one error line saying
+    what to fix (:class:`SegmentPermissionError`: join the table's group;
+    :class:`SegmentCorrupt`; :class:`TableBusy`): procwatch must never be the
+    reason a program stops.
+
+    ``pid`` may name another process only if this one could signal it
+    (kill(2)'s rule: the same user, or root), since the service may signal a
+    registered process that hangs; else :class:`AccessDenied`.
 
     A name held by a live process raises :class:`NameInUse`; a name whose
     process is gone reuses its slot.  ``heartbeat`` > 0 asks the service to
@@ -224,15 +239,16 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
     pid = _os.getpid() if pid is None else pid
     if not isinstance(pid, int) or not _procfs.valid_pid(pid):
         raise ValueError(f"PID {pid!r} is not a valid process ID (1..{_procfs.pid_max() - 1})")
+    if pid != _os.getpid():
+        _check_may_signal(pid)
     raw = _name_bytes(name, pid)
     hb_ms = _heartbeat_ms(heartbeat)
     action = hang_action_value(hang_action)
     sig = hang_signal_value(hang_signal)
     try:
         table = _Table.attach(key)
-    except SegmentMissing as e:
-        log.warning("procwatch is not running (%s); continuing without it", e)
-        return None
+    except _UNUSABLE as e:
+        return _without_procwatch(e)
     try:
         with table.lock():
             start = _procfs.start_time(pid)
@@ -256,10 +272,35 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
             table.set32(i, _abi.S_STATE, _abi.State.ALIVE)
             table.u32[table.pid_index(i)] = pid       # published last
             table.bump_generation()
+    except _UNUSABLE as e:
+        table.detach()
+        return _without_procwatch(e)
     except BaseException:
         table.detach()
         raise
     return Registration(table, i, pid, start, raw.decode("utf-8"))
+
+
+_UNUSABLE = (SegmentMissing, SegmentPermissionError, SegmentCorrupt, TableBusy)
+
+
+def _without_procwatch(err):
+    """Log why the table cannot be used (one line) and return None."""
+    if isinstance(err, SegmentMissing):
+        log.warning("procwatch is not running (%s); continuing without it", err)
+    else:
+        log.error("procwatch: %s; continuing without it", err)
+    return None
+
+
+def _check_may_signal(pid):
+    """Raise unless this process may signal ``pid`` (kill(2) with signal 0 decides)."""
+    try:
+        _os.kill(pid, 0)
+    except ProcessLookupError:
+        raise ValueError(f"no process with PID {pid}") from None
+    except PermissionError:
+        raise AccessDenied(pid, _procfs.real_uid(pid)) from None
 
 
 def _find_slot(table, raw):

@@ -123,6 +123,8 @@ class ProcConnector:
         self.rcvbuf = rcvbuf
         self.mode = None
         self.sock = self._open()
+        st = _os.fstat(self.sock.fileno())
+        self._ident = (st.st_dev, st.st_ino)
         self._set_rcvbuf(rcvbuf)
         # Blocking reads that give up after ``timeout`` (SO_RCVTIMEO) so the
         # reader can notice a stop request: one syscall per event, no poll().
@@ -226,9 +228,34 @@ class ProcConnector:
     def fileno(self):
         return self.sock.fileno()
 
+    def healthy(self):
+        """Whether our socket is still open under its fd number.
+
+        A raw close() of the fd (a bug elsewhere in the process, a debugger)
+        leaves ``self.sock`` holding a number that is free, or already reused
+        by the next open(): recv() then fails with EBADF or ENOTSOCK on every
+        call, and closing the number would close somebody else's file.  The
+        socket's inode, taken at open, tells ours from an impostor.
+        """
+        fd = self.sock.fileno()
+        if fd < 0:
+            return False
+        try:
+            st = _os.fstat(fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
     def close(self):
-        """Unsubscribe (PROC_CN_MCAST_IGNORE, as proc_filter.c does) and close."""
+        """Unsubscribe (PROC_CN_MCAST_IGNORE, as proc_filter.c does) and close.
+
+        If the fd no longer holds our socket (see healthy()), only forget
+        the number: the socket went with the fd, and its subscription with it.
+        """
         if self.sock.fileno() < 0:
+            return
+        if not self.healthy():
+            self.sock.detach()
             return
         try:
             self.sock.sendto(subscribe_request(PROC_CN_MCAST_IGNORE, 0, self.mode == "filtered"), (0, 0))

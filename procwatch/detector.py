@@ -143,7 +143,9 @@ class Watchlist:
             self.reporter.clear_corrupt(slot, pid, problem)
             return None
         pidfd = _procfs.open_verified(pid, start)
-        reused = pidfd is None and _procfs.start_time(pid) is not None
+        # Reused only if another start time sits there now: an unreaped zombie
+        # still shows the registered one (it died; its PID is not reused yet).
+        reused = pidfd is None and _procfs.start_time(pid) not in (None, start)
         w = Watched(slot, pid, start, raw.name, pidfd, reused)
         if pidfd is not None:
             emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, pid, slot,
@@ -196,7 +198,7 @@ class Reporter:
     def report_exit(self, w, status, kernel_ts_ns):
         """The kernel said ``w`` exited; False if somebody else already ended it."""
         t = self.table
-        if not t.clear_pid(w.slot, w.pid):
+        if not t.clear_pid(w.slot, w.pid, pend=True):
             self.watch.forget(w)
             return False
         latency_us = (_time.monotonic_ns() - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
@@ -214,6 +216,7 @@ class Reporter:
              latency_us if latency_us != _abi.LATENCY_UNKNOWN else "?",
              NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
              CAUSE=_abi.Cause(cause).name.lower(), **fields)
+        t.end_logged(w.slot, w.pid)
         if self.on_end:
             self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower(),
                                             LATENCY_US=latency_us))
@@ -221,7 +224,7 @@ class Reporter:
 
     def report_found_dead(self, w, cause=_abi.Cause.FOUND_DEAD):
         t = self.table
-        if not t.clear_pid(w.slot, w.pid):
+        if not t.clear_pid(w.slot, w.pid, pend=True):
             self.watch.forget(w)
             return False
         if w.reused:
@@ -235,6 +238,7 @@ class Reporter:
         self.stats.record_end(w.name, "found dead")
         emit(Event.FOUND_DEAD, "%s (pid %d) found dead: %s; exit status unknown", w.name, w.pid, why,
              NAME=w.name, PID=w.pid, SLOT=w.slot, CAUSE=_abi.Cause(cause).name.lower())
+        t.end_logged(w.slot, w.pid)
         if self.on_end:
             self.on_end(Event.FOUND_DEAD, w, {"CAUSE": _abi.Cause(cause).name.lower()})
         return True

@@ -51,6 +51,21 @@ class SegmentPermissionError(ProcwatchError):
         return f"cannot attach slot table key {self.key:#010x}{where}: {fix}"
 
 
+class AccessDenied(ProcwatchError):
+    """register_pid(pid=...) named a process the caller may not signal itself."""
+    __module__ = "procwatch"
+
+    def __init__(self, pid, owner_uid=None):
+        self.pid, self.owner_uid = pid, owner_uid
+        super().__init__(pid, owner_uid)
+
+    def __str__(self):
+        import os
+        owner = f"uid {self.owner_uid}" if self.owner_uid is not None else "another user"
+        return (f"cannot register PID {self.pid}: it belongs to {owner}, and this process "
+                f"(uid {os.getuid()}) may not signal it; register it from that process itself, or as root")
+
+
 class SegmentCorrupt(ProcwatchError):
     """The segment at the key is not a procwatch table of this layout."""
     __module__ = "procwatch"

@@ -10,12 +10,18 @@ stderr, fields appended as ``key=value`` so that scripts can read them.
 
 systemd-python is imported only when journald's socket exists, so the
 service runs without it.
+
+journald can stop being reachable while the service runs, and logging must
+never stop detection: :class:`JournalFallbackHandler` sends to journald from
+a writer thread and puts a record on stderr whenever journald cannot take it.
 """
 
 import enum as _enum
 import logging as _logging
 import os as _os
+import queue as _queue
 import sys as _sys
+import threading as _threading
 import uuid as _uuid
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -82,6 +88,168 @@ def journald_available():
     return _os.path.exists(JOURNAL_SOCKET)
 
 
+def _sd_journal_sendv():
+    """sd_journal_sendv(3) of libsystemd, called through ctypes (which drops the GIL)."""
+    import ctypes
+
+    class iovec(ctypes.Structure):
+        _fields_ = [("iov_base", ctypes.c_char_p), ("iov_len", ctypes.c_size_t)]
+
+    try:
+        lib = ctypes.CDLL("libsystemd.so.0", use_errno=True)
+    except OSError as e:
+        raise ImportError(f"libsystemd.so.0: {e}") from None
+    fn = lib.sd_journal_sendv
+    fn.argtypes = (ctypes.POINTER(iovec), ctypes.c_int)
+
+    def sendv(lines):
+        raw = [x.encode("utf-8", "surrogateescape") if isinstance(x, str) else x for x in lines]
+        r = fn((iovec * len(raw))(*[(b, len(b)) for b in raw]), len(raw))
+        if r < 0:
+            raise OSError(-r, _os.strerror(-r))
+    return sendv
+
+
+def _is_journal_stream(stream):
+    """Whether ``stream`` is systemd's journal stream ($JOURNAL_STREAM = "dev:inode", systemd.exec(5))."""
+    try:
+        dev, ino = (int(x) for x in _os.environ["JOURNAL_STREAM"].split(":"))
+        st = _os.fstat(stream.fileno())
+    except (KeyError, ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _stream_handler(stream=None):
+    handler = _logging.StreamHandler(stream or _sys.stderr)
+    handler.setFormatter(_PlainFormatter("%(asctime)s procwatch[%(process)d]: %(message)s"))
+    return handler
+
+
+class JournalFallbackHandler(_logging.Handler):
+    """journald when it takes the record; one plain stderr line when it cannot.
+
+    journald is unreachable in three ways, and each one is seen here:
+
+    * its socket is gone (journald stopped; a container without it):
+      sd_journal_sendv() then returns 0 and drops the record *silently*
+      (journal-send.c: "Fail silently if the journal is not available"), so
+      the socket's existence is checked before each send;
+    * the socket exists but nobody listens: ECONNREFUSED from the send;
+    * journald lives but does not read: its datagram queue fills and
+      sendmsg() blocks.  The thread that logs an exit is the detector, so
+      records reach journald through a bounded queue and a writer thread;
+      when the queue is full, the record goes to stderr instead.  And the
+      writer calls libsystemd's sd_journal_sendv() through ctypes, which
+      lets go of the GIL: python-systemd's ``journal.sendv()`` keeps it
+      while sendmsg() blocks, and a stuck journald then froze every thread
+      of the service, the detector included (systemd-python 235).
+
+    The switch to stderr and the way back are each said once, on stderr.
+    Under systemd, stderr is often journald too ($JOURNAL_STREAM names it):
+    writing there would block just the same, so records that journald
+    cannot take are then dropped and counted, and the count is sent to the
+    journal once it reads again.  Records still queued when the process is
+    SIGKILLed are lost.
+    """
+
+    QUEUE_SIZE = 1024
+
+    def __init__(self, stream=None, socket_path=JOURNAL_SOCKET, queue_size=QUEUE_SIZE):
+        super().__init__()
+        from systemd import journal          # ImportError: the caller decides
+        self._sendv = _sd_journal_sendv()
+        self.journal = journal.JournalHandler(SYSLOG_IDENTIFIER="procwatch",
+                                              sender_function=self._send_checked)
+        self.journal.handleError = self._journal_failed
+        self.fallback = _stream_handler(stream)
+        self.stderr_is_journal = _is_journal_stream(self.fallback.stream)
+        self.dropped = 0
+        self.socket_path = socket_path
+        self.queue_size = queue_size
+        self._queue = _queue.Queue(queue_size)
+        self._down = None                    # why journald is unreachable, or None
+        self._down_lock = _threading.Lock()
+        self._writer = _threading.Thread(target=self._write_loop, name="procwatch-journal", daemon=True)
+        self._writer.start()
+
+    def emit(self, record):
+        try:
+            self._queue.put_nowait(record)
+        except _queue.Full:
+            self._fall_back(record, f"journald has not taken the last {self.queue_size} records")
+
+    def _write_loop(self):
+        while True:
+            record = self._queue.get()
+            try:
+                if record is None:
+                    return
+                self.journal.handle(record)
+            finally:
+                self._queue.task_done()
+
+    def _send_checked(self, MESSAGE, MESSAGE_ID=None, **fields):   # noqa: N803 - journal field names
+        """What systemd.journal.send() does, through sd_journal_sendv() without the GIL."""
+        if not _os.path.exists(self.socket_path):
+            raise FileNotFoundError(f"{self.socket_path} does not exist")
+        lines = ["MESSAGE=" + MESSAGE]
+        if MESSAGE_ID is not None:
+            lines.append("MESSAGE_ID=" + getattr(MESSAGE_ID, "hex", MESSAGE_ID))
+        for k, v in fields.items():
+            if v is not None:
+                lines.append(k.encode() + b"=" + v if isinstance(v, bytes) else f"{k}={v}")
+        self._sendv(lines)
+        if self._down is not None and self._queue.qsize() < self.queue_size // 2:
+            with self._down_lock:
+                was, self._down = self._down, None
+            if was is not None:
+                self._notice(_logging.INFO, "journald is reachable again; events go to the journal")
+                if self.dropped:
+                    self._sendv([f"MESSAGE=journald did not take {self.dropped} procwatch records "
+                                 f"while it was unreachable ({was}); they were dropped",
+                                 "PRIORITY=4", "SYSLOG_IDENTIFIER=procwatch"])
+                    self.dropped = 0
+
+    def _journal_failed(self, record):
+        err = _sys.exc_info()[1]
+        self._fall_back(record, f"{type(err).__name__}: {err}" if err else "send failed")
+
+    def _fall_back(self, record, why):
+        if self._down is None:
+            with self._down_lock:
+                first, self._down = self._down is None, why
+            if first:
+                self._notice(_logging.WARNING, f"journald is unreachable ({why}); "
+                             "events go to stderr until it is back")
+        if self.stderr_is_journal:
+            self.dropped += 1
+            return
+        self.fallback.handle(record)
+
+    def _notice(self, level, message):
+        if self.stderr_is_journal:
+            return
+        self.fallback.handle(_logging.LogRecord("procwatch", level, __file__, 0, message, None, None))
+
+    def flush(self, timeout=2.0):
+        """Wait (bounded) until the writer has handed every queued record on."""
+        done = _threading.Event()
+        waiter = _threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True)
+        waiter.start()
+        done.wait(timeout)
+        self.fallback.flush()
+
+    def close(self):
+        try:
+            self._queue.put(None, timeout=1.0)
+        except _queue.Full:
+            pass
+        self._writer.join(2.0)
+        self.fallback.flush()
+        super().close()
+
+
 def setup(target="auto", level=_logging.INFO, stream=None):
     """Route procwatch's records to journald or stderr; returns the target used.
 
@@ -94,17 +262,16 @@ def setup(target="auto", level=_logging.INFO, stream=None):
     handler = None
     if chosen == "journal":
         try:
-            from systemd.journal import JournalHandler
-            handler = JournalHandler(SYSLOG_IDENTIFIER="procwatch")
+            handler = JournalFallbackHandler(stream)
         except ImportError:
             if target == "journal":
                 raise
             chosen = "stderr"
     if handler is None:
-        handler = _logging.StreamHandler(stream or _sys.stderr)
-        handler.setFormatter(_PlainFormatter("%(asctime)s procwatch[%(process)d]: %(message)s"))
+        handler = _stream_handler(stream)
     for old in list(log.handlers):
         log.removeHandler(old)
+        old.close()
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False

@@ -12,23 +12,32 @@ mount; liveness is never decided by anything but the real kernel.
 """
 
 import functools as _functools
+import logging as _logging
 import os as _os
 import select as _select
 
 PROCFS = "/proc"
+log = _logging.getLogger("procwatch")
+# /proc/PID may hide a live process: a hidepid=1 mount answers EACCES, a
+# hidepid=2 ("invisible") mount ENOENT, to a reader without CAP_SYS_PTRACE or
+# the mount's gid= (proc(5)).  "Unreadable" is therefore never read as "gone":
+# every reader here returns None, and callers that act on a process (kill it,
+# end its slot) treat None as "cannot verify: do nothing".
+_UNREADABLE = (FileNotFoundError, ProcessLookupError, PermissionError)
 
 
 def start_time(pid, procfs=PROCFS):
-    """Start time of ``pid`` (clock ticks since boot), or None if it is gone.
+    """Start time of ``pid`` (clock ticks since boot), or None if gone or hidden.
 
-    Zombies still have a start time: they are not gone until reaped.
+    Zombies still have a start time: they are not gone until reaped.  None
+    also when /proc hides the process (hidepid=): see open_verified().
     """
     if pid <= 0:
         return None
     try:
         with open(f"{procfs}/{pid}/stat", "rb") as f:
             data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    except _UNREADABLE:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2:].split()
@@ -40,7 +49,7 @@ def stat_state(pid, procfs=PROCFS):
     try:
         with open(f"{procfs}/{pid}/stat", "rb") as f:
             data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    except _UNREADABLE:
         return None
     return data[data.rindex(b")") + 2:data.rindex(b")") + 3].decode()
 
@@ -52,7 +61,7 @@ def real_uid(pid, procfs=PROCFS):
             for line in f:
                 if line.startswith(b"Uid:"):
                     return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
+    except _UNREADABLE:
         return None
     return None
 
@@ -97,10 +106,34 @@ def open_verified(pid, expected_start, procfs=PROCFS):
     fd = pidfd_open(pid)
     if fd is None:
         return None
-    if start_time(pid, procfs) != expected_start or pidfd_exited(fd):
+    start = start_time(pid, procfs)
+    if start is None and not pidfd_exited(fd):
+        # The pidfd proves the process exists; /proc hides it from us
+        # (hidepid=).  Its start time cannot be checked, so the PID word is
+        # trusted: the worst case is that a PID reused while the service was
+        # down is watched in place of the dead client and its end reported
+        # late, never that a live process is reported dead.  Killing needs a
+        # verified start time (start_time() is None here), so none happens.
+        _warn_hidden(pid, procfs)
+        return fd
+    if start != expected_start or pidfd_exited(fd):
         _os.close(fd)
         return None
     return fd
+
+
+_hidden_warned = set()
+
+
+def _warn_hidden(pid, procfs):
+    if pid in _hidden_warned:
+        return
+    if len(_hidden_warned) > 4096:        # bounded: a long-lived service sees many PIDs
+        _hidden_warned.clear()
+    _hidden_warned.add(pid)
+    log.warning("cannot read %s/%d/stat although PID %d lives (a hidepid= mount?): watching it "
+                "by pidfd without checking its start time; give the service CAP_SYS_PTRACE "
+                "or the mount's gid= to restore the check", procfs, pid, pid)
 
 
 def maps_has_sysv(pid, shmid, procfs=PROCFS):

@@ -160,6 +160,8 @@ class Table:
         self.u64 = self.buf.cast("Q")
         self.slot_count = 0
         self.service_lock = _threading.Lock()   # service-side compare-and-clear
+        self._pending = {}                      # (slot, pid) -> entry of H_PENDING_ENDS
+        self._pending_free = None
 
     # -- opening ------------------------------------------------------------
     @classmethod
@@ -264,6 +266,15 @@ class Table:
         """Whether our segment is still the one at the key (not removed with ipcrm)."""
         try:
             return _sysv_ipc.SharedMemory(self.key).id == self.shmid
+        except (_sysv_ipc.ExistentialError, _sysv_ipc.PermissionsError):
+            return False
+
+    def semaphore_present(self):
+        """Whether the semaphore at the key is still the one this table locks with."""
+        if self._sem is None:
+            return True               # never used yet: attach it when needed
+        try:
+            return _sysv_ipc.Semaphore(self.key).id == self._sem.id
         except (_sysv_ipc.ExistentialError, _sysv_ipc.PermissionsError):
             return False
 
@@ -381,20 +392,61 @@ class Table:
         self.buf[off + 8:off + _abi.SLOT_SIZE] = bytes(_abi.SLOT_SIZE - 8)
 
     # -- service side: ending a slot --------------------------------------------
-    def clear_pid(self, i, pid):
+    def clear_pid(self, i, pid, pend=False):
         """Zero slot ``i``'s PID word if it still holds ``pid``, then wake its waiters.
 
         Returns False when the word no longer holds ``pid`` (somebody else
         already reported this end, or the slot was re-registered).  This is the
         moment peers learn the target is gone; everything else comes after.
+
+        ``pend``: first note (slot, pid) in the header's pending-ends list,
+        where it stays until end_logged().  A service SIGKILLed between
+        zeroing the word and writing its log line would otherwise lose that
+        line for good, since a restarted service sees only a zero word; with
+        the note, the restarted one reports it (guard.recover_pending_ends).
         """
         idx = self.pid_index(i)
         with self.service_lock:
             if self.u32[idx] != pid:
                 return False
+            if pend:
+                self._pend(i, pid)
             self.u32[idx] = 0
         _futex.wake(self.address + _abi.slot_offset(i))
         return True
+
+    def _pend(self, i, pid):
+        """Note a pending end (hold service_lock).  A full list only loses the note."""
+        if self._pending_free is None:
+            base = _abi.H_PENDING_ENDS >> 3
+            self._pending_free = [k for k in range(_abi.PENDING_ENDS) if self.u64[base + k] == 0]
+        if not self._pending_free:
+            return
+        k = self._pending_free.pop()
+        self._pending[(i, pid)] = k
+        self.u64[(_abi.H_PENDING_ENDS >> 3) + k] = (pid << 32) | (i + 1)
+
+    def end_logged(self, i, pid):
+        """The end of (slot ``i``, ``pid``) is logged: drop its pending note."""
+        with self.service_lock:
+            k = self._pending.pop((i, pid), None)
+            if k is not None:
+                self.u64[(_abi.H_PENDING_ENDS >> 3) + k] = 0
+                self._pending_free.append(k)
+
+    def take_pending_ends(self):
+        """[(slot, pid)] a previous service left pending; the list is emptied (start-up only)."""
+        base = _abi.H_PENDING_ENDS >> 3
+        out = []
+        with self.service_lock:
+            for k in range(_abi.PENDING_ENDS):
+                v = self.u64[base + k]
+                if v:
+                    out.append(((v & 0xFFFFFFFF) - 1, v >> 32))
+                    self.u64[base + k] = 0
+            self._pending.clear()
+            self._pending_free = list(range(_abi.PENDING_ENDS))
+        return out
 
     def record_end(self, i, state, cause, exit_status=_abi.EXIT_STATUS_UNKNOWN,
                    latency_us=_abi.LATENCY_UNKNOWN, when_ns=None):

@@ -19,6 +19,7 @@ import os as _os
 import queue as _queue
 import signal as _signal
 import socket as _socket
+import sys as _sys
 import threading as _threading
 import time as _time
 import traceback as _traceback
@@ -27,6 +28,7 @@ from . import abi as _abi
 from . import procfs as _procfs
 from .detector import ConnectorDetector, Reporter
 from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
+from .guard import TableGuard, recover_pending_ends
 from .journal import Event, emit, notify
 from .segment import Table
 from .stats import Stats
@@ -35,6 +37,9 @@ log = _logging.getLogger("procwatch")
 _STOP = "stop"
 _OVERFLOW = "overflow"
 _RELOAD = "reload"
+# The table's group when --group is not given, if it exists (scripts/install
+# creates it); else the table keeps root's group and only root may use it.
+DEFAULT_GROUP = "procwatch"
 
 
 class Service:
@@ -79,6 +84,7 @@ class Service:
         self.config = config
         self._load_config = load_config
         self.ops = None
+        self._guard = None
 
     # -- start-up ---------------------------------------------------------------
     def _claim_instance(self):
@@ -99,9 +105,12 @@ class Service:
         self._instance_sock = s
 
     def _gid(self):
-        if self.group is None:
-            return None
         import grp
+        if self.group is None:
+            try:
+                return grp.getgrnam(DEFAULT_GROUP).gr_gid
+            except KeyError:
+                return None
         try:
             return grp.getgrnam(self.group).gr_gid
         except KeyError:
@@ -145,7 +154,9 @@ class Service:
                               loader=self._load_config)
         self.ops.start()
         adopted = self._open_table()
+        recover_pending_ends(self.table, self.stats, self.ops.on_end)
         self._open_backend()
+        self._guard = TableGuard(self.table, self.stats)
         self.reporter = Reporter(self.table, self.stats, on_end=self.ops.on_end,
                                  on_overflow=lambda: self._queue.put(_OVERFLOW))
         found = self.reporter.reconcile(immediate=True)
@@ -221,6 +232,7 @@ class Service:
         self.start()
         next_tick = _time.monotonic()
         next_reconcile = _time.monotonic() + self.reconcile_interval
+        removed = False
         try:
             while True:
                 now = _time.monotonic()
@@ -244,9 +256,57 @@ class Service:
                 if now >= next_reconcile:
                     self.reporter.reconcile()
                     next_reconcile = now + self.reconcile_interval
+                    if not self._guard.check():
+                        removed = True
+                        break
         finally:
-            self.stop()
+            if not removed:
+                self.stop()
+        if removed:
+            self._restart_in_place()      # does not return
         return 0
+
+    def _restart_in_place(self):
+        """The segment or its semaphore was removed under us (``ipcrm``): start over.
+
+        Executing this same command again, in this same PID, goes through the
+        one start-up path there is: it creates a new table (or adopts the
+        segment and makes a new semaphore), subscribes again and reconciles.
+        systemd sees the same main PID: RELOADING=1 now, READY=1 once started.
+        Registrations held in a removed segment are lost to new clients; the
+        processes still attached to it keep their mapping until they detach.
+        """
+        t = self.table
+        names = sorted(w.name for w in self.reporter.watch.entries())
+        if t.still_present():
+            emit(Event.CORRUPT, "the semaphore of slot table key %#010x was removed (ipcrm?); "
+                 "restarting in place to recreate it; registrations are kept", self.key,
+                 KEY=f"{self.key:#010x}", PROBLEM="semaphore removed", level=_logging.ERROR)
+        else:
+            emit(Event.CORRUPT, "slot table key %#010x was removed (ipcrm?) while in use; its %d "
+                 "registrations are lost%s: restarting in place to create a new table, where clients "
+                 "must register again", self.key, len(names),
+                 f" ({', '.join(names[:20])}{', ...' if len(names) > 20 else ''})" if names else "",
+                 KEY=f"{self.key:#010x}", PROBLEM="segment removed", level=_logging.ERROR)
+        notify("RELOADING=1", "STATUS=slot table removed; recreating it")
+        self._stopping = True
+        if self.ops is not None:
+            self.ops.close()
+        if self.checker is not None:
+            self.checker.stop()
+        if self._registrations is not None:
+            self._registrations.join(1.0)
+        self.detector.stop_requested = True
+        self.detector.join(1.0)
+        self.connector.close()
+        if t.hget32(_abi.H_SERVICE_PID) == _os.getpid():
+            t.hset32(_abi.H_SERVICE_PID, 0)    # old mappings: nobody watches this one now
+        t.detach()
+        self._instance_sock.close()
+        for handler in log.handlers:
+            handler.flush()
+        _sys.stderr.flush()
+        _os.execv(_sys.executable, _sys.orig_argv)
 
     def _detector_ended(self, detector):
         """The patent's respawn: a detector ended (an exit handled, or an error)."""
@@ -257,7 +317,7 @@ class Service:
             tb = "".join(_traceback.format_exception(detector.error))
             emit(Event.RESPAWN, "detector thread failed; starting a new one:\n%s", tb,
                  RESPAWNS=self.stats.respawns, level=_logging.ERROR)
-            if isinstance(detector.error, OSError) and self.connector.sock.fileno() < 0:
+            if isinstance(detector.error, OSError) and not self.connector.healthy():
                 self._reopen_connector()
         else:
             emit(Event.RESPAWN, "detector thread ended after pid %s exited; starting a new one",
@@ -272,6 +332,8 @@ class Service:
         except OSError:
             pass
         self.connector = ProcConnector(self.connector.rcvbuf)
+        log.warning("the connector socket was lost under the detector; subscribed again on a new "
+                    "one (%s) and reconciling the table", self.connector.mode)
         self.reporter.reconcile(immediate=True)
 
     def _tick(self):
