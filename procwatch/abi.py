@@ -167,9 +167,19 @@ def encode_name(name):
         raise ValueError(f"name {name!r} is {len(raw)} bytes of UTF-8; the limit is {NAME_MAX}")
     if b"\0" in raw:
         raise ValueError(f"name {name!r} contains a NUL character")
+    if any(c < 0x20 or c == 0x7F for c in raw):
+        raise ValueError(f"name {name!r} contains a control character")
     return raw
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 def decode_name(raw):
-    """A slot's name field as str; undecodable bytes are escaped, never raised."""
-    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    """A slot's name field as printable str: never raises, never emits a control byte.
+
+    Undecodable bytes and control characters (which no client may register,
+    but any writer of the segment can put there) come out as ``\\xNN``, so a
+    hostile name cannot break a log line or drive a terminal.
+    """
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "backslashreplace").translate(_CONTROL)

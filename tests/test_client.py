@@ -215,3 +215,10 @@ def test_import_procwatch_loads_no_pyroute2_or_systemd():
     code = "import sys, procwatch; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'systemd')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_control_characters_are_refused_and_escaped(table):
+    with pytest.raises(ValueError, match="control character"):
+        procwatch.register_pid("two\nlines", key=table.key)
+    # A writer that bypasses the client still cannot put a control byte in a log or a terminal.
+    assert abi.decode_name(b"a\nb\x1b[31m\xff\0ignored") == "a\\x0ab\\x1b[31m\\xff"
