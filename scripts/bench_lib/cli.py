@@ -1,0 +1,232 @@
+"""scripts/bench: argument parsing and the run.
+
+get_psr() -> main(argv) -> run(), the pattern of pyroute2's dhcp/cli.py.
+"""
+
+import argparse as _argparse
+import datetime as _datetime
+import os as _os
+import shlex as _shlex
+import sys as _sys
+import time as _time
+
+from . import build as _build
+from . import latency as _latency
+from . import procs as _procs
+from . import pwsuite as _pwsuite
+from . import report as _report
+
+ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+HELPERS = ("cnlisten", "observer", "forker", "target")
+BASELINES = ("cn", "cn-default", "cn-py", "pidfd", "procpoll")
+
+
+class Ctx:
+    """What every measurement of one run shares."""
+
+    def __init__(self, args, bins, started):
+        self.args = args
+        self.bins = bins
+        self.started = started
+        self.deadline = started + args.max_seconds
+        self.top_rate = None        # exits/s the storm reached alone
+
+    def left(self):
+        return self.deadline - _time.monotonic()
+
+    def storm(self, seconds):
+        return _procs.Storm(self.bins["forker"], rate=self.args.storm_rate,
+                            workers=self.args.storm_workers, seconds=seconds)
+
+
+def get_psr():
+    cores = len(_os.sched_getaffinity(0))
+    psr = _argparse.ArgumentParser(
+        prog="scripts/bench",
+        formatter_class=_argparse.ArgumentDefaultsHelpFormatter,
+        description="Measure how soon a peer learns that a process died: procwatch against a bare "
+                    "proc-connector listener, pidfd_open+poll and a /proc poller, idle and under an "
+                    "exit storm. Prints a table, writes JSON and the markdown of BENCHMARKS.md.",
+        epilog="Needs gcc (the helpers are compiled on the fly) and root for the proc connector. "
+               "SIGINT/SIGTERM end the run; every process it started is ended by PID. "
+               "Reproduce BENCHMARKS.md with: scripts/bench --markdown BENCHMARKS.md")
+    psr.add_argument("--quick", action="store_true", help="~30 s run: fewer kills, shorter budget")
+    psr.add_argument("--kills", type=int, default=None, help="kills per observer and condition (2000; --quick 500)")
+    psr.add_argument("--observers", default=",".join(BASELINES), help="baseline observers to run")
+    psr.add_argument("--conditions", default="idle,storm", help="idle and/or storm")
+    psr.add_argument("--storm-rate", type=int, default=0, help="storm exits/s; 0 = as fast as it goes")
+    psr.add_argument("--storm-workers", type=int, default=cores, help="forking processes in the storm")
+    psr.add_argument("--rcvbuf", type=int, default=8 << 20, help="SO_RCVBUFFORCE of the bare listener 'cn'")
+    psr.add_argument("--poll-interval-ms", type=int, default=100, help="period of the /proc poller")
+    psr.add_argument("--max-seconds", type=float, default=None, help="budget of the whole run (300; --quick 45)")
+    psr.add_argument("--out", default=_os.path.join(ROOT, "bench-out"), help="directory for JSON, markdown, helpers")
+    psr.add_argument("--json", default=None, help="JSON path (OUT/bench.json)")
+    psr.add_argument("--markdown", default=None, help="markdown path (OUT/BENCHMARKS.md)")
+    return psr
+
+
+def _kill_row(obs, condition, res, stats, storm):
+    lat = _report.summarize_ns([t1 - t0 for _, t0, t1, _ in res["samples"]])
+    events = stats.get("events") or stats.get("seen") or 0
+    row = {"observer": obs.label, "key": obs.key, "condition": condition,
+           "kills": res["attempted"], "lost": len(res["lost"]), **lat,
+           "storm_rate": storm.get("rate"), "cpu_us_per_event": None,
+           "enobufs": stats.get("enobufs"), "observer_stats": stats}
+    if events and stats.get("cpu_us") is not None:
+        row["cpu_us_per_event"] = round((stats["cpu_us"] - stats.get("cpu_us_at_ready", 0)) / events, 2)
+    if obs.has_kernel_ts:
+        ks = [(t0, t1, k) for _, t0, t1, k in res["samples"] if k]
+        row["kill_to_kernel"] = _report.summarize_ns([k - t0 for t0, _, k in ks])
+        row["kernel_to_seen"] = _report.summarize_ns([t1 - k for _, t1, k in ks])
+    return row
+
+
+def measure_kills(ctx, observers):
+    """Run every observer under every condition; return the rows."""
+    args = ctx.args
+    rows = []
+    for condition in args.conditions.split(","):
+        for obs in observers:
+            left = ctx.left()
+            if left < 5:
+                print(f"bench: budget spent, skipping {obs.key} {condition}", file=_sys.stderr)
+                continue
+            per = min(left - 3, max(20.0, args.max_seconds / 6))
+            storm = ctx.storm(per + 5) if condition == "storm" else _procs.null_storm()
+            print(f"bench: {obs.key:>11} {condition:<5} ...", end="", file=_sys.stderr, flush=True)
+            t = _time.monotonic()
+            with storm:
+                obs.start()
+                try:
+                    res = _latency.measure(obs, ctx.bins["target"], args.kills, _time.monotonic() + per)
+                finally:
+                    stats = obs.stop()
+            row = _kill_row(obs, condition, res, stats, storm.result)
+            rows.append(row)
+            print(f" {row['kills']} kills, {row['lost']} lost, p50 {row['p50_us']} µs, "
+                  f"{_time.monotonic() - t:.1f} s", file=_sys.stderr)
+    # ratio of p50 to the bare listener's in the same condition
+    floor = {r["condition"]: r["p50_us"] for r in rows if r["key"] == "cn" and r["p50_us"]}
+    for r in rows:
+        if r["p50_us"] and r["condition"] in floor:
+            r["p50_vs_cn"] = round(r["p50_us"] / floor[r["condition"]], 2)
+    return rows
+
+
+def _baseline_observers(ctx):
+    args, bins = ctx.args, ctx.bins
+    made = {
+        "cn": lambda: _latency.ConnectorObserver(bins["cnlisten"], rcvbuf=args.rcvbuf),
+        "cn-default": lambda: _latency.ConnectorObserver(bins["cnlisten"], key="cn-default",
+                                                         label="bare connector listener (C, default rcvbuf)"),
+        "cn-py": lambda: _latency.ConnectorObserver(
+            [_sys.executable, _os.path.join(_os.path.dirname(__file__), "pycnlisten.py")], rcvbuf=args.rcvbuf,
+            key="cn-py", label=f"bare connector listener (Python, rcvbuf {args.rcvbuf >> 20} MiB)"),
+        "pidfd": lambda: _latency.WatchObserver(bins["observer"], "pidfd"),
+        "procpoll": lambda: _latency.WatchObserver(bins["observer"], "procpoll", args.poll_interval_ms),
+    }
+    out = []
+    for key in [k.strip() for k in args.observers.split(",") if k.strip()]:
+        if key not in made:
+            raise SystemExit(f"bench: unknown observer '{key}' (known: {', '.join(made)})")
+        out.append(made[key]())
+    return out
+
+
+def latency_sections(ctx, rows):
+    alone = f"{ctx.top_rate:,.0f}" if ctx.top_rate else "not measured"
+    storm_note = (f"storm: {ctx.args.storm_workers} processes forking+reaping (vfork) as fast as they can "
+                  f"(alone: {alone} exits/s); 'storm exits/s' is what it reached during the row"
+                  if ctx.args.storm_rate == 0 else f"storm: asked for {ctx.args.storm_rate} exits/s")
+    kill = {
+        "id": "kill_to_seen",
+        "title": "kill -> a peer sees the exit (µs, CLOCK_MONOTONIC, t0 right before kill(SIGKILL))",
+        "columns": [["observer", "observer"], ["condition", "condition"], ["kills", "kills"], ["lost", "lost"],
+                    ["p50_us", "p50"], ["p99_us", "p99"], ["max_us", "max"], ["p50_vs_cn", "p50 / cn"],
+                    ["storm_rate", "storm exits/s"], ["cpu_us_per_event", "observer CPU µs/event"],
+                    ["enobufs", "ENOBUFS"]],
+        "rows": rows,
+        "notes": [storm_note,
+                  "lost = not reported within the observer's timeout; a connector listener loses exits "
+                  "when its receive buffer overflows (ENOBUFS)",
+                  "observer CPU µs/event: the observer's utime+stime after start-up over the events it received "
+                  "(for connector listeners: every exit of the storm, each an unrelated exit)",
+                  *_pwsuite.notes_for_latency(ctx)],
+    }
+    krows = []
+    for r in rows:
+        if "kill_to_kernel" in r:
+            a, b = r["kill_to_kernel"], r["kernel_to_seen"]
+            krows.append({"observer": r["observer"], "condition": r["condition"], "n": a["n"],
+                          "k_p50": a["p50_us"], "k_p99": a["p99_us"], "k_max": a["max_us"],
+                          "s_p50": b["p50_us"], "s_p99": b["p99_us"], "s_max": b["max_us"]})
+    kern = {
+        "id": "kernel_ts",
+        "title": "kernel event timestamp (ktime_get_ns in the EXIT event) against kill and observer (µs)",
+        "columns": [["observer", "observer"], ["condition", "condition"], ["n", "n"],
+                    ["k_p50", "kill->event p50"], ["k_p99", "p99"], ["k_max", "max"],
+                    ["s_p50", "event->seen p50"], ["s_p99", "p99"], ["s_max", "max"]],
+        "rows": krows,
+        "notes": ["kill->event: the kernel's own work (signal delivery, scheduling the victim, do_exit); "
+                  "event->seen: socket queue + wake-up + the observer's recv and decode"],
+    }
+    return [kill, kern]
+
+
+def calibrate(ctx):
+    """The storm's exit rate with nothing else running: 'the machine's top exit rate'."""
+    with _procs.Storm(ctx.bins["forker"], rate=0, workers=ctx.args.storm_workers, seconds=1.0, warmup=0) as s:
+        _time.sleep(0.8)
+    return s.result.get("rate") or 0
+
+
+def main(argv=None):
+    psr = get_psr()
+    args = psr.parse_args(argv)
+    if args.kills is None:
+        args.kills = 500 if args.quick else 2000
+    if args.max_seconds is None:
+        args.max_seconds = 45.0 if args.quick else 300.0
+    if args.kills < 1 or args.storm_workers < 1 or args.storm_workers > 64:
+        psr.error("--kills must be >= 1 and --storm-workers in 1..64")
+    args.conditions = ",".join(c.strip() for c in args.conditions.split(",") if c.strip())
+    if not args.conditions or set(args.conditions.split(",")) - {"idle", "storm"}:
+        psr.error("--conditions takes idle, storm or idle,storm")
+    if _os.geteuid() != 0:
+        print("bench: not root: the proc connector needs CAP_NET_ADMIN; connector rows will fail", file=_sys.stderr)
+    _procs.install_cleanup()
+    started_wall = _datetime.datetime.now(_datetime.timezone.utc).replace(microsecond=0).isoformat()
+    started = _time.monotonic()
+    _os.makedirs(args.out, exist_ok=True)
+    try:
+        bins = _build.build_all(HELPERS, args.out)
+    except _build.BuildError as err:
+        print(f"bench: {err}", file=_sys.stderr)
+        return 1
+    ctx = Ctx(args, bins, started)
+    machine = _report.machine()
+    if "storm" in args.conditions.split(","):
+        ctx.top_rate = calibrate(ctx)
+        print(f"bench: storm alone reaches {ctx.top_rate:,.0f} exits/s with {args.storm_workers} workers",
+              file=_sys.stderr)
+    observers = _baseline_observers(ctx) + _pwsuite.observers(ctx)
+    rows = measure_kills(ctx, observers)
+    sections = latency_sections(ctx, rows) + _pwsuite.sections(ctx)
+    machine["storm_top_rate"] = ctx.top_rate
+    machine["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    result = {"machine": machine,
+              "command": "scripts/bench " + " ".join(_shlex.quote(a) for a in (argv if argv is not None else _sys.argv[1:])),
+              "started": started_wall, "seconds": round(_time.monotonic() - started, 1),
+              "args": vars(args), "sections": sections}
+    json_path = args.json or _os.path.join(args.out, "bench.json")
+    md_path = args.markdown or _os.path.join(args.out, "BENCHMARKS.md")
+    _report.write_json(result, json_path)
+    with open(md_path, "w") as f:
+        f.write(_report.markdown(result))
+    print(f"bench: wrote {json_path} and {md_path}", file=_sys.stderr)
+    print(_report.table(result), flush=True)
+    return 0
+
+
+def run():
+    _sys.exit(main())
