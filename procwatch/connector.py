@@ -1,8 +1,14 @@
 """The kernel's process connector: a socket of exit events.
 
-pyroute2 opens and binds the socket (``ProcEventSocket``); everything after
-that is ours, for three reasons learnt the hard way (see docs and
-STYLE.md's notes on pyroute2 #1038/#1039):
+The socket is ours from ``socket()`` on (the constants follow pyroute2's
+``cn_proc.py``), for four reasons learnt the hard way (see docs and STYLE.md's
+notes on pyroute2 #1038/#1039):
+
+* Importing any part of pyroute2 runs its ``__init__``, which loads the whole
+  library: ~80 ms and ~18 MB of RSS for two system calls (socket, bind).
+  And its sockets are non-blocking: a dup of one shares the O_NONBLOCK file
+  status, which turned the detector's blocking ``recv_into`` into a busy
+  loop at 100 % CPU (issue 7).
 
 * ``ProcEventSocket.control()`` sends only the legacy 4-byte request, so the
   exit-only filter of kernels >= 6.6 (``struct proc_input``) cannot be asked
@@ -45,6 +51,7 @@ PROC_CN_MCAST_IGNORE = 2
 PROC_EVENT_NONE = 0x00000000
 PROC_EVENT_EXIT = 0x80000000
 NLMSG_DONE = 0x3
+NETLINK_CONNECTOR = 11                           # include/uapi/linux/netlink.h
 SOL_NETLINK = 270
 SO_RCVBUFFORCE = 33
 
@@ -138,24 +145,20 @@ class ProcConnector:
 
     @staticmethod
     def _open():
-        # Imported here: pyroute2 costs ~80 ms, and only the service pays it.
-        from pyroute2.netlink.connector.cn_proc import ProcEventSocket
+        """A blocking NETLINK_CONNECTOR socket bound to the proc multicast group."""
         try:
-            ps = ProcEventSocket()
+            sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, NETLINK_CONNECTOR)
         except OSError as e:
             raise ConnectorUnavailable(f"cannot open a NETLINK_CONNECTOR socket ({e.strerror})",
                                        "use --backend pidfd") from None
         try:
-            ps.bind()
+            sock.bind((0, CN_IDX_PROC))      # port id 0: the kernel picks one
         except PermissionError:
-            ps.close()
+            sock.close()
             raise ConnectorUnavailable(
                 "binding to the proc multicast group needs CAP_NET_ADMIN",
                 "run as root, grant CAP_NET_ADMIN (AmbientCapabilities=CAP_NET_ADMIN), "
                 "or use --backend pidfd") from None
-        # Own a dup of the bound socket; pyroute2's object is done with.
-        sock = _socket.socket(fileno=_os.dup(ps.fileno()))
-        ps.close()
         return sock
 
     def _set_rcvbuf(self, size):

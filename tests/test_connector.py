@@ -1,5 +1,6 @@
 """The proc connector: decoding recorded kernel bytes, and the real socket (root)."""
 
+import fcntl
 import os
 import signal
 import struct
@@ -102,6 +103,29 @@ def test_real_subscription_sees_a_child_exit():
         assert 0 < seen[2] <= time.monotonic_ns()
     finally:
         conn.close()
+
+
+@require_root()
+def test_socket_blocks_so_an_idle_detector_sleeps():
+    """recv_into must block (SO_RCVTIMEO bounds the wait).  A non-blocking socket
+    turns the detector into a busy loop: it did, at 100 % CPU, while the socket
+    was a dup of pyroute2's O_NONBLOCK one (issue 7)."""
+    conn = connector.ProcConnector()
+    try:
+        assert conn.sock.getblocking()
+        assert not fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        conn.close()
+
+
+@require_root()
+def test_connector_loads_no_pyroute2():
+    """The service pays for what it uses: importing pyroute2 costs ~80 ms and ~18 MB."""
+    code = ("import sys, procwatch.service, procwatch.connector as c; c.ProcConnector().close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2'))")
+    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent, timeout=60)
+    assert out.stdout.strip() == "[]", out
 
 
 _UNPRIVILEGED_PROBE = """
