@@ -41,6 +41,7 @@ from .stats import Stats  # noqa: F401  (was defined here; kept for older import
 
 log = _logging.getLogger("procwatch")
 FOUND_DEAD_GRACE = 0.2   # s a slot must stay gone before a periodic reconcile ends it
+OVERFLOW_QUIET = 1.0     # s without ENOBUFS that end an overflow burst (one log line each)
 
 
 class Watched:
@@ -182,16 +183,27 @@ class Reporter:
         self.on_end = on_end            # callback(event, watched, fields): hooks, metrics
         self.on_overflow = on_overflow  # callback(): the service reconciles at once
         self.overflow_pending = False
+        self._last_overflow = None
 
     def overflow(self):
-        """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile."""
+        """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile.
+
+        A storm that outruns the socket fails recv() again and again; a burst
+        is a run of overflows less than OVERFLOW_QUIET s apart, and gets one
+        line.  Every overflow asks for a reconcile unless one is queued: the
+        service clears ``overflow_pending`` *before* it reconciles, so an
+        overflow during a reconcile (after it checked a slot) queues the next.
+        """
         self.stats.record_overflow()
+        now = _time.monotonic()
+        last, self._last_overflow = self._last_overflow, now
+        if last is None or now - last > OVERFLOW_QUIET:
+            emit(Event.OVERFLOW, "the kernel dropped exit events (socket receive buffer overflow, "
+                 "%d so far); reconciling the table now", self.stats.overflows,
+                 OVERFLOWS=self.stats.overflows)
         if self.overflow_pending:
             return
         self.overflow_pending = True
-        emit(Event.OVERFLOW, "the kernel dropped exit events (socket receive buffer overflow, "
-             "%d so far); reconciling the table now", self.stats.overflows,
-             OVERFLOWS=self.stats.overflows)
         if self.on_overflow:
             self.on_overflow()
 

@@ -245,8 +245,8 @@ class Service:
                 if msg == _RELOAD:
                     self.reload()
                 elif msg == _OVERFLOW:
+                    self.reporter.overflow_pending = False     # first: see Reporter.overflow()
                     self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW)
-                    self.reporter.overflow_pending = False
                 elif msg is not None:
                     self._detector_ended(msg)
                 now = _time.monotonic()
