@@ -132,7 +132,11 @@ class ProcConnector:
         self.sock = self._open()
         st = _os.fstat(self.sock.fileno())
         self._ident = (st.st_dev, st.st_ino)
-        self._set_rcvbuf(rcvbuf)
+        # The ack of our subscription queues behind every event already
+        # multicast to the group (another listener enables them): with a small
+        # buffer a storm drops it and we would give up (issue 7).  So subscribe
+        # with at least DEFAULT_RCVBUF, then shrink to what was asked for.
+        self._set_rcvbuf(max(rcvbuf, DEFAULT_RCVBUF))
         # Blocking reads that give up after ``timeout`` (SO_RCVTIMEO) so the
         # reader can notice a stop request: one syscall per event, no poll().
         self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO,
@@ -142,6 +146,8 @@ class ProcConnector:
         except BaseException:
             self.sock.close()
             raise
+        if rcvbuf < DEFAULT_RCVBUF:
+            self._set_rcvbuf(rcvbuf)
 
     @staticmethod
     def _open():

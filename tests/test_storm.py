@@ -203,3 +203,16 @@ def test_zombie_registered_before_the_service_saw_it_is_found_dead_not_reused(ke
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_service_starts_inside_a_storm_with_a_tiny_buffer(key, service, forker):
+    """The subscription's acknowledgement shares the socket with every exit on
+    the machine: with a 4 KiB buffer a storm drowned it and the service gave up
+    ("did not acknowledge").  A service restarted on a busy machine must start."""
+    with Storm(forker, seconds=10) as storm:
+        for _ in range(3):           # a restart adopts the table
+            svc = service("--rcvbuf", "4096", ready=False)
+            svc.wait_ready()
+            assert "event=started" in svc.log()
+            svc.stop()
+        assert storm.proc.poll() is None, "the storm ended before the service started: the test proved nothing"
