@@ -210,10 +210,11 @@ class Reporter:
     def report_exit(self, w, status, kernel_ts_ns):
         """The kernel said ``w`` exited; False if somebody else already ended it."""
         t = self.table
+        zeroed_ns = _time.monotonic_ns()    # before the store: FUTEX_WAKE's own cost is not the slot's latency
         if not t.clear_pid(w.slot, w.pid, pend=True):
             self.watch.forget(w)
             return False
-        latency_us = (_time.monotonic_ns() - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
+        latency_us = (zeroed_ns - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
         # Killed by procwatch: HUNG, and the heartbeat checker marked the cause before its signal.
         hung = (t.get32(w.slot, _abi.S_STATE) == _abi.State.HUNG
                 and t.get32(w.slot, _abi.S_CAUSE) == _abi.Cause.KILLED_HUNG)

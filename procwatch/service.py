@@ -362,8 +362,11 @@ class Service:
             if self.table.hget32(_abi.H_SERVICE_PID) == _os.getpid():
                 self.table.hset32(_abi.H_SERVICE_PID, 0)
                 self.table.hset32(_abi.H_BACKEND, _abi.Backend.NONE)
-            emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients", self.key,
-                 KEY=f"{self.key:#010x}")
+            st = self.stats
+            emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients "
+                 "(%d exit events read, %d overflows)", self.key, st.events, st.overflows,
+                 KEY=f"{self.key:#010x}", EVENTS=st.events, EXITS=st.exits, FOUND_DEAD=st.found_dead,
+                 OVERFLOWS=st.overflows)
             self.table.detach()
             self.table = None
         if self._instance_sock is not None:

@@ -222,3 +222,29 @@ def test_control_characters_are_refused_and_escaped(table):
         procwatch.register_pid("two\nlines", key=table.key)
     # A writer that bypasses the client still cannot put a control byte in a log or a terminal.
     assert abi.decode_name(b"a\nb\x1b[31m\xff\0ignored") == "a\\x0ab\\x1b[31m\\xff"
+
+
+def test_peer_alive_agrees_with_pid_as_the_slot_changes_hands(key):
+    """Peer.alive reads the word itself (it is on every hot path): it must say
+    exactly what ``pid != 0`` says, through re-registration and slot reuse."""
+    t, _ = Table.create_or_adopt(key, 1)
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        reg = procwatch.register_pid("dp", pid=procs[0].pid, key=key)
+        peer = procwatch.Peer("dp", key=key)
+        assert peer.alive and peer.pid == procs[0].pid
+        reg.unregister()
+        assert not peer.alive and peer.pid == 0
+        reg = procwatch.register_pid("dp", pid=procs[1].pid, key=key)      # same name: same slot
+        assert peer.alive and peer.pid == procs[1].pid
+        reg.unregister()
+        other = procwatch.register_pid("other", pid=procs[2].pid, key=key)  # the only slot, reused
+        assert t.u32[t.pid_index(0)] == procs[2].pid
+        assert not peer.alive and peer.pid == 0
+        other.unregister()
+        peer.close()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        t.detach()

@@ -17,8 +17,9 @@ from . import pwsuite as _pwsuite
 from . import report as _report
 
 ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-HELPERS = ("cnlisten", "observer", "forker", "target")
-BASELINES = ("cn", "cn-default", "cn-py", "pidfd", "procpoll")
+HELPERS = ("cnlisten", "observer", "forker", "target", "pwwait", "cnrelay")
+BASELINES = ("cn", "cn-default", "cn-py", "relay", "pidfd", "procpoll")
+PROCWATCH = ("pw-futex", "pw-peer")
 
 
 class Ctx:
@@ -28,11 +29,16 @@ class Ctx:
         self.args = args
         self.bins = bins
         self.started = started
-        self.deadline = started + args.max_seconds
+        self.final_deadline = started + args.max_seconds
+        # The kill rows stop early enough for measurements 2-5.
+        self.deadline = self.final_deadline - _pwsuite.reserve_seconds(args.quick)
         self.top_rate = None        # exits/s the storm reached alone
 
     def left(self):
         return self.deadline - _time.monotonic()
+
+    def final_left(self):
+        return self.final_deadline - _time.monotonic()
 
     def storm(self, seconds):
         return _procs.Storm(self.bins["forker"], rate=self.args.storm_rate,
@@ -50,19 +56,39 @@ def get_psr():
         epilog="Needs gcc (the helpers are compiled on the fly) and root for the proc connector. "
                "SIGINT/SIGTERM end the run; every process it started is ended by PID. "
                "Reproduce BENCHMARKS.md with: scripts/bench --markdown BENCHMARKS.md")
-    psr.add_argument("--quick", action="store_true", help="~30 s run: fewer kills, shorter budget")
-    psr.add_argument("--kills", type=int, default=None, help="kills per observer and condition (2000; --quick 500)")
-    psr.add_argument("--observers", default=",".join(BASELINES), help="baseline observers to run")
+    psr.add_argument("--quick", action="store_true", help="~2 min run: fewer kills, shorter budget")
+    psr.add_argument("--kills", type=int, default=None, help="kills per observer and condition (1000; --quick 500)")
+    psr.add_argument("--observers", default=",".join(BASELINES + PROCWATCH),
+                     help="observers of the kill rows (baselines and procwatch's)")
     psr.add_argument("--conditions", default="idle,storm", help="idle and/or storm")
+    psr.add_argument("--rounds", type=int, default=None,
+                     help="rounds the kills of each row are split into, the rows taking turns (5; --quick 3)")
     psr.add_argument("--storm-rate", type=int, default=0, help="storm exits/s; 0 = as fast as it goes")
     psr.add_argument("--storm-workers", type=int, default=cores, help="forking processes in the storm")
     psr.add_argument("--rcvbuf", type=int, default=8 << 20, help="SO_RCVBUFFORCE of the bare listener 'cn'")
     psr.add_argument("--poll-interval-ms", type=int, default=100, help="period of the /proc poller")
-    psr.add_argument("--max-seconds", type=float, default=None, help="budget of the whole run (300; --quick 45)")
+    psr.add_argument("--max-seconds", type=float, default=None, help="budget of the whole run (300; --quick 150)")
     psr.add_argument("--out", default=_os.path.join(ROOT, "bench-out"), help="directory for JSON, markdown, helpers")
     psr.add_argument("--json", default=None, help="JSON path (OUT/bench.json)")
     psr.add_argument("--markdown", default=None, help="markdown path (OUT/BENCHMARKS.md)")
     return psr
+
+
+def _merge_stats(parts):
+    """One observer's stats over its rounds: counters summed, CPU as the sum of per-round deltas."""
+    out = {"cpu_us": 0, "cpu_us_at_ready": 0}
+    for st in parts:
+        for k, v in st.items():
+            if k == "cpu_us" and v is not None:
+                out["cpu_us"] += v - st.get("cpu_us_at_ready", 0)
+            elif k == "causes":
+                for c, n in v.items():
+                    out.setdefault("causes", {})[c] = out.get("causes", {}).get(c, 0) + n
+            elif isinstance(v, int) and k != "cpu_us_at_ready":
+                out[k] = out.get(k, 0) + v
+            elif k not in out:
+                out[k] = v
+    return out
 
 
 def _kill_row(obs, condition, res, stats, storm):
@@ -71,7 +97,7 @@ def _kill_row(obs, condition, res, stats, storm):
     row = {"observer": obs.label, "key": obs.key, "condition": condition,
            "kills": res["attempted"], "lost": len(res["lost"]), **lat,
            "storm_rate": storm.get("rate"), "cpu_us_per_event": None,
-           "enobufs": stats.get("enobufs"), "observer_stats": stats}
+           "enobufs": stats.get("enobufs"), "found_dead": stats.get("found_dead"), "observer_stats": stats}
     if events and stats.get("cpu_us") is not None:
         row["cpu_us_per_event"] = round((stats["cpu_us"] - stats.get("cpu_us_at_ready", 0)) / events, 2)
     if obs.has_kernel_ts:
@@ -82,38 +108,66 @@ def _kill_row(obs, condition, res, stats, storm):
 
 
 def measure_kills(ctx, observers):
-    """Run every observer under every condition; return the rows."""
+    """Run every observer under every condition; return the rows and {id(row): [observers]}.
+
+    ``observers``: (key, factory) pairs.  The kills of each condition run in
+    ``--rounds`` rounds, every observer taking its turn in each round with a
+    fresh instance, so that a burst of load from elsewhere on a shared
+    machine falls on every row alike rather than on one.  Under storm one
+    storm runs through all the rounds.
+    """
     args = ctx.args
-    rows = []
-    for condition in args.conditions.split(","):
-        for obs in observers:
-            left = ctx.left()
-            if left < 5:
-                print(f"bench: budget spent, skipping {obs.key} {condition}", file=_sys.stderr)
+    conditions = args.conditions.split(",")
+    rounds = max(1, min(args.rounds, args.kills))
+    per_round = -(-args.kills // rounds)
+    rows, by_row = [], {}
+    for ci, condition in enumerate(conditions):
+        budget = ctx.left() / (len(conditions) - ci)
+        if budget < 5:
+            print(f"bench: budget spent, skipping the {condition} rows", file=_sys.stderr)
+            continue
+        end = _time.monotonic() + budget
+        acc = {key: {"samples": [], "lost": [], "attempted": 0, "stats": [], "obs": []} for key, _ in observers}
+        storm = ctx.storm(budget + 5) if condition == "storm" else _procs.null_storm()
+        print(f"bench: {condition}: {rounds} rounds of {per_round} kills per observer", file=_sys.stderr)
+        with storm:
+            slots = rounds * len(observers)
+            for r in range(rounds):
+                for oi, (key, make) in enumerate(observers):
+                    left = end - _time.monotonic()
+                    if left < 1:
+                        break
+                    per = left / (slots - r * len(observers) - oi)
+                    obs = make()
+                    obs.start()
+                    try:
+                        res = _latency.measure(obs, ctx.bins["target"], per_round, _time.monotonic() + per)
+                    finally:
+                        stats = obs.stop()
+                    a = acc[key]
+                    a["samples"] += res["samples"]
+                    a["lost"] += res["lost"]
+                    a["attempted"] += res["attempted"]
+                    a["stats"].append(stats)
+                    a["obs"].append(obs)
+        for key, _ in observers:
+            a = acc[key]
+            if not a["obs"]:
                 continue
-            per = min(left - 3, max(20.0, args.max_seconds / 6))
-            storm = ctx.storm(per + 5) if condition == "storm" else _procs.null_storm()
-            print(f"bench: {obs.key:>11} {condition:<5} ...", end="", file=_sys.stderr, flush=True)
-            t = _time.monotonic()
-            with storm:
-                obs.start()
-                try:
-                    res = _latency.measure(obs, ctx.bins["target"], args.kills, _time.monotonic() + per)
-                finally:
-                    stats = obs.stop()
-            row = _kill_row(obs, condition, res, stats, storm.result)
+            row = _kill_row(a["obs"][0], condition, a, _merge_stats(a["stats"]), storm.result)
             rows.append(row)
-            print(f" {row['kills']} kills, {row['lost']} lost, p50 {row['p50_us']} µs, "
-                  f"{_time.monotonic() - t:.1f} s", file=_sys.stderr)
+            by_row[id(row)] = a["obs"]
+            print(f"bench: {key:>11} {condition:<5} {row['kills']} kills, {row['lost']} lost, "
+                  f"p50 {row['p50_us']} µs, p99 {row['p99_us']} µs", file=_sys.stderr)
     # ratio of p50 to the bare listener's in the same condition
     floor = {r["condition"]: r["p50_us"] for r in rows if r["key"] == "cn" and r["p50_us"]}
     for r in rows:
         if r["p50_us"] and r["condition"] in floor:
             r["p50_vs_cn"] = round(r["p50_us"] / floor[r["condition"]], 2)
-    return rows
+    return rows, by_row
 
 
-def _baseline_observers(ctx):
+def _observers(ctx):
     args, bins = ctx.args, ctx.bins
     made = {
         "cn": lambda: _latency.ConnectorObserver(bins["cnlisten"], rcvbuf=args.rcvbuf),
@@ -122,21 +176,25 @@ def _baseline_observers(ctx):
         "cn-py": lambda: _latency.ConnectorObserver(
             [_sys.executable, _os.path.join(_os.path.dirname(__file__), "pycnlisten.py")], rcvbuf=args.rcvbuf,
             key="cn-py", label=f"bare connector listener (Python, rcvbuf {args.rcvbuf >> 20} MiB)"),
+        "relay": lambda: _latency.RelayObserver(bins["cnrelay"], bins["pwwait"], _pwsuite.private_key(),
+                                                rcvbuf=args.rcvbuf),
         "pidfd": lambda: _latency.WatchObserver(bins["observer"], "pidfd"),
         "procpoll": lambda: _latency.WatchObserver(bins["observer"], "procpoll", args.poll_interval_ms),
+        **_pwsuite.observers(ctx),
     }
     out = []
     for key in [k.strip() for k in args.observers.split(",") if k.strip()]:
         if key not in made:
             raise SystemExit(f"bench: unknown observer '{key}' (known: {', '.join(made)})")
-        out.append(made[key]())
+        out.append((key, made[key]))
     return out
 
 
 def latency_sections(ctx, rows):
     alone = f"{ctx.top_rate:,.0f}" if ctx.top_rate else "not measured"
     storm_note = (f"storm: {ctx.args.storm_workers} processes forking+reaping (vfork) as fast as they can "
-                  f"(alone: {alone} exits/s); 'storm exits/s' is what it reached during the row"
+                  f"(alone: {alone} exits/s); one storm runs through all the rounds of the storm rows, and "
+                  f"'storm exits/s' is what it reached over them"
                   if ctx.args.storm_rate == 0 else f"storm: asked for {ctx.args.storm_rate} exits/s")
     kill = {
         "id": "kill_to_seen",
@@ -144,9 +202,11 @@ def latency_sections(ctx, rows):
         "columns": [["observer", "observer"], ["condition", "condition"], ["kills", "kills"], ["lost", "lost"],
                     ["p50_us", "p50"], ["p99_us", "p99"], ["max_us", "max"], ["p50_vs_cn", "p50 / cn"],
                     ["storm_rate", "storm exits/s"], ["cpu_us_per_event", "observer CPU µs/event"],
-                    ["enobufs", "ENOBUFS"]],
+                    ["enobufs", "ENOBUFS"], ["found_dead", "found dead"]],
         "rows": rows,
-        "notes": [storm_note,
+        "notes": [f"{ctx.args.kills} kills per row in {ctx.args.rounds} rounds: each round runs every observer in turn, "
+                  "so load from elsewhere falls on all rows alike; t1 is taken by the observer process",
+                  storm_note,
                   "lost = not reported within the observer's timeout; a connector listener loses exits "
                   "when its receive buffer overflows (ENOBUFS)",
                   "observer CPU µs/event: the observer's utime+stime after start-up over the events it received "
@@ -184,11 +244,13 @@ def main(argv=None):
     psr = get_psr()
     args = psr.parse_args(argv)
     if args.kills is None:
-        args.kills = 500 if args.quick else 2000
+        args.kills = 500 if args.quick else 1000
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
     if args.max_seconds is None:
-        args.max_seconds = 45.0 if args.quick else 300.0
-    if args.kills < 1 or args.storm_workers < 1 or args.storm_workers > 64:
-        psr.error("--kills must be >= 1 and --storm-workers in 1..64")
+        args.max_seconds = 150.0 if args.quick else 300.0
+    if args.kills < 1 or args.rounds < 1 or args.storm_workers < 1 or args.storm_workers > 64:
+        psr.error("--kills and --rounds must be >= 1 and --storm-workers in 1..64")
     args.conditions = ",".join(c.strip() for c in args.conditions.split(",") if c.strip())
     if not args.conditions or set(args.conditions.split(",")) - {"idle", "storm"}:
         psr.error("--conditions takes idle, storm or idle,storm")
@@ -209,9 +271,10 @@ def main(argv=None):
         ctx.top_rate = calibrate(ctx)
         print(f"bench: storm alone reaches {ctx.top_rate:,.0f} exits/s with {args.storm_workers} workers",
               file=_sys.stderr)
-    observers = _baseline_observers(ctx) + _pwsuite.observers(ctx)
-    rows = measure_kills(ctx, observers)
-    sections = latency_sections(ctx, rows) + _pwsuite.sections(ctx)
+    observers = _observers(ctx)
+    rows, by_row = measure_kills(ctx, observers)
+    head, tail = _pwsuite.sections(ctx, rows, by_row)
+    sections = head + latency_sections(ctx, rows) + tail
     machine["storm_top_rate"] = ctx.top_rate
     machine["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     result = {"machine": machine,

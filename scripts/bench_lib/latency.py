@@ -18,9 +18,15 @@ Baselines:
     cn-py       the same loop in Python (pycnlisten.py): the floor of a Python service
     pidfd       pidfd_open(2) + poll(2) on the target
     procpoll    /proc/PID/stat read every 100 ms
+    relay       the minimal relay in C (csrc/cnrelay.c: listen, zero a shared
+                word, FUTEX_WAKE) and a C peer asleep on the word
+                (csrc/pwwait.c): the floor of procwatch's design, two
+                wake-ups where a bare listener has one
 
-procwatch's own observers (``pwsuite``) implement the same ``Observer``
-interface and reuse ``measure()``.
+procwatch's own observers (``pwsuite``: a C futex waiter and a Python
+``Peer.wait_exit``) implement the same ``Observer`` interface and reuse
+``measure()``; ``prepare()`` registers the target and ``collected()`` reads
+its slot afterwards.
 """
 
 import os as _os
@@ -53,6 +59,9 @@ class Observer:
 
     def watch(self, pid):
         """Make sure the observer watches ``pid`` before the harness kills it."""
+
+    def collected(self, pid, seen):
+        """After the kill of ``pid``: ``seen`` True if reported, False if lost."""
 
     def next_event(self, timeout):
         """(pid, t1_ns, kernel_ts_ns or None), or None after ``timeout`` s."""
@@ -163,6 +172,71 @@ class WatchObserver(_LineObserver):
         return self.proc.stop(how="eof")
 
 
+def blocked_in_futex(pid):
+    """Whether the (single-threaded) process ``pid`` sleeps in futex(2) right now."""
+    nr = {"x86_64": "202", "aarch64": "98"}.get(_os.uname().machine)
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == nr
+    except (OSError, IndexError):
+        return False
+
+
+def wait_asleep(pid, timeout=1.0):
+    """Wait until ``pid`` sleeps in FUTEX_WAIT, as a waiting peer does; False on timeout."""
+    end = _time.monotonic() + timeout
+    while not blocked_in_futex(pid):
+        if _time.monotonic() > end:
+            return False
+        _time.sleep(0.00005)
+    return True
+
+
+class RelayObserver(_LineObserver):
+    """csrc/cnrelay.c zeroes a word of a private SysV segment; csrc/pwwait.c sleeps on it."""
+
+    def __init__(self, relay_exe, waiter_exe, key, rcvbuf=0):
+        super().__init__()
+        self.relay_exe, self.waiter_exe, self.shm_key, self.rcvbuf = relay_exe, waiter_exe, key, rcvbuf
+        self.key = "relay"
+        self.label = "minimal relay (C: listen, zero the word, wake) + C futex waiter"
+        self.not_asleep = 0
+
+    def start(self):
+        import sysv_ipc
+        self.shm = sysv_ipc.SharedMemory(self.shm_key, sysv_ipc.IPC_CREX, mode=0o600, size=4096,
+                                         init_character=b"\0")
+        self.word = memoryview(self.shm).cast("I")
+        argv = [self.relay_exe, "--key", hex(self.shm_key)] + (["--rcvbuf", str(self.rcvbuf)] if self.rcvbuf else [])
+        self.relay = _procs.LineProc(argv, name="cnrelay", stdin=False)
+        kv = _procs.parse_kv(self.relay.expect("ready", timeout=5.0))
+        self.info = {"cpu_us_at_ready": kv.get("cpu_us", 0)}
+        self.proc = _procs.LineProc([self.waiter_exe, hex(self.shm_key)], name="pwwait-relay")
+        self.proc.expect("ready", timeout=5.0)
+
+    def prepare(self, pid):
+        self.word[0] = pid
+
+    def watch(self, pid):
+        self.proc.send(f"watch {pid} 0")
+        line = self.proc.readline(5.0)
+        if line != f"ok {pid}":
+            raise _procs.HelperDied(f"pwwait: '{line}' for watch {pid}")
+        if not wait_asleep(self.proc.pid):
+            self.not_asleep += 1
+
+    def _event(self, parts):
+        return int(parts[1]), int(parts[2]), None
+
+    def stop(self):
+        stats = self.relay.stop(how="term")
+        self.proc.stop(how="eof")
+        self.word.release()
+        self.shm.detach()
+        self.shm.remove()
+        return {**self.info, **stats, "not_asleep": self.not_asleep}
+
+
 def measure(observer, target_exe, kills, deadline, seed=7):
     """Kill ``kills`` targets (fewer if ``deadline``, a monotonic time, passes)
     and return {'samples': [(pid, t0, t1, kernel_ts)], 'lost': [pid], 'attempted': n}.
@@ -188,6 +262,7 @@ def measure(observer, target_exe, kills, deadline, seed=7):
             t0 = pending.pop(pid, None)
             if t0 is not None:
                 samples.append((pid, t0, t1, kts))
+                observer.collected(pid, True)
                 settle(pid)
             ev = observer.next_event(0.0)
         now = _time.monotonic_ns()
@@ -195,6 +270,7 @@ def measure(observer, target_exe, kills, deadline, seed=7):
             if now - t0 > observer.timeout_s * 1e9:
                 del pending[pid]
                 lost.append(pid)
+                observer.collected(pid, False)
                 settle(pid)
 
     attempted = 0
@@ -216,5 +292,6 @@ def measure(observer, target_exe, kills, deadline, seed=7):
         collect(block=True)
     for pid in list(pending):
         lost.append(pid)
+        observer.collected(pid, False)
         settle(pid)
     return {"samples": samples, "lost": lost, "attempted": attempted}
