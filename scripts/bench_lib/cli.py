@@ -138,13 +138,20 @@ def measure_kills(ctx, observers):
                     if left < 1:
                         break
                     per = left / (slots - r * len(observers) - oi)
-                    obs = make()
-                    obs.start()
-                    try:
-                        res = _latency.measure(obs, ctx.bins["target"], per_round, _time.monotonic() + per)
-                    finally:
-                        stats = obs.stop()
                     a = acc[key]
+                    if a.get("error"):
+                        continue
+                    obs = make()
+                    try:
+                        obs.start()
+                        try:
+                            res = _latency.measure(obs, ctx.bins["target"], per_round, _time.monotonic() + per)
+                        finally:
+                            stats = obs.stop()
+                    except _procs.HelperDied as err:     # a row lost, not the run
+                        a["error"] = str(err).splitlines()[0]
+                        print(f"bench: {key} {condition}: {a['error']}; no more rounds for it", file=_sys.stderr)
+                        continue
                     a["samples"] += res["samples"]
                     a["lost"] += res["lost"]
                     a["attempted"] += res["attempted"]
@@ -155,6 +162,8 @@ def measure_kills(ctx, observers):
             if not a["obs"]:
                 continue
             row = _kill_row(a["obs"][0], condition, a, _merge_stats(a["stats"]), storm.result)
+            if a.get("error"):
+                row["error"] = a["error"]
             rows.append(row)
             by_row[id(row)] = a["obs"]
             print(f"bench: {key:>11} {condition:<5} {row['kills']} kills, {row['lost']} lost, "
@@ -211,7 +220,8 @@ def latency_sections(ctx, rows):
                   "when its receive buffer overflows (ENOBUFS)",
                   "observer CPU µs/event: the observer's utime+stime after start-up over the events it received "
                   "(for connector listeners: every exit of the storm, each an unrelated exit)",
-                  *_pwsuite.notes_for_latency(ctx)],
+                  *_pwsuite.notes_for_latency(ctx),
+                  *[f"{r['key']} {r['condition']}: rounds stopped early: {r['error']}" for r in rows if r.get("error")]],
     }
     krows = []
     for r in rows:
@@ -284,8 +294,7 @@ def main(argv=None):
     json_path = args.json or _os.path.join(args.out, "bench.json")
     md_path = args.markdown or _os.path.join(args.out, "BENCHMARKS.md")
     _report.write_json(result, json_path)
-    with open(md_path, "w") as f:
-        f.write(_report.markdown(result))
+    _report.write_markdown(result, md_path)
     print(f"bench: wrote {json_path} and {md_path}", file=_sys.stderr)
     print(_report.table(result), flush=True)
     return 0

@@ -120,7 +120,8 @@ def markdown(result):
            f"- kernel {m['kernel']} ({m['arch']}); CPU {m['cpu']}; {m['cores_usable']} of {m['cores']} cores usable; "
            f"{m['mem_gib']} GiB RAM" + (f"; {m['platform']}" if m.get("platform") else ""),
            f"- Python {m['python']}; load average at start {' '.join(m['loadavg_start'])}; pid_max {m['pid_max']}",
-           f"- run started {result['started']}, took {result['seconds']:.0f} s",
+           f"- run started {result['started']}, took {result['seconds']:.0f} s; load average at the end "
+           f"{' '.join(m.get('loadavg_end') or ['?'])}",
            "", "Reproduce with:", "", "```", result["command"], "```"]
     for sec in result["sections"]:
         out += ["", f"## {sec['title']}", ""]
@@ -134,6 +135,25 @@ def markdown(result):
         for note in sec.get("notes", []):
             out.append(f"- {note}")
     return "\n".join(out) + "\n"
+
+
+KEEP_MARKER = "<!-- scripts/bench keeps everything below this line when it rewrites the file -->"
+
+
+def write_markdown(result, path):
+    """Write BENCHMARKS.md, keeping the hand-written part below KEEP_MARKER of the old file."""
+    kept = ""
+    try:
+        with open(path) as f:
+            old = f.read()
+        if KEEP_MARKER in old:
+            kept = old[old.index(KEEP_MARKER):]
+    except FileNotFoundError:
+        pass
+    with open(path, "w") as f:
+        f.write(markdown(result))
+        if kept:
+            f.write("\n" + kept)
 
 
 def write_json(result, path):
