@@ -152,6 +152,20 @@ class PwService:
         self.stopping = {}
 
     def start(self, timeout=15.0):
+        """Start it and wait for READY; on failure nothing is left behind (process, table)."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            remove_table(self.key)
+            if getattr(self, "_notify_path", None):
+                self._notify_sock.close()
+                _os.unlink(self._notify_path)
+            raise
+
+    def _start(self, timeout):
         remove_table(self.key)
         argv = [_sys.executable, "-m", "procwatch", "serve", "--key", hex(self.key), "--slots", str(self.slots),
                 "--log", "stderr", "--log-level", "info"]
