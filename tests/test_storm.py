@@ -97,6 +97,16 @@ def _ended_slots(key, targets):
     return snaps if all(s.pid == 0 and s.state != abi.State.ALIVE for s in snaps) else None
 
 
+def _logged(svc, targets):
+    """({name: exit event}, {name: found_dead event}) once every target has one
+    (the line follows the slot's end: the word is zeroed first)."""
+    def ends():
+        exits = {e["name"]: e for e in svc.events("exit")}
+        dead = {e["name"]: e for e in svc.events("found_dead")}
+        return (exits, dead) if all(r.name in exits or r.name in dead for r in targets.regs) else None
+    return wait_until(ends, 15, "every target's end in the service log", detail=lambda: svc.log()[-3000:])
+
+
 def _signalled(s, sig):
     return (s.state == abi.State.EXITED and s.cause == abi.Cause.EXITED
             and os.WIFSIGNALED(s.exit_status) and os.WTERMSIG(s.exit_status) == sig)
@@ -126,10 +136,10 @@ def test_storm_of_unrelated_exits_loses_no_registered_exit(key, service, forker)
         assert storm.exits > 1000, f"the storm made only {storm.exits} exits"
         for s, sig, reg in zip(snaps, targets.sigs, targets.regs):
             assert _signalled(s, sig), (reg.name, sig, s)
-        exits = {e["name"]: e for e in svc.events("exit")}
+        exits, dead = _logged(svc, targets)
+        assert not dead, dead
         for reg, sig in zip(targets.regs, targets.sigs):
             assert exits[reg.name]["signal"] == sig.name and exits[reg.name]["pid"] == str(reg.pid)
-        assert not svc.events("found_dead"), svc.events("found_dead")
         assert svc.proc.poll() is None
     finally:
         targets.close()
@@ -152,8 +162,7 @@ def test_forced_overflow_still_reports_every_registered_exit(key, service, forke
             snaps = wait_until(lambda: _ended_slots(key, targets), 15, "every target's slot to end",
                                detail=lambda: svc.log()[-3000:])
         assert svc.proc.poll() is None, "the service died in the overflow"
-        exits = {e["name"]: e for e in svc.events("exit")}
-        dead = {e["name"]: e for e in svc.events("found_dead")}
+        exits, dead = _logged(svc, targets)
         for s, sig, reg in zip(snaps, targets.sigs, targets.regs):
             if s.state == abi.State.FOUND_DEAD:
                 assert s.cause == abi.Cause.FOUND_DEAD_OVERFLOW, (reg.name, s)
@@ -171,13 +180,16 @@ def test_forced_overflow_still_reports_every_registered_exit(key, service, forke
         counts = [int(e["overflows"]) for e in lines]
         assert counts == sorted(counts) and counts[0] >= 1
         assert len(lines) <= time.monotonic() - started + 1, len(lines)
-        # And the service still works once the storm is over.
+        # And the service still works once the storm is over (with 8 KiB, any
+        # burst of exits elsewhere on the machine may overflow it again).
         after = Targets(key, 1, "after")
         try:
             wait_until(lambda: _registered(svc, after), 15, "the late target to be watched")
             after.kill(0)
             s = wait_until(lambda: _ended_slots(key, after), 15, "the late target's slot to end")[0]
-            assert _signalled(s, signal.SIGKILL), s
+            assert _signalled(s, signal.SIGKILL) or (
+                s.state == abi.State.FOUND_DEAD and s.cause == abi.Cause.FOUND_DEAD_OVERFLOW), s
+            assert svc.proc.poll() is None
         finally:
             after.close()
     finally:
