@@ -104,7 +104,7 @@ class Watchlist:
             # current", so publishing it early would let an exit slip through.
             generation = t.generation
             old = {(w.slot, w.pid): w for w in self.entries()}
-            new = {}
+            new, fresh = {}, []
             for slot, pid in enumerate(t.pid_words()):
                 if pid == 0:
                     continue
@@ -116,14 +116,22 @@ class Watchlist:
                     w = self._adopt(slot, pid, start)
                     if w is None:
                         continue
+                    fresh.append(w)
                 new.setdefault(pid, []).append(w)
             for w in old.values():          # unregistered, or ended by us
                 _close(w)
-                if t.get32(w.slot, _abi.S_STATE) == _abi.State.UNREGISTERED:
-                    emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
-                         NAME=w.name, PID=w.pid, SLOT=w.slot)
             self.by_pid = {pid: tuple(ws) for pid, ws in new.items()}
             self.generation = generation
+        # Logged once published, and outside the lock: "registered" means the
+        # detector sees it, and no exit waits for a log line (issue 7).
+        for w in fresh:
+            if w.pidfd is not None:
+                emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, w.pid, w.slot,
+                     NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.get32(w.slot, _abi.S_HEARTBEAT_MS) or None)
+        for w in old.values():
+            if t.get32(w.slot, _abi.S_STATE) == _abi.State.UNREGISTERED:
+                emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
+                     NAME=w.name, PID=w.pid, SLOT=w.slot)
 
     def _adopt(self, slot, pid, start):
         """A Watched for a newly seen PID word, or None if the slot is corrupt."""
@@ -147,11 +155,7 @@ class Watchlist:
         # Reused only if another start time sits there now: an unreaped zombie
         # still shows the registered one (it died; its PID is not reused yet).
         reused = pidfd is None and _procfs.start_time(pid) not in (None, start)
-        w = Watched(slot, pid, start, raw.name, pidfd, reused)
-        if pidfd is not None:
-            emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, pid, slot,
-                 NAME=w.name, PID=pid, SLOT=slot, HEARTBEAT_MS=raw.heartbeat_ms or None)
-        return w
+        return Watched(slot, pid, start, raw.name, pidfd, reused)
 
     def forget(self, w):
         """Drop ``w`` after its end was reported."""
