@@ -65,7 +65,7 @@ MIN_EXIT_LEN = EXIT_OFFSET + EXIT_EVENT.size
 _ACK_ERR = _struct.Struct("=I")                  # event_data.ack.err at offset 52
 
 DEFAULT_RCVBUF = 4 << 20
-ACK_DEADLINE = 0.5                               # s to wait for the kernel's ack
+ACK_DEADLINE = 2.0                               # s to wait for the kernel's ack (0.5 s timed out once at load 10)
 
 
 class Overflow(Exception):

@@ -40,7 +40,8 @@ from .journal import Event, emit
 from .stats import Stats  # noqa: F401  (was defined here; kept for older imports)
 
 log = _logging.getLogger("procwatch")
-FOUND_DEAD_GRACE = 0.2   # s a slot must stay gone before a periodic reconcile ends it
+FOUND_DEAD_GRACE = 1.0   # s a slot must stay gone before a periodic reconcile ends it (an exit event
+                         # delayed behind a respawn under load must still win: it carries the status)
 OVERFLOW_QUIET = 1.0     # s without ENOBUFS that end an overflow burst (one log line each)
 
 

@@ -165,3 +165,34 @@ def test_unprivileged_subscriber():
         assert out.stdout.startswith("ConnectorUnavailable"), out
         assert "CAP_NET_ADMIN" in out.stdout and "--backend pidfd" in out.stdout
         assert len(out.stdout.strip().splitlines()) == 1
+
+
+# pyroute2 is the reference for the connector's constants and message layout:
+# the service owns its socket and hot decode (pyroute2's eager __init__ costs
+# ~22 MB and ~130 ms, see connector.py), so these tests hold the two together.
+
+def test_constants_agree_with_pyroute2():
+    from pyroute2.netlink.connector import cn_proc
+    for name in ("CN_IDX_PROC", "CN_VAL_PROC", "PROC_CN_MCAST_LISTEN", "PROC_CN_MCAST_IGNORE",
+                 "PROC_EVENT_NONE", "PROC_EVENT_EXIT"):
+        assert getattr(connector, name) == getattr(cn_proc, name), name
+    assert connector.EXIT_OFFSET == cn_proc.ProcEventMarshal.key_offset
+
+
+@pytest.mark.parametrize("name", ["exit_code3.bin", "exit_sigkill.bin", "exit_sigsegv.bin"])
+def test_hot_decode_agrees_with_pyroute2(name):
+    from pyroute2.netlink.connector import cn_proc
+    buf, n = load(name)
+    msg = cn_proc.proc_event_exit(bytes(buf))
+    msg.decode()
+    assert connector.decode_exit(buf, n) == (msg["process_tgid"], msg["exit_code"],
+                                             msg["timestamp_ns"], msg["process_pid"])
+
+
+def test_ack_decode_agrees_with_pyroute2():
+    from pyroute2.netlink.connector import cn_proc
+    buf, n = load("ack_ok.bin")
+    msg = cn_proc.proc_event_base(bytes(buf))
+    msg.decode()
+    assert msg["what"] == connector.PROC_EVENT_NONE
+    assert connector.decode_ack(buf, n)[:2] == (msg["seq"], msg["ack"])
