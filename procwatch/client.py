@@ -343,8 +343,7 @@ class Peer:
 
     def _follow(self, pid):
         """The word changed: make sure the slot still carries our name."""
-        off = _abi.slot_offset(self.slot) + _abi.S_NAME
-        if bytes(self.table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == self._raw:
+        if self._carries_name(self.slot):
             self._known = pid
             return pid
         slot = _find_slot(self.table, self._raw)     # the slot was given to another name
@@ -370,16 +369,29 @@ class Peer:
             return pid != 0
         return self._follow(pid) != 0
 
-    def wait_exit(self, timeout=None):
-        """Block until the PID word is 0; False if ``timeout`` seconds pass first.
+    def _carries_name(self, slot):
+        off = _abi.slot_offset(slot) + _abi.S_NAME
+        return bytes(self.table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == self._raw
 
-        Sleeps in FUTEX_WAIT on the word; no polling.
+    def wait_exit(self, timeout=None):
+        """Block until the process the name holds now is gone; False if ``timeout`` s pass first.
+
+        "Gone", as in procwatch.h's procwatch_peer_wait(): the PID seen when
+        the call began leaves the slot, i.e. the word turns 0, holds another
+        PID, or the slot no longer carries the name.  A successor registering
+        the same name meanwhile does not extend the wait.  True at once when
+        the name has no live process.  Sleeps in FUTEX_WAIT on the word; no
+        polling.
         """
         deadline = None if timeout is None else _time.monotonic() + timeout
-        address = self.table.pid_address(self.slot)
+        first = self.pid                 # follows the name to its current slot
+        if first == 0:
+            return True
+        slot, index = self.slot, self._index
+        address = self.table.pid_address(slot)
         while True:
-            pid = self.pid
-            if pid == 0:
+            pid = self._u32[index]
+            if pid != first or not self._carries_name(slot):
                 return True
             left = None if deadline is None else deadline - _time.monotonic()
             if left is not None and left <= 0:

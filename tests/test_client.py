@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import procwatch
+from conftest import wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -161,6 +162,42 @@ def test_peer_wakes_on_unregister(table):
     reg.unregister()
     t.join(30)
     assert result == [True] and peer.pid == 0
+
+
+def _sleeping_in_futex(tid):
+    nr = {"x86_64": "202", "aarch64": "98"}[os.uname().machine]
+    return open(f"/proc/self/task/{tid}/syscall").read().split()[0] == nr
+
+
+@pytest.mark.parametrize("change", ["successor", "renamed", "spurious"])
+def test_peer_wait_exit_ends_when_its_pid_leaves_the_slot(table, change):
+    """As procwatch_peer_wait() in C: the PID seen when the call began leaving the slot
+    ends the wait, even if the waiter never sees the 0 in between (a successor under
+    the same name, or the slot given to another name); a wake-up alone does not."""
+    from procwatch import futex
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        reg = procwatch.register_pid("watched", key=table.key)
+        peer = procwatch.Peer("watched", key=table.key)
+        result, tid = [], []
+
+        def waiter():
+            tid.append(threading.get_native_id())
+            result.append(peer.wait_exit(timeout=30 if change != "spurious" else 0.5))
+        t = threading.Thread(target=waiter)
+        t.start()
+        wait_until(lambda: tid and _sleeping_in_futex(tid[0]), 10, "the waiter to sleep in futex()")
+        if change == "successor":
+            table.u32[table.pid_index(reg.slot)] = sleeper.pid     # one aligned store
+        elif change == "renamed":
+            table.write_name(reg.slot, b"someone-else")
+        futex.wake(table.pid_address(reg.slot))
+        t.join(30)
+        assert result == [change != "spurious"]
+        peer.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 _RACER = """
