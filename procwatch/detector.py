@@ -26,6 +26,7 @@ whose PID now belongs to another process (start time changed), is ended as
 """
 
 import errno as _errno
+import functools as _functools
 import logging as _logging
 import os as _os
 import signal as _signal
@@ -89,6 +90,7 @@ class Watchlist:
         self.reporter = reporter
         self.by_pid = {}
         self.generation = None
+        self.on_change = None       # callback() after a sync added or dropped a process
         self._lock = _threading.RLock()
 
     def entries(self):
@@ -123,6 +125,8 @@ class Watchlist:
                 _close(w)
             self.by_pid = {pid: tuple(ws) for pid, ws in new.items()}
             self.generation = generation
+            if (fresh or old) and self.on_change:
+                self.on_change()
         # Logged once published, and outside the lock: "registered" means the
         # detector sees it, and no exit waits for a log line (issue 7).
         for w in fresh:
@@ -152,7 +156,9 @@ class Watchlist:
         if problem:
             self.reporter.clear_corrupt(slot, pid, problem)
             return None
-        pidfd = _procfs.open_verified(pid, start)
+        # A zombie keeps its pidfd (readable at once): its exit is then reported
+        # with its status, not found dead by a later reconcile.
+        pidfd = _procfs.open_verified(pid, start, exited_ok=True)
         # Reused only if another start time sits there now: an unreaped zombie
         # still shows the registered one (it died; its PID is not reused yet).
         reused = pidfd is None and _procfs.start_time(pid) not in (None, start)
@@ -181,14 +187,16 @@ def _close(w):
 class Reporter:
     """Ends slots: zero the word and wake first, then record and log."""
 
-    def __init__(self, table, stats, on_end=None, on_overflow=None):
+    def __init__(self, table, stats, on_end=None, on_overflow=None, defer=None):
         self.table = table
         self.stats = stats
         self.watch = Watchlist(table, self)
         self.on_end = on_end            # callback(event, watched, fields): hooks, metrics
         self.on_overflow = on_overflow  # callback(): the service reconciles at once
+        self.defer = defer              # callback(fn): run fn() later, off the detector thread
         self.overflow_pending = False
         self._last_overflow = None
+        self.deferred_records = 0
 
     def overflow(self):
         """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile.
@@ -213,27 +221,39 @@ class Reporter:
             self.on_overflow()
 
     def report_exit(self, w, status, kernel_ts_ns):
-        """The kernel said ``w`` exited; False if somebody else already ended it."""
+        """The kernel said ``w`` exited; False if somebody else already ended it.
+
+        ``status`` is a wait(2) status, or a callable returning ``(status,
+        source, note)``, called only once the word is zeroed: the pidfd
+        backend has to look the status up, and peers must not wait for that.
+        ``kernel_ts_ns`` None: the exit time is unknown (LATENCY_UNKNOWN).
+        """
         t = self.table
         zeroed_ns = _time.monotonic_ns()    # before the store: FUTEX_WAKE's own cost is not the slot's latency
         if not t.clear_pid(w.slot, w.pid, pend=True):
             self.watch.forget(w)
             return False
+        source = note = None
+        if callable(status):
+            status, source, note = status()
         latency_us = (zeroed_ns - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
         # Killed by procwatch: HUNG, and the heartbeat checker marked the cause before its signal.
         hung = (t.get32(w.slot, _abi.S_STATE) == _abi.State.HUNG
                 and t.get32(w.slot, _abi.S_CAUSE) == _abi.Cause.KILLED_HUNG)
         cause = _abi.Cause.KILLED_HUNG if hung else _abi.Cause.EXITED
-        t.record_end(w.slot, _abi.State.EXITED, cause, status, latency_us)
+        self._record(w, _abi.State.EXITED, cause, status, latency_us)
         self.watch.forget(w)
         text, fields = describe_status(status)
         self.stats.record_exit(cause, latency_us)
         self.stats.record_end(w.name, text)
         how = "killed: hung, " if hung else ""
-        emit(Event.EXIT, "%s (pid %d) %s%s; detected in %s µs", w.name, w.pid, how, text,
-             latency_us if latency_us != _abi.LATENCY_UNKNOWN else "?",
+        if latency_us != _abi.LATENCY_UNKNOWN:
+            detected = f"detected in {latency_us} µs" + (f"; {note}" if note else "")
+        else:
+            detected = note or "detection latency unknown"
+        emit(Event.EXIT, "%s (pid %d) %s%s; %s", w.name, w.pid, how, text, detected,
              NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
-             CAUSE=_abi.Cause(cause).name.lower(), **fields)
+             CAUSE=_abi.Cause(cause).name.lower(), STATUS_SOURCE=source, **fields)
         t.end_logged(w.slot, w.pid)
         if self.on_end:
             self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower(),
@@ -247,7 +267,7 @@ class Reporter:
             return False
         if w.reused:
             cause = _abi.Cause.PID_REUSED
-        t.record_end(w.slot, _abi.State.FOUND_DEAD, cause)
+        self._record(w, _abi.State.FOUND_DEAD, cause)
         self.watch.forget(w)
         self.stats.record_exit(cause)
         why = {_abi.Cause.PID_REUSED: "its PID now belongs to another process",
@@ -260,6 +280,21 @@ class Reporter:
         if self.on_end:
             self.on_end(Event.FOUND_DEAD, w, {"CAUSE": _abi.Cause(cause).name.lower()})
         return True
+
+    def _record(self, w, state, cause, status=_abi.EXIT_STATUS_UNKNOWN, latency_us=_abi.LATENCY_UNKNOWN):
+        """record_end() under the table's lock, never blocking the detector on a client.
+
+        The lock is free nearly always; when a client holds it (registering,
+        perhaps into this very slot), the record goes to ``defer`` (the
+        service's main loop), which waits for the lock.
+        """
+        record_end = self.table.record_end
+        args = (w.slot, state, cause, status, latency_us, _time.time_ns(), w.start_time)
+        if self.defer is None:
+            record_end(*args)
+        elif record_end(*args, lock_timeout=0) is None:
+            self.deferred_records += 1
+            self.defer(_functools.partial(record_end, *args))
 
     def clear_corrupt(self, slot, pid, problem):
         """A slot no client could have written: clear it, say so, go on."""

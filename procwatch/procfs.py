@@ -96,12 +96,16 @@ def pidfd_exited(fd):
     return bool(p.poll(0))
 
 
-def open_verified(pid, expected_start, procfs=PROCFS):
+def open_verified(pid, expected_start, procfs=PROCFS, exited_ok=False):
     """A pidfd for the process (pid, expected_start), or None if it is gone.
 
     The pidfd is opened *before* the start time is read, so the process that
     was checked is the process the pidfd holds: a PID reused between the two
     steps shows up as a start-time mismatch, never as a wrong pidfd.
+
+    ``exited_ok``: also return the pidfd of a process that has exited but is
+    not reaped yet (a zombie keeps its PID and start time), so that its exit
+    is reported with its status, not found dead later.
     """
     fd = pidfd_open(pid)
     if fd is None:
@@ -116,7 +120,7 @@ def open_verified(pid, expected_start, procfs=PROCFS):
         # verified start time (start_time() is None here), so none happens.
         _warn_hidden(pid, procfs)
         return fd
-    if start != expected_start or pidfd_exited(fd):
+    if start != expected_start or (not exited_ok and pidfd_exited(fd)):
         _os.close(fd)
         return None
     return fd

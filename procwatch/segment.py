@@ -448,15 +448,54 @@ class Table:
             self._pending_free = list(range(_abi.PENDING_ENDS))
         return out
 
+    RECORD_LOCK_TIMEOUT = 0.5   # s; a client stuck in the lock longer gets an unlocked record
+
     def record_end(self, i, state, cause, exit_status=_abi.EXIT_STATUS_UNKNOWN,
-                   latency_us=_abi.LATENCY_UNKNOWN, when_ns=None):
-        """Write how slot ``i`` ended (after clear_pid())."""
-        off = _abi.slot_offset(i)
-        _abi.SLOT_END.pack_into(self.buf, off + _abi.S_EXIT_STATUS, exit_status, cause,
-                                when_ns if when_ns is not None else _time.time_ns())
-        self.set32(i, _abi.S_LATENCY_US, min(latency_us, _abi.LATENCY_UNKNOWN))
-        self.set32(i, _abi.S_STATE, state)
-        self.hset64(_abi.H_EXITS, self.hget64(_abi.H_EXITS) + 1)
+                   latency_us=_abi.LATENCY_UNKNOWN, when_ns=None, start_time=None,
+                   lock_timeout=RECORD_LOCK_TIMEOUT):
+        """Write how slot ``i`` ended (after clear_pid()).
+
+        A peer that saw the word turn 0 may register the same name at once,
+        and a same-name registration reuses this very slot.  Written after
+        that registration, EXITED would overwrite its state, and the next sync
+        would clear the live newcomer as corrupt.  So the record is written
+        under the table's semaphore (no registration is then half done), and
+        only while the slot still holds the ended process: PID word 0 and,
+        if given, the same ``start_time``.
+
+        Returns True when written, False when the slot was re-registered
+        since (nothing to write), None when ``lock_timeout`` is 0 and a client
+        holds the lock: nothing written, call again later.  Past a non-zero
+        ``lock_timeout`` it writes without the lock.
+        """
+        locked = self._try_lock(lock_timeout)
+        if locked is False and lock_timeout == 0:
+            return None
+        try:
+            if self.u32[self.pid_index(i)] != 0 or (
+                    start_time is not None and self.get64(i, _abi.S_START_TIME) != start_time):
+                return False
+            off = _abi.slot_offset(i)
+            _abi.SLOT_END.pack_into(self.buf, off + _abi.S_EXIT_STATUS, exit_status, cause,
+                                    when_ns if when_ns is not None else _time.time_ns())
+            self.set32(i, _abi.S_LATENCY_US, min(latency_us, _abi.LATENCY_UNKNOWN))
+            self.set32(i, _abi.S_STATE, state)
+            self.hset64(_abi.H_EXITS, self.hget64(_abi.H_EXITS) + 1)
+            return True
+        finally:
+            if locked:
+                self.unlock()
+
+    def _try_lock(self, timeout):
+        """Take the semaphore within ``timeout`` s (0: only if free).
+
+        True if taken, False if busy, None if there is no semaphore to take
+        (removed with ipcrm, or not ours to lock).
+        """
+        try:
+            return _semop(self._semaphore().id, -1, timeout)
+        except (OSError, SegmentMissing, SegmentPermissionError):
+            return None
 
     def header(self):
         """The header's service fields, as a dict."""

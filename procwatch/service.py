@@ -2,7 +2,8 @@
 
     table (segment)  <-  clients register, peers read
        ^
-    Reporter / Watchlist (detector.py)  <-  detector thread (connector events)
+    Reporter / Watchlist (detector.py)  <-  detector thread (connector events, or
+                                            pidfds in epoll: pidfd_backend.py)
        ^
     Service main loop: respawn detectors, reconcile, service heartbeat,
                        signals (SIGTERM/SIGINT stop, SIGHUP reload)
@@ -66,9 +67,11 @@ class Service:
         self.stats = Stats()
         self.table = None
         self.connector = None
+        self.pidfds = None              # the pidfd backend's epoll set (pidfd_backend.py)
         self.reporter = None
         self.detector = None
         self.backend_name = None
+        self.backend_reason = None
         self._queue = _queue.SimpleQueue()     # put() is safe from signal handlers
         self._instance_sock = None
         self._generation = 0
@@ -133,18 +136,32 @@ class Service:
         return adopted
 
     def _open_backend(self):
+        """The connector where it works; else (auto) or on request, the pidfd backend.
+
+        An unusable connector is found out within connector.ACK_DEADLINE:
+        ECONNREFUSED outside the initial network namespace, no ack outside the
+        initial PID namespace, EPERM without CAP_NET_ADMIN.
+        """
+        if self.backend not in ("auto", "connector", "pidfd"):
+            raise ProcwatchError(f"backend {self.backend!r} is unknown: use auto, connector or pidfd")
         if self.backend in ("auto", "connector"):
             from .connector import DEFAULT_RCVBUF, ProcConnector
             try:
                 self.connector = ProcConnector(self.rcvbuf or DEFAULT_RCVBUF)
                 self.backend_name = "connector"
+                self.backend_reason = f"{self.backend}, {self.connector.mode}"
                 self.table.hset32(_abi.H_BACKEND, _abi.Backend.CONNECTOR)
                 return
-            except ConnectorUnavailable:
+            except ConnectorUnavailable as e:
                 if self.backend == "connector":
                     raise
-                raise   # XXX: the pidfd backend (issue 5) is the fallback for auto
-        raise ProcwatchError(f"backend {self.backend!r} is not available in this build")
+                self.backend_reason = f"auto: {e.why}"
+        else:
+            self.backend_reason = "--backend pidfd"
+        from .pidfd_backend import PidfdSet
+        self.pidfds = PidfdSet()
+        self.backend_name = "pidfd"
+        self.table.hset32(_abi.H_BACKEND, _abi.Backend.PIDFD)
 
     def start(self):
         """Everything up to READY=1: table, backend, first reconcile, detector."""
@@ -158,7 +175,8 @@ class Service:
         self._open_backend()
         self._guard = TableGuard(self.table, self.stats)
         self.reporter = Reporter(self.table, self.stats, on_end=self.ops.on_end,
-                                 on_overflow=lambda: self._queue.put(_OVERFLOW))
+                                 on_overflow=lambda: self._queue.put(_OVERFLOW),
+                                 defer=self._queue.put)
         found = self.reporter.reconcile(immediate=True)
         self.ops.apply_rules(self.reporter.watch)
         self._spawn_detector()
@@ -173,7 +191,7 @@ class Service:
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
              "with the %s backend (%s)", "adopted" if adopted else "created", self.key,
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
-             self.connector.mode if self.connector else "-",
+             self.backend_reason,
              KEY=f"{self.key:#010x}", BACKEND=self.backend_name)
         notify("READY=1", f"STATUS={self.status_line()}")
 
@@ -197,7 +215,12 @@ class Service:
 
     def _spawn_detector(self):
         self._generation += 1
-        self.detector = ConnectorDetector(self.connector, self.reporter, self._queue.put, self._generation)
+        if self.pidfds is not None:
+            from .pidfd_backend import PidfdDetector
+            self.detector = PidfdDetector(self.pidfds, self.reporter, self._queue.put, self._generation)
+        else:
+            self.detector = ConnectorDetector(self.connector, self.reporter, self._queue.put,
+                                              self._generation)
         self.detector.start()
 
     # -- running ------------------------------------------------------------------
@@ -247,6 +270,8 @@ class Service:
                 elif msg == _OVERFLOW:
                     self.reporter.overflow_pending = False     # first: see Reporter.overflow()
                     self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW)
+                elif callable(msg):             # Reporter.defer: a record that waits for the table lock
+                    msg()
                 elif msg is not None:
                     self._detector_ended(msg)
                 now = _time.monotonic()
@@ -298,7 +323,10 @@ class Service:
             self._registrations.join(1.0)
         self.detector.stop_requested = True
         self.detector.join(1.0)
-        self.connector.close()
+        if self.connector is not None:
+            self.connector.close()
+        if self.pidfds is not None:
+            self.pidfds.close()
         if t.hget32(_abi.H_SERVICE_PID) == _os.getpid():
             t.hset32(_abi.H_SERVICE_PID, 0)    # old mappings: nobody watches this one now
         t.detach()
@@ -317,7 +345,8 @@ class Service:
             tb = "".join(_traceback.format_exception(detector.error))
             emit(Event.RESPAWN, "detector thread failed; starting a new one:\n%s", tb,
                  RESPAWNS=self.stats.respawns, level=_logging.ERROR)
-            if isinstance(detector.error, OSError) and not self.connector.healthy():
+            if isinstance(detector.error, OSError) and self.connector is not None \
+                    and not self.connector.healthy():
                 self._reopen_connector()
         else:
             emit(Event.RESPAWN, "detector thread ended after pid %s exited; starting a new one",
@@ -358,6 +387,8 @@ class Service:
             self.detector.join(1.0)
         if self.connector is not None:
             self.connector.close()
+        if self.pidfds is not None:
+            self.pidfds.close()
         if self.table is not None:
             if self.table.hget32(_abi.H_SERVICE_PID) == _os.getpid():
                 self.table.hset32(_abi.H_SERVICE_PID, 0)

@@ -116,3 +116,52 @@ def test_lock_is_undone_when_holder_dies(key):
             pass
     finally:
         t.detach()
+
+
+def test_record_end_never_lands_on_a_reregistration(key):
+    """The service zeroes a word, a client re-registers the name into the same slot before
+    the service writes the record: the record must not be written over the newcomer."""
+    import subprocess
+
+    import procwatch
+    t, _ = Table.create_or_adopt(key, 2)
+    a, b = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        old = procwatch.register_pid("same", pid=a.pid, key=key)
+        old_start = t.get64(old.slot, abi.S_START_TIME)
+        assert t.clear_pid(old.slot, a.pid)                       # the service's first step
+        new = procwatch.register_pid("same", pid=b.pid, key=key)  # a peer's restart, at once
+        assert new.slot == old.slot
+        assert t.record_end(old.slot, abi.State.EXITED, abi.Cause.EXITED, 9, start_time=old_start) is False
+        s = t.read_slot(new.slot)
+        assert (s.pid, s.state, s.exit_status, s.cause) == (b.pid, abi.State.ALIVE, -1, abi.Cause.NONE)
+        # ... while a record for a slot nobody took is written.
+        new_start = t.get64(new.slot, abi.S_START_TIME)
+        assert t.clear_pid(new.slot, b.pid)
+        assert t.record_end(new.slot, abi.State.EXITED, abi.Cause.EXITED, 9, start_time=new_start) is True
+        assert t.read_slot(new.slot).state == abi.State.EXITED and t.header()["exits"] == 1
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
+        t.detach()
+
+
+def test_record_end_waits_for_the_table_lock(key):
+    """lock_timeout=0 (the detector thread): a client holding the lock means 'later', not a
+    write next to its half-done registration."""
+    t, _ = Table.create_or_adopt(key, 1)
+    try:
+        t.set32(0, abi.S_STATE, abi.State.ALIVE)          # an ALIVE slot whose word was zeroed
+        assert t.try_lock()                               # a client, mid-registration
+        try:
+            assert t.record_end(0, abi.State.EXITED, abi.Cause.EXITED, 0, lock_timeout=0) is None
+            assert t.get32(0, abi.S_STATE) == abi.State.ALIVE
+        finally:
+            t.unlock()
+        assert t.record_end(0, abi.State.EXITED, abi.Cause.EXITED, 0, lock_timeout=0) is True
+        assert t.get32(0, abi.S_STATE) == abi.State.EXITED
+        assert t.try_lock()                               # and the record gave the lock back
+        t.unlock()
+    finally:
+        t.detach()
