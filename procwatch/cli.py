@@ -1,4 +1,4 @@
-"""Command line: ``procwatch serve | status | check-config``.
+"""Command line: ``procwatch serve | status | check-config | run | wait``, and ``--include-dir``.
 
 Exit statuses follow the LSB convention that ``systemctl status`` uses:
 0 fine, 1 a runtime failure (the one-line message of a ProcwatchError),
@@ -33,6 +33,7 @@ exit status:
 files:
   /etc/procwatch/procwatch.toml  configuration (serve --config FILE to use another)
   docs/ABI.md      the slot table's layout, for clients in other languages
+  procwatch.h      the C client: cc -I"$(procwatch --include-dir)" client.c
 
 See 'procwatch COMMAND --help' for each command."""
 
@@ -84,6 +85,18 @@ def _interval(text):
     return v
 
 
+class _IncludeDir(_argparse.Action):
+    """``--include-dir``: print where procwatch.h is, then exit (like --version)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=_argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import cheader
+        print(cheader.include_dir())
+        parser.exit()
+
+
 def build_parser():
     fmt = _argparse.RawDescriptionHelpFormatter
     p = _argparse.ArgumentParser(
@@ -93,6 +106,8 @@ def build_parser():
                     "the service zeroes a\nslot's PID word the moment the kernel reports that "
                     "process's exit.")
     p.add_argument("--version", action="version", version=f"procwatch {__version__}")
+    p.add_argument("--include-dir", action=_IncludeDir,
+                   help="print the directory of the C header procwatch.h, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -103,7 +118,8 @@ def build_parser():
         description="Create (or re-adopt) the slot table and watch every registered process.\n\n"
                     "On a registered process's exit, zero its slot's PID word, wake the peers\n"
                     "waiting on it, record the exit status and log one line (journald when\n"
-                    "available, else stderr).  Needs CAP_NET_ADMIN for the proc connector.",
+                    "available, else stderr).  The proc connector needs CAP_NET_ADMIN in the\n"
+                    "initial namespaces; elsewhere --backend auto falls back to pidfd.",
         epilog="Options given here win over the configuration file; options left out\n"
                "come from the file, else from the built-in defaults shown.\n\n"
                "signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n"
@@ -119,7 +135,8 @@ def build_parser():
     s.add_argument("--slots", type=_positive_int(1, _abi.MAX_SLOTS),
                    help=f"slots of a new table (default {_abi.DEFAULT_SLOTS}; an adopted table keeps its own)")
     s.add_argument("--backend", choices=("auto", "connector", "pidfd"),
-                   help="exit-detection backend (default auto: the proc connector where it works)")
+                   help="exit-detection backend (default auto: the proc connector where it "
+                        "works, else pidfd; the 'started' log line says which and why)")
     s.add_argument("--rcvbuf", type=_positive_int(4096, 1 << 30), metavar="BYTES",
                    help="connector socket receive buffer (default 4 MiB)")
     s.add_argument("--reconcile-interval", type=_seconds, metavar="S",
@@ -172,6 +189,9 @@ def build_parser():
                     help="seconds between refreshes with --watch (default %(default)s)")
     st.add_argument("--count", type=_positive_int(1, 1 << 31), metavar="N",
                     help="with --watch, stop after N refreshes (default: until q or Ctrl-C)")
+
+    from . import runwait
+    runwait.add_parsers(sub, fmt, _key, key_help)
     return p
 
 
@@ -179,8 +199,9 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"serve": cmd_serve, "status": cmd_status,
-                "check-config": cmd_check_config}[args.command](args)
+        from . import runwait
+        return {"serve": cmd_serve, "status": cmd_status, "check-config": cmd_check_config,
+                "run": runwait.cmd_run, "wait": runwait.cmd_wait}[args.command](args)
     except ProcwatchError as e:
         print(f"procwatch: {e}", file=_sys.stderr)
         return EXIT_FAILURE

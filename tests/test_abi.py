@@ -8,7 +8,7 @@ so this module checks them against each other:
   ``sizeof`` of every field, against ``abi.py``;
 * the header under ``-std=c99 -Wall -Wextra -Werror`` (and C++), and its
   registration protocol against a real table: a segment and semaphore the
-  test creates at a key of its own (0x7077C0xx), driven by real client
+  test creates at a key of its own (conftest.fresh_key()), driven by real client
   processes (``tests/c/pwtest.c``).  The test plays the service where one is
   needed: it zeroes a PID word and calls FUTEX_WAKE, as the detector does.
 
@@ -31,6 +31,7 @@ import time
 import pytest
 import sysv_ipc
 
+from conftest import fresh_key
 from procwatch import abi, cheader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,20 +408,18 @@ def clients(pwtest):
 class Table:
     """A slot table made by hand from abi.py, the way the service lays it out."""
 
-    _next_key = 0x7077C001
-
     def __init__(self, sys_futex, slots=8):
         self.sys_futex = sys_futex
-        while True:
-            key = Table._next_key
-            Table._next_key += 1
-            assert key <= 0x7077C0FE, "ran out of test keys"
+        for _ in range(100):
+            key = fresh_key()
             try:
                 self.shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=0o600,
                                                  size=abi.segment_size(slots), init_character=b"\0")
             except sysv_ipc.ExistentialError:
                 continue                # somebody else's: leave it alone
             break
+        else:
+            raise AssertionError("no free test key in 100 tries")
         self.key = key
         self.slots = slots
         self.sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o600, initial_value=1)
@@ -737,7 +736,7 @@ def test_longest_and_non_ascii_names(pwtest, clients, table):
 
 def test_missing_and_corrupt_tables(pwtest, clients, make_table):
     t = make_table(4)
-    missing = t.key + 0x40
+    missing = fresh_key()
     try:
         sysv_ipc.SharedMemory(missing)
         pytest.skip(f"key {missing:#x} is in use")

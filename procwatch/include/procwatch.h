@@ -642,7 +642,8 @@ static inline int procwatch__find_slot(struct procwatch_header *h, const char pa
  * time); a fork(2)ed child is not registered.
  *
  * Returns 0, or -ENOENT (no service: go on without it), -EACCES, -EPROTO,
- * -EINVAL, -EEXIST (name held by a live process), -ENOSPC, -ETIMEDOUT.
+ * -EINVAL, -EEXIST (name held by a live process), -ENOSPC, -ETIMEDOUT, or
+ * -EIO when /proc/self/stat cannot be read (no /proc mounted).
  */
 static inline int procwatch_register(struct procwatch_reg *reg, const char *name, int key)
 {

@@ -1,0 +1,215 @@
+"""``procwatch run`` and ``procwatch wait``: procwatch for programs and scripts as they are.
+
+``run`` registers its own PID and then exec(2)s the command, so the slot
+follows the real process: same PID, same start time (``/proc/PID/stat``
+field 22 is not changed by exec), and the caller's wait() sees the command's
+own exit status or signal.  Three things make that exact:
+
+* Nothing unregisters at exit: the registration is data in the segment, not
+  a resource of the process (the mapping itself goes away with exec), and
+  exec runs no atexit handlers.
+* Python ignores SIGPIPE and SIGXFSZ at start-up, and an ignored signal stays
+  ignored across exec (signal(7)), so both go back to SIG_DFL first, as
+  subprocess does (restore_signals).  Everything else the caller set up
+  (an ignored SIGINT under nohup, the signal mask) passes through.
+* The command is looked up on PATH *before* registering, so "not found" (127)
+  and "not executable" (126) never leave a slot behind; if exec still fails,
+  the registration is undone.
+
+``wait`` sleeps in FUTEX_WAIT on the name's PID word (Peer.wait_exit: no
+polling) and prints how the process ended, from its slot.
+"""
+
+import argparse as _argparse
+import errno as _errno
+import os as _os
+import signal as _signal
+import sys as _sys
+import time as _time
+
+from . import abi as _abi
+
+# Exit statuses of 'run' for its own failures, as timeout(1), env(1) and the shell use them.
+EXIT_RUN_FAILED = 125       # procwatch could not register: CMD was not started
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+# ... and of 'wait'.
+EXIT_ENDED, EXIT_FAILURE, EXIT_NO_SUCH_NAME, EXIT_TIMEOUT = 0, 1, 2, 124
+
+RECORD_WAIT = 1.0           # s 'wait' gives the service to record an end it has signalled
+
+
+def _seconds(allow_zero):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise _argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not (v >= 0 if allow_zero else v > 0) or v > 86400 * 49:
+            raise _argparse.ArgumentTypeError(f"{text} s is out of range")
+        return v
+    return parse
+
+
+def add_parsers(sub, formatter, key_type, key_help):
+    """Add the 'run' and 'wait' subcommands to ``sub`` (cli.build_parser)."""
+    r = sub.add_parser(
+        "run", formatter_class=formatter, help="register, then exec a command (same PID)",
+        usage="procwatch run [-h] [--name NAME] [--heartbeat S] [--key KEY] -- CMD [ARGS...]",
+        description="Register this process under NAME, then exec CMD in its place: same PID,\n"
+                    "same start time, so the slot follows CMD, and CMD's exit status and\n"
+                    "signals reach the caller unchanged.  For programs nobody can modify.\n"
+                    "With no service running (no table), CMD runs anyway after one warning.",
+        epilog="exit status:\n"
+               "  CMD's own; 125 procwatch could not register (CMD not started),\n"
+               "  126 CMD is not executable, 127 CMD not found, 2 usage error\n\n"
+               "example:\n"
+               "  procwatch run --name dataplane -- /usr/sbin/dataplane --port 9000")
+    r.add_argument("--name", help="slot name, 1..31 bytes of UTF-8 (default: CMD's file name)")
+    r.add_argument("--heartbeat", type=_seconds(True), default=0, metavar="S",
+                   help="expect a beat every S seconds (default 0: no hang detection); "
+                        "only for a CMD that beats its slot")
+    r.add_argument("--key", type=key_type, help=key_help)
+    r.add_argument("cmd", nargs=_argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the command, looked up on PATH like a shell does")
+
+    w = sub.add_parser(
+        "wait", formatter_class=formatter, help="block until a named process is gone",
+        description="Sleep (on the slot's futex, no polling) until the process registered\n"
+                    "under NAME is gone, then print how it ended: exit code, signal, found\n"
+                    "dead, or unregistered.  Returns at once if it is already gone.  For\n"
+                    "shell scripts and systemd ExecStartPre=.",
+        epilog="exit status:\n"
+               "  0 it ended (or had ended), 124 --timeout passed first,\n"
+               "  2 no slot carries NAME (or a usage error), 1 no slot table (no service)\n\n"
+               "example:\n"
+               "  procwatch wait dataplane --timeout 30 || echo 'still running'")
+    w.add_argument("name", metavar="NAME", help="the registered name")
+    w.add_argument("--timeout", type=_seconds(True), metavar="S",
+                   help="give up after S seconds (exit 124); 0 only checks (default: wait for ever)")
+    w.add_argument("--key", type=key_type, help=key_help)
+
+
+# -- run ------------------------------------------------------------------------
+
+def _find_command(cmd):
+    """(path, None) for CMD as execvp(3) finds it, or (None, errno)."""
+    if "/" in cmd:
+        if not _os.path.exists(cmd):
+            return None, _errno.ENOENT
+        if _os.path.isdir(cmd) or not _os.access(cmd, _os.X_OK):
+            return None, _errno.EACCES
+        return cmd, None
+    seen = _errno.ENOENT
+    for d in _os.get_exec_path():
+        path = _os.path.join(d or ".", cmd)
+        if _os.path.isfile(path):
+            if _os.access(path, _os.X_OK):
+                return path, None
+            seen = _errno.EACCES        # execvp goes on, and reports EACCES if nothing else fits
+    return None, seen
+
+
+def _default_name(cmd):
+    """CMD's file name, cut to NAME_MAX bytes of UTF-8 on a character boundary."""
+    raw = _os.path.basename(cmd).encode("utf-8", "surrogateescape")[:_abi.NAME_MAX]
+    return raw.decode("utf-8", "ignore") or "cmd"
+
+
+def _say(prog, message):
+    print(f"procwatch {prog}: {message}", file=_sys.stderr, flush=True)
+
+
+def cmd_run(args):
+    from . import client
+    from .errors import ProcwatchError
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        _say("run", "no command given: procwatch run [--name NAME] -- CMD [ARGS...]")
+        return 2
+    path, err = _find_command(cmd[0])
+    if path is None:
+        if err == _errno.ENOENT:
+            _say("run", f"{cmd[0]}: command not found (check the name and $PATH)")
+            return EXIT_NOT_FOUND
+        _say("run", f"{cmd[0]}: permission denied: not an executable file (chmod +x?)")
+        return EXIT_CANNOT_EXECUTE
+    name = args.name if args.name is not None else _default_name(cmd[0])
+    try:
+        reg = client.register_pid(name, key=args.key, heartbeat=args.heartbeat)
+    except (ProcwatchError, ValueError) as e:
+        _say("run", f"{e}; {cmd[0]} not started")
+        return EXIT_RUN_FAILED
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):       # ignored by Python, not by CMD
+        _signal.signal(sig, _signal.SIG_DFL)
+    _sys.stdout.flush()
+    _sys.stderr.flush()
+    try:
+        _os.execv(path, cmd)
+    except OSError as e:
+        if reg is not None:
+            reg.unregister()
+        _say("run", f"cannot execute {cmd[0]}: {e.strerror}")
+        return EXIT_NOT_FOUND if e.errno == _errno.ENOENT else EXIT_CANNOT_EXECUTE
+
+
+# -- wait -------------------------------------------------------------------------
+
+def describe_end(slot, name, pid):
+    """One line for how ``pid`` (registered as ``name``) ended, from ``slot`` (a Slot), or None.
+
+    None when the slot does not say yet (the service zeroes the word first
+    and records the end right after).
+    """
+    from .detector import describe_status
+    who = f"{name} (pid {pid})" if pid else name
+    if slot.raw_name != name.encode("utf-8"):
+        return f"{who} is gone; its slot has been given to another name since"
+    if slot.pid not in (0, pid) and pid:
+        return f"{who} is gone; {name} is now registered by pid {slot.pid}"
+    state, cause = slot.state, slot.cause
+    if state == _abi.State.EXITED:
+        text, _ = describe_status(slot.exit_status)
+        if cause == _abi.Cause.KILLED_HUNG:
+            text = f"was hung and procwatch ended it: {text}"
+        return f"{who} {text}"
+    if state == _abi.State.FOUND_DEAD:
+        why = {_abi.Cause.PID_REUSED: "its PID now belongs to another process",
+               _abi.Cause.FOUND_DEAD_OVERFLOW: "its exit event was lost in an overflow"}.get(
+                   cause, "it exited while no event reached procwatch")
+        return f"{who} found dead ({why}); exit status unknown"
+    if state == _abi.State.UNREGISTERED:
+        return f"{who} unregistered"
+    if state == _abi.State.EMPTY:
+        return f"{who} is gone; its slot was cleared"
+    return None
+
+
+def cmd_wait(args):
+    from . import client
+    from .errors import NameNotFound
+    try:
+        peer = client.Peer(args.name, key=args.key)
+    except NameNotFound as e:
+        _say("wait", str(e))
+        return EXIT_NO_SUCH_NAME
+    with peer:
+        pid = peer.pid
+        if pid and not client.monitor_alive(peer.table.key):
+            _say("wait", f"no procwatch service is watching table key {peer.table.key:#010x}: "
+                         f"{args.name} ends only when it unregisters or a service starts")
+        try:
+            ended = peer.wait_exit(args.timeout)
+        except KeyboardInterrupt:
+            return 128 + _signal.SIGINT
+        if not ended:
+            print(f"{args.name} (pid {pid}) is still running after {args.timeout:g} s", flush=True)
+            return EXIT_TIMEOUT
+        deadline = _time.monotonic() + RECORD_WAIT
+        while True:
+            line = describe_end(peer.table.read_slot(peer.slot), args.name, pid)
+            if line is not None or _time.monotonic() > deadline:
+                break
+            _time.sleep(0.001)          # the service records the end microseconds after zeroing
+        print(line or f"{args.name} (pid {pid}) is gone; the service has not recorded how", flush=True)
+        return EXIT_ENDED

@@ -1,0 +1,259 @@
+"""``procwatch run -- CMD`` and ``procwatch wait NAME``, as a shell script uses them (root)."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+import procwatch
+from conftest import PY, ROOT, require_root, wait_until
+from procwatch import abi
+from procwatch.segment import Table
+
+pytestmark = [require_root()]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def procwatch_cmd(*args):
+    return [PY, "-m", "procwatch", *args]
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run(procwatch_cmd(*args), capture_output=True, text=True, cwd=ROOT,
+                          env=ENV, timeout=timeout)
+
+
+def stat_fields(pid):
+    data = open(f"/proc/{pid}/stat", "rb").read()
+    return data[data.rindex(b")") + 2:].split()
+
+
+def find_slot(key, name):
+    t = Table.attach(key)
+    try:
+        for s in t.used_slots():
+            if s.name == name:
+                return s
+        return None
+    finally:
+        t.detach()
+
+
+def sig_ignored(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigIgn line")
+
+
+@pytest.fixture
+def table(key):
+    """A table with no service: run and wait do not need one."""
+    t, _ = Table.create_or_adopt(key, 8)
+    yield t
+    t.detach()
+
+
+# -- run ----------------------------------------------------------------------------
+
+def test_run_execs_in_place_and_passes_the_exit_code(key, service):
+    svc = service()
+    p = subprocess.Popen(procwatch_cmd("run", "--key", hex(key), "--name", "job", "--",
+                                       "sh", "-c", "read x; exit 3"),
+                         stdin=subprocess.PIPE, cwd=ROOT, env=ENV)
+    try:
+        # Once sh runs, the PID is the one we started, and so is the start time.
+        wait_until(lambda: open(f"/proc/{p.pid}/comm").read().strip() == "sh", 10, "the exec of sh")
+        s = find_slot(key, "job")
+        assert s.pid == p.pid and s.state == abi.State.ALIVE
+        assert s.start_time == int(stat_fields(p.pid)[19])
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.wait(10) == 3
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    wait_until(lambda: find_slot(key, "job").state == abi.State.EXITED, 10, "the exit to be recorded")
+    s = find_slot(key, "job")
+    assert s.cause == abi.Cause.EXITED and os.WEXITSTATUS(s.exit_status) == 3   # not an unregister
+    svc.wait_event("exit", name="job", exit_code=3)
+
+
+def test_run_passes_signals_and_leaves_dispositions_alone(key, service):
+    """The caller sees CMD killed by its signal; CMD does not inherit the SIGPIPE and
+    SIGXFSZ that Python ignores."""
+    svc = service()
+    baseline = subprocess.Popen(["sleep", "60"])
+    p = subprocess.Popen(procwatch_cmd("run", "--key", hex(key), "--name", "sleeper", "--", "sleep", "60"),
+                         cwd=ROOT, env=ENV)
+    try:
+        wait_until(lambda: open(f"/proc/{p.pid}/comm").read().strip() == "sleep", 10, "the exec of sleep")
+        assert sig_ignored(p.pid) == sig_ignored(baseline.pid)
+        assert not sig_ignored(p.pid) & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
+        svc.wait_event("registered", name="sleeper")
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(10) == -signal.SIGTERM
+    finally:
+        for q in (p, baseline):
+            if q.poll() is None:
+                q.kill()
+            q.wait()
+    svc.wait_event("exit", name="sleeper", signal="SIGTERM")
+
+
+@pytest.mark.parametrize("cmd, status, says", [
+    ("no-such-command-procwatch", 127, "no-such-command-procwatch: command not found"),
+    ("{tmp}/missing", 127, "{tmp}/missing: command not found"),
+    ("{tmp}/plain", 126, "{tmp}/plain: permission denied: not an executable file"),
+    ("{tmp}", 126, "{tmp}: permission denied"),
+])
+def test_run_cannot_start_like_a_shell(table, tmp_path, cmd, status, says):
+    (tmp_path / "plain").write_text("not a program\n")
+    (tmp_path / "plain").chmod(0o644)
+    cmd, says = cmd.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    out = run_cli("run", "--key", hex(table.key), "--name", "never", "--", cmd)
+    lines = out.stderr.splitlines()
+    assert out.returncode == status
+    assert len(lines) == 1 and lines[0].startswith(f"procwatch run: {says}"), lines
+    assert table.used_slots() == []                          # looked up before registering
+
+
+def test_run_exec_failure_undoes_the_registration(table, tmp_path):
+    """Found and executable, yet exec fails (ENOEXEC): 126, and the slot is not left alive."""
+    bogus = tmp_path / "bogus"
+    bogus.write_bytes(b"\x7fELF garbage")
+    bogus.chmod(0o755)
+    out = run_cli("run", "--key", hex(table.key), "--name", "bogus", "--", str(bogus))
+    assert out.returncode == 126
+    assert out.stderr.splitlines() == [f"procwatch run: cannot execute {bogus}: Exec format error"]
+    s = find_slot(table.key, "bogus")
+    assert s.pid == 0 and s.state == abi.State.UNREGISTERED
+
+
+def test_run_name_in_use_does_not_start_the_command(table, tmp_path):
+    marker = tmp_path / "ran"
+    with procwatch.register_pid("taken", key=table.key):
+        out = run_cli("run", "--key", hex(table.key), "--name", "taken", "--", "touch", str(marker))
+    assert out.returncode == 125 and not marker.exists()
+    assert out.stderr.startswith("procwatch run: name 'taken' is registered by live PID")
+    assert out.stderr.strip().endswith("touch not started")
+
+
+def test_run_without_a_service_warns_once_and_runs(key):
+    out = run_cli("run", "--key", hex(key), "--", "sh", "-c", "echo hello; exit 4")
+    assert out.returncode == 4 and out.stdout == "hello\n"
+    assert len(out.stderr.splitlines()) == 1 and "continuing without it" in out.stderr
+
+
+def test_run_default_name_is_the_command_and_heartbeat_is_set(table):
+    p = subprocess.Popen(procwatch_cmd("run", "--key", hex(table.key), "--heartbeat", "1.5", "--",
+                                       "sleep", "60"), cwd=ROOT, env=ENV)
+    try:
+        s = wait_until(lambda: find_slot(table.key, "sleep"), 10, "a slot named sleep")
+        assert s.pid == p.pid and s.heartbeat_ms == 1500
+    finally:
+        p.kill()
+        p.wait()
+
+
+# -- wait ---------------------------------------------------------------------------
+
+def _in_futex_wait(pid):
+    nr = {"x86_64": "202", "aarch64": "98"}[os.uname().machine]
+    return any(open(f"/proc/{pid}/task/{t}/syscall").read().split()[0] == nr
+               for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def test_wait_blocks_until_killed_and_says_how(key, service, clients):
+    service()
+    c = clients(key, "target")
+    w = subprocess.Popen(procwatch_cmd("wait", "--key", hex(key), "target"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    try:
+        wait_until(lambda: _in_futex_wait(w.pid), 10, "procwatch wait to sleep in futex()")
+        c.kill(signal.SIGKILL)
+        out, err = w.communicate(timeout=10)
+        assert w.returncode == 0, err
+        assert out == f"target (pid {c.pid}) killed by SIGKILL\n" and err == ""
+    finally:
+        if w.poll() is None:
+            w.kill()
+        w.wait()
+
+
+def test_wait_for_an_ended_process_returns_at_once(key, service, clients):
+    service()
+    c = clients(key, "done", "--then", "exit", "--code", "3")
+    c.tell("go")
+    wait_until(lambda: find_slot(key, "done").state == abi.State.EXITED, 10, "the exit")
+    out = run_cli("wait", "--key", hex(key), "done")
+    assert (out.returncode, out.stdout) == (0, "done exited with code 3\n")
+
+
+def test_wait_timeout_is_124(key, service, clients):
+    service()
+    c = clients(key, "stays")
+    out = run_cli("wait", "--key", hex(key), "stays", "--timeout", "0.2")
+    assert out.returncode == 124
+    assert out.stdout == f"stays (pid {c.pid}) is still running after 0.2 s\n"
+    assert find_slot(key, "stays").pid == c.pid
+
+
+def test_wait_unknown_name_is_2_and_no_table_is_1(table, key):
+    out = run_cli("wait", "--key", hex(table.key), "nobody-here")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (f"procwatch wait: no process named 'nobody-here' in slot table key "
+                          f"{table.key:#010x}: see 'procwatch status' for the registered names\n")
+    missing = table.key ^ 0x800
+    if os.system(f"ipcs -m | grep -qi {missing:#010x}") == 0:
+        pytest.skip(f"key {missing:#010x} is in use")
+    out = run_cli("wait", "--key", hex(missing), "x")
+    assert out.returncode == 1
+    assert out.stderr == (f"procwatch: no slot table at key {missing:#010x}: start the service "
+                          f"('procwatch serve' or 'systemctl start procwatch')\n")
+
+
+def test_wait_woken_by_unregister_without_a_service(table):
+    code = ("import procwatch,sys; r=procwatch.register_pid('polite', key=int(sys.argv[1],0)); "
+            "print(r.pid, flush=True); sys.stdin.readline(); r.unregister()")
+    c = subprocess.Popen([PY, "-c", code, hex(table.key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, cwd=ROOT, env=ENV)
+    w = None
+    try:
+        pid = int(c.stdout.readline())
+        w = subprocess.Popen(procwatch_cmd("wait", "--key", hex(table.key), "polite"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        wait_until(lambda: _in_futex_wait(w.pid), 10, "procwatch wait to sleep in futex()")
+        c.stdin.write("go\n")
+        c.stdin.flush()
+        out, err = w.communicate(timeout=10)
+        assert (w.returncode, out) == (0, f"polite (pid {pid}) unregistered\n")
+        assert "no procwatch service is watching" in err and len(err.splitlines()) == 1
+    finally:
+        for p in (c, w):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+
+
+@pytest.mark.parametrize("state, cause, status, says", [
+    (abi.State.EXITED, abi.Cause.EXITED, 11, "killed by SIGSEGV"),
+    (abi.State.EXITED, abi.Cause.EXITED, 0x8b, "killed by SIGSEGV (core dumped)"),
+    (abi.State.EXITED, abi.Cause.EXITED, -1, "ended (status unknown)"),
+    (abi.State.EXITED, abi.Cause.KILLED_HUNG, 9, "was hung and procwatch ended it: killed by SIGKILL"),
+    (abi.State.FOUND_DEAD, abi.Cause.FOUND_DEAD, -1,
+     "found dead (it exited while no event reached procwatch); exit status unknown"),
+    (abi.State.FOUND_DEAD, abi.Cause.PID_REUSED, -1,
+     "found dead (its PID now belongs to another process); exit status unknown"),
+    (abi.State.UNREGISTERED, abi.Cause.UNREGISTERED, -1, "unregistered"),
+])
+def test_wait_prints_each_kind_of_end(table, state, cause, status, says):
+    """Slots written the way the service ends them (PID word already 0)."""
+    table.set32(0, abi.S_STATE, state)
+    table.write_name(0, b"ended")
+    abi.SLOT_END.pack_into(table.buf, abi.slot_offset(0) + abi.S_EXIT_STATUS, status, cause, 1)
+    out = run_cli("wait", "--key", hex(table.key), "ended")
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"ended {says}\n", "")
