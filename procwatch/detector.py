@@ -26,9 +26,9 @@ whose PID now belongs to another process (start time changed), is ended as
 """
 
 import errno as _errno
-import functools as _functools
 import logging as _logging
 import os as _os
+import queue as _queue
 import signal as _signal
 import threading as _threading
 import time as _time
@@ -187,16 +187,15 @@ def _close(w):
 class Reporter:
     """Ends slots: zero the word and wake first, then record and log."""
 
-    def __init__(self, table, stats, on_end=None, on_overflow=None, defer=None):
+    def __init__(self, table, stats, on_end=None, on_overflow=None):
         self.table = table
         self.stats = stats
         self.watch = Watchlist(table, self)
         self.on_end = on_end            # callback(event, watched, fields): hooks, metrics
         self.on_overflow = on_overflow  # callback(): the service reconciles at once
-        self.defer = defer              # callback(fn): run fn() later, off the detector thread
         self.overflow_pending = False
         self._last_overflow = None
-        self.deferred_records = 0
+        self.recorder = _Recorder(table)
 
     def overflow(self):
         """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile.
@@ -282,19 +281,14 @@ class Reporter:
         return True
 
     def _record(self, w, state, cause, status=_abi.EXIT_STATUS_UNKNOWN, latency_us=_abi.LATENCY_UNKNOWN):
-        """record_end() under the table's lock, never blocking the detector on a client.
+        """record_end() under the table's lock, never making the caller wait for a client.
 
-        The lock is free nearly always; when a client holds it (registering,
-        perhaps into this very slot), the record goes to ``defer`` (the
-        service's main loop), which waits for the lock.
+        The lock is free most of the time; when a client holds it (registering,
+        perhaps into this very slot), the record goes to the recorder thread.
         """
-        record_end = self.table.record_end
         args = (w.slot, state, cause, status, latency_us, _time.time_ns(), w.start_time)
-        if self.defer is None:
-            record_end(*args)
-        elif record_end(*args, lock_timeout=0) is None:
-            self.deferred_records += 1
-            self.defer(_functools.partial(record_end, *args))
+        if self.table.record_end(*args, lock_timeout=0) is None:
+            self.recorder.put(args)
 
     def clear_corrupt(self, slot, pid, problem):
         """A slot no client could have written: clear it, say so, go on."""
@@ -347,6 +341,52 @@ class Reporter:
                     log.info("slot %d: cleared a registration its client never finished", i)
         finally:
             t.unlock()
+
+
+class _Recorder:
+    """Writes the ends whose record found the table lock taken, off the detector thread.
+
+    A detector (or the main loop, whose respawns the detectors wait for) must
+    never wait for a client's lock: under a registration storm the lock is
+    busy half the time.  One thread, started on first use, writes what has
+    queued up under one hold of the lock.
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self.queue = _queue.SimpleQueue()
+        self.records = 0                # how many went this way
+        self._thread = None
+        self._start_lock = _threading.Lock()
+
+    def put(self, args):
+        self.records += 1
+        self.queue.put(args)
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = _threading.Thread(target=self._run, name="procwatch-recorder",
+                                                     daemon=True)
+                    self._thread.start()
+
+    def _run(self):
+        t = self.table
+        while True:
+            batch = [self.queue.get()]
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except _queue.Empty:
+                    break
+            locked = t._try_lock(t.RECORD_LOCK_TIMEOUT)
+            try:
+                for args in batch:
+                    t.record_end(*args, lock_timeout=None)
+            except ValueError:          # the table was detached: the service is stopping
+                return
+            finally:
+                if locked:
+                    t.unlock()
 
 
 class ConnectorDetector(_threading.Thread):

@@ -466,9 +466,10 @@ class Table:
         Returns True when written, False when the slot was re-registered
         since (nothing to write), None when ``lock_timeout`` is 0 and a client
         holds the lock: nothing written, call again later.  Past a non-zero
-        ``lock_timeout`` it writes without the lock.
+        ``lock_timeout`` it writes without the lock.  ``lock_timeout`` None:
+        the caller holds the lock.
         """
-        locked = self._try_lock(lock_timeout)
+        locked = None if lock_timeout is None else self._try_lock(lock_timeout)
         if locked is False and lock_timeout == 0:
             return None
         try:

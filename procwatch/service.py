@@ -175,8 +175,7 @@ class Service:
         self._open_backend()
         self._guard = TableGuard(self.table, self.stats)
         self.reporter = Reporter(self.table, self.stats, on_end=self.ops.on_end,
-                                 on_overflow=lambda: self._queue.put(_OVERFLOW),
-                                 defer=self._queue.put)
+                                 on_overflow=lambda: self._queue.put(_OVERFLOW))
         found = self.reporter.reconcile(immediate=True)
         self.ops.apply_rules(self.reporter.watch)
         self._spawn_detector()
@@ -270,8 +269,6 @@ class Service:
                 elif msg == _OVERFLOW:
                     self.reporter.overflow_pending = False     # first: see Reporter.overflow()
                     self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW)
-                elif callable(msg):             # Reporter.defer: a record that waits for the table lock
-                    msg()
                 elif msg is not None:
                     self._detector_ended(msg)
                 now = _time.monotonic()

@@ -54,9 +54,11 @@ def _doc_type(t):
     t = t.strip("`")
     if t in _U:
         return _U[t]
-    m = re.fullmatch(r"(char|u8)\[(\d+)\]", t)
+    m = re.fullmatch(r"(char|u8|u64)\[(\d+)\]", t)
     assert m, f"docs/ABI.md: unknown type {t!r}"
     n = int(m.group(2))
+    if m.group(1) == "u64":
+        return f"{n}Q", 8 * n
     return (f"{n}s" if m.group(1) == "char" else f"{n}x"), n
 
 
@@ -113,9 +115,10 @@ def test_doc_offsets_match_abi(heading, prefix, total, _c):
         assert _doc_type(typ)[1] == size, f"{name}: type {typ} is not {size} bytes"
         if typ.strip("`") in _U:
             assert off % size == 0, f"{name} at {off} is not naturally aligned"
+        if typ.startswith("`u64["):
+            assert off % 8 == 0, f"{name} at {off} is not naturally aligned"
         at = off + size
     assert at == total
-    assert fields[-1][3] == "reserved"
 
 
 def _doc_format(heading, first, count):
@@ -147,7 +150,7 @@ def test_doc_constants_match_abi():
     text = open(DOC, encoding="utf-8").read()
     assert f"`{abi.DEFAULT_KEY:#010x}`" in text
     assert f"Layout version: **{abi.VERSION}**" in text
-    for name in ("NAME_SIZE", "NAME_MAX", "MAX_SLOTS", "DEFAULT_SLOTS"):
+    for name in ("NAME_SIZE", "NAME_MAX", "MAX_SLOTS", "DEFAULT_SLOTS", "PENDING_ENDS"):
         assert f"`{name} = {getattr(abi, name)}`" in text, name
     assert f"`LATENCY_UNKNOWN = 0x{abi.LATENCY_UNKNOWN:X}`" in text
     assert f"`EXIT_STATUS_UNKNOWN = {abi.EXIT_STATUS_UNKNOWN}`" in text
@@ -172,16 +175,17 @@ def _dump_source():
     lines = ['#include "procwatch.h"', "#include <stdio.h>",
              "static struct procwatch_header zh;", "static struct procwatch_slot zs;",
              "int main(void)", "{"]
-    for _, prefix, _, cstruct in LAYOUTS:
+    for _heading, prefix, _, cstruct in LAYOUTS:
         z = "zh" if cstruct == "procwatch_header" else "zs"
-        for field in list(_abi_offsets(prefix)) + ["reserved"]:
-            scalar = field not in ("magic", "name", "reserved")
+        reserved = ["reserved"] if "reserved" in {f[3] for f in _doc_fields(_heading)} else []
+        for field in list(_abi_offsets(prefix)) + reserved:
+            scalar = field not in ("magic", "name", "reserved", "pending_ends")
             signed = f"({z}.{field} * 0 - 1 < 0)" if scalar else "0"
             lines.append(f'    printf("{cstruct} {field} %zu %zu %d\\n", offsetof(struct {cstruct}, {field}), '
                          f"sizeof {z}.{field}, {signed});")
         lines.append(f'    printf("sizeof {cstruct} %zu\\n", sizeof(struct {cstruct}));')
     consts = ["VERSION", "HEADER_SIZE", "SLOT_SIZE", "NAME_SIZE", "NAME_MAX", "DEFAULT_KEY",
-              "MAX_SLOTS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN"]
+              "MAX_SLOTS", "PENDING_ENDS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN"]
     for c in consts:
         lines.append(f'    printf("const {c} %lld\\n", (long long)PROCWATCH_{c});')
     lines.append('    printf("const MAGIC %zu", sizeof PROCWATCH_MAGIC);')
@@ -216,11 +220,12 @@ def test_c_layout_matches_abi(tmp_path):
             assert c_off == offset, f"{cstruct}.{field}: C offset {c_off}, abi.py {offset}"
             assert c_size == doc[field][1], f"{cstruct}.{field}: C size {c_size}, ABI.md {doc[field][1]}"
             assert c_signed == (doc[field][2] == "`i32`"), f"{cstruct}.{field}: signedness"
-        assert seen[(cstruct, "reserved")][:2] == doc["reserved"][:2]
+        if "reserved" in doc:
+            assert seen[(cstruct, "reserved")][:2] == doc["reserved"][:2]
         assert seen[("sizeof", cstruct)] == [str(total)]
 
     for c in ("VERSION", "HEADER_SIZE", "SLOT_SIZE", "NAME_SIZE", "NAME_MAX", "DEFAULT_KEY",
-              "MAX_SLOTS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN"):
+              "MAX_SLOTS", "PENDING_ENDS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN"):
         assert int(seen[("const", c)][0]) == getattr(abi, c), c
     magic = seen[("const", "MAGIC")]
     assert int(magic[0]) == len(abi.MAGIC) and bytes.fromhex("".join(magic[1:])) == abi.MAGIC

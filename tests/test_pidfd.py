@@ -219,6 +219,9 @@ def test_status_of_a_reaped_process_comes_from_the_pidfd(key, service, clients):
     svc.wait_event("registered", name="reaped")          # its pidfd is open
     os.kill(svc.pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: all(procfs.stat_state(int(tid), f"/proc/{svc.pid}/task") == "T"
+                               for tid in os.listdir(f"/proc/{svc.pid}/task")),
+                   10, "every thread of the service to be stopped")
         c.kill(signal.SIGKILL)
         c.proc.wait()
         assert not os.path.exists(f"/proc/{c.pid}")

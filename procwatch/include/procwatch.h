@@ -119,6 +119,7 @@ extern long int syscall(long int, ...);
 #define PROCWATCH_NAME_MAX         31u
 #define PROCWATCH_DEFAULT_KEY      0x70770001  /* 'pw' 0x0001 */
 #define PROCWATCH_MAX_SLOTS        65536u
+#define PROCWATCH_PENDING_ENDS     8u          /* entries of procwatch_header.pending_ends */
 #define PROCWATCH_LATENCY_UNKNOWN  0xFFFFFFFFu
 #define PROCWATCH_EXIT_STATUS_UNKNOWN (-1)
 
@@ -171,7 +172,7 @@ struct procwatch_header {
     uint32_t heartbeat_period_ms;  /* 48 how often the service bumps its heartbeat      */
     uint32_t backend;              /* 52 enum procwatch_backend                         */
     uint64_t exits;                /* 56 exits reported since the segment was made      */
-    uint8_t  reserved[64];         /* 64 zero                                           */
+    uint64_t pending_ends[8];      /* 64 service only: ends zeroed but not logged yet   */
 };
 
 /* One slot, at PROCWATCH_HEADER_SIZE + i * PROCWATCH_SLOT_SIZE. */
@@ -210,7 +211,7 @@ PROCWATCH__AT(procwatch_header, service_start_time, 40);
 PROCWATCH__AT(procwatch_header, heartbeat_period_ms, 48);
 PROCWATCH__AT(procwatch_header, backend, 52);
 PROCWATCH__AT(procwatch_header, exits, 56);
-PROCWATCH__AT(procwatch_header, reserved, 64);
+PROCWATCH__AT(procwatch_header, pending_ends, 64);
 PROCWATCH__STATIC_ASSERT(sizeof(struct procwatch_header) == PROCWATCH_HEADER_SIZE,
                          "procwatch_header must be 128 bytes");
 PROCWATCH__AT(procwatch_slot, pid, 0);
