@@ -295,6 +295,7 @@ class PidfdDetector(_threading.Thread):
         watch = self.reporter.watch
         lock = watch._lock
         report_exit = self.reporter.report_exit
+        stats = self.reporter.stats
         monotonic = _time.monotonic
         if pidfds.dirty:                # the last detector failed between drain and resync
             pidfds.resync(watch)
@@ -314,6 +315,7 @@ class PidfdDetector(_threading.Thread):
                     stale = True            # closed by a sync or a reconcile meanwhile
                     continue
                 members.pop(fd)
+                stats.events += 1           # one exit seen (this thread alone writes it)
                 try:
                     # Zeroes the word and wakes the peers first; the status
                     # lookup comes after, inside report_exit().

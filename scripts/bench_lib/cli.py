@@ -19,7 +19,7 @@ from . import report as _report
 ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 HELPERS = ("cnlisten", "observer", "forker", "target", "pwwait", "cnrelay")
 BASELINES = ("cn", "cn-default", "cn-py", "relay", "pidfd", "procpoll")
-PROCWATCH = ("pw-futex", "pw-peer")
+PROCWATCH = ("pw-futex", "pw-peer", "pw-pidfd")
 
 
 class Ctx:

@@ -5,9 +5,11 @@
    service: ``pw-futex``, a C peer asleep in FUTEX_WAIT on the slot word
    (csrc/pwwait.c: the least a peer can do), and ``pw-peer``, a Python
    process blocked in ``procwatch.Peer.wait_exit()`` (what an application
-   does).  The harness registers every target by PID and waits for the
-   service's "registered" line before it kills: the steady state, not the
-   first-sight path.
+   does).  ``pw-pidfd`` is ``pw-futex`` against a service run with
+   ``--backend pidfd`` (issue 5), for the backend containers get.  The
+   harness registers every target by PID and waits for the service's
+   "registered" line before it kills: the steady state, not the first-sight
+   path.
 2. kernel event timestamp -> slot zeroed: the slot's ``latency_us``, which
    the service writes right after zeroing the word and waking its waiters.
 3. capacity: storms at rising exit rates, kills throughout; an exit is lost
@@ -140,10 +142,11 @@ class LogTail:
 class PwService:
     """``procwatch serve`` on a private key, logging to a file; removed on stop."""
 
-    def __init__(self, outdir, slots=1024, rcvbuf=None, notify=False):
+    def __init__(self, outdir, slots=1024, rcvbuf=None, notify=False, backend=None):
         self.key = private_key()
         self.slots = slots
         self.rcvbuf = rcvbuf
+        self.backend = backend
         self.notify = notify
         self.log_path = _os.path.join(outdir, f"service-{self.key:08x}.log")
         self.proc = None
@@ -171,6 +174,8 @@ class PwService:
                 "--log", "stderr", "--log-level", "info"]
         if self.rcvbuf:
             argv += ["--rcvbuf", str(self.rcvbuf)]
+        if self.backend:
+            argv += ["--backend", self.backend]
         env = dict(_os.environ, PYTHONPATH=ROOT)
         env.pop("NOTIFY_SOCKET", None)
         sock = None
@@ -267,16 +272,20 @@ class PwObserver(_latency._LineObserver):
     """A peer of a registered target, with its own procwatch service.
 
     ``kind`` "futex": csrc/pwwait.c; "peer": pwpeer.py (Peer.wait_exit).
+    ``backend`` "pidfd": the service runs ``--backend pidfd`` (key pw-pidfd).
     """
 
-    def __init__(self, ctx, kind, rcvbuf=None):
+    def __init__(self, ctx, kind, rcvbuf=None, backend=None):
         super().__init__()
         self.ctx = ctx
         self.kind = kind
         self.rcvbuf = rcvbuf
-        self.key = f"pw-{kind}"
+        self.backend = backend
+        self.key = f"pw-{backend or kind}"
         self.label = ("procwatch, C futex waiter on the PID word" if kind == "futex"
                       else "procwatch, Python Peer.wait_exit()")
+        if backend:
+            self.label += f" (--backend {backend})"
         self.svc = None
         self.reg = None
         self.zero_us = []           # slot latency_us: kernel event -> word zeroed
@@ -287,7 +296,7 @@ class PwObserver(_latency._LineObserver):
     def start(self):
         from procwatch import abi
         self.abi = abi
-        self.svc = PwService(self.ctx.args.out, rcvbuf=self.rcvbuf).start()
+        self.svc = PwService(self.ctx.args.out, rcvbuf=self.rcvbuf, backend=self.backend).start()
         if self.kind == "futex":
             argv = [self.ctx.bins["pwwait"], hex(self.svc.key)]
         else:
@@ -359,7 +368,8 @@ def observers(ctx):
     """procwatch observers for the kill -> peer-sees-0 rows."""
     if _why_not():
         return {}
-    return {"pw-futex": lambda: PwObserver(ctx, "futex"), "pw-peer": lambda: PwObserver(ctx, "peer")}
+    return {"pw-futex": lambda: PwObserver(ctx, "futex"), "pw-peer": lambda: PwObserver(ctx, "peer"),
+            "pw-pidfd": lambda: PwObserver(ctx, "futex", backend="pidfd")}
 
 
 def notes_for_latency(ctx):
@@ -570,6 +580,11 @@ def summary(ctx, rows, cap, peer, foot):
                 line += (f"; minimal C relay: p50 {relay['p50_us']} µs, p99 {relay['p99_us']} µs "
                          f"(ratio {relay['p50_us'] / cn['p50_us']:.2f})")
             lines.append(line)
+        pidfd = _row(rows, "pw-pidfd", cond)
+        if pw and pidfd and pidfd["p50_us"] is not None and pw["p50_us"] is not None:
+            lines.append(f"{cond}: the pidfd backend (--backend pidfd, same C futex waiter): p50 "
+                         f"{pidfd['p50_us']} µs, p99 {pidfd['p99_us']} µs over {pidfd['n']} kills, beside the "
+                         f"connector backend's p50 {pw['p50_us']} µs, p99 {pw['p99_us']} µs")
 
     def cn_p99(cond):
         r = _row(rows, "cn", cond)
