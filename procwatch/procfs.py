@@ -90,10 +90,14 @@ def pidfd_open(pid):
 
 
 def pidfd_exited(fd):
-    """Whether the process behind pidfd ``fd`` has exited (whole thread group)."""
+    """Whether the process behind pidfd ``fd`` has exited (whole thread group).
+
+    Only POLLIN counts: a descriptor closed under us (a watch-list sync on
+    another thread) polls as POLLNVAL, and must never read as "exited".
+    """
     p = _select.poll()
     p.register(fd, _select.POLLIN)
-    return bool(p.poll(0))
+    return any(ev & _select.POLLIN for _, ev in p.poll(0))
 
 
 def open_verified(pid, expected_start, procfs=PROCFS, exited_ok=False):

@@ -264,3 +264,22 @@ def test_reregistering_at_once_keeps_the_new_registration(key, service, compiled
         assert s.state == abi.State.EXITED and os.WTERMSIG(s.exit_status) == signal.SIGKILL
     finally:
         t.detach()
+
+
+def test_a_closed_pidfd_never_reads_as_exited():
+    """A pidfd closed by a sync on another thread polls as POLLNVAL: not a death."""
+    from procwatch import procfs
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        fd = os.pidfd_open(p.pid)
+        assert not procfs.pidfd_exited(fd)
+        os.close(fd)
+        assert not procfs.pidfd_exited(fd)
+        fd = os.pidfd_open(p.pid)
+        p.kill()
+        p.wait()
+        assert procfs.pidfd_exited(fd)
+        os.close(fd)
+    finally:
+        p.kill()
+        p.wait()
