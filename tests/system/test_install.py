@@ -1,0 +1,92 @@
+"""scripts/install inside a container: offline from wheels, over a writable /usr overlay.
+
+The container has no network, so the wheels are built on the host first
+(``scripts/install --make-wheels``, the ``wheels`` fixture) and bound in
+read-only.  The overlay's writes vanish at stop: the host's /usr and /opt
+are never touched.
+"""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, REPO_INSIDE, container_name
+from container import Container
+
+EVENT_KINDS = ("registered", "unregistered", "exit", "found_dead", "hung", "killed",
+               "overflow", "respawn")
+
+
+def catalog_ids():
+    """{event kind: MESSAGE_ID} from the header of systemd/procwatch.catalog."""
+    text = (REPO / "systemd" / "procwatch.catalog").read_text()
+    return dict(re.findall(r"^#\s+(\w+)\s+([0-9a-f]{32})$", text, re.M))
+
+
+def test_catalog_has_one_fixed_id_per_event_kind():
+    text = (REPO / "systemd" / "procwatch.catalog").read_text()
+    ids = catalog_ids()
+    assert tuple(ids) == EVENT_KINDS
+    assert len(set(ids.values())) == len(EVENT_KINDS)
+    assert re.findall(r"^-- ([0-9a-f]{32})$", text, re.M) == list(ids.values())
+
+
+@pytest.fixture(scope="module")
+def installed(reaped, wheels):
+    host_paths = {p: p.exists() for p in (Path("/usr/local/bin/procwatch"), Path("/opt/procwatch"))}
+    c = Container(container_name("install"), writable_usr=True,
+                  binds_ro=[(str(REPO), REPO_INSIDE), (str(wheels), "/wheels")])
+    c.start()
+    try:
+        t0 = time.monotonic()
+        r = c.exec(f"{REPO_INSIDE}/scripts/install", "--wheels", "/wheels", timeout=300)
+        print(f"scripts/install --wheels: {time.monotonic() - t0:.2f} s")
+        assert r.returncode == 0, r.stderr
+        yield c
+    finally:
+        c.stop()
+    assert {p: p.exists() for p in host_paths} == host_paths      # the host is untouched
+
+
+def test_install_puts_everything_in_place(installed):
+    c = installed
+    assert c.exec("readlink", "-f", "/usr/local/bin/procwatch").stdout.strip() == \
+        "/opt/procwatch/bin/procwatch"
+    assert c.exec("test", "-x", "/opt/procwatch/bin/procwatch").returncode == 0
+    r = c.exec("/opt/procwatch/bin/python", "-c", "import procwatch, systemd.journal")
+    assert r.returncode == 0, r.stderr
+    group = c.exec("getent", "group", "procwatch").stdout.split(":")
+    assert group[0] == "procwatch" and int(group[2]) < 1000           # a system group
+    assert c.systemctl("cat", "procwatch.service").returncode == 0   # daemon-reload done
+    assert c.show("procwatch.service", "UnitFileState") == "disabled"
+    assert c.show("procwatch.service", "FragmentPath") == \
+        "/usr/local/lib/systemd/system/procwatch.service"
+    r = c.exec("systemd-analyze", "verify", "procwatch.service")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    exposure = c.exec("systemd-analyze", "security", "--no-pager", "procwatch.service").stdout
+    print(exposure.strip().splitlines()[-1])
+
+
+def test_catalog_is_installed_and_explains_an_exit(installed):
+    c = installed
+    listed = c.exec("journalctl", "--list-catalog").stdout
+    for kind, mid in catalog_ids().items():
+        assert mid in listed, kind
+    mid = catalog_ids()["exit"]
+    c.exec("/opt/procwatch/bin/python", "-c",
+           "from systemd import journal; journal.send('exit name=demo pid=4242', "
+           f"MESSAGE_ID='{mid}', PROCWATCH_EVENT='exit', PROCWATCH_NAME='demo', "
+           "PROCWATCH_PID='4242', PROCWATCH_SLOT='3', PROCWATCH_SIGNAL='SIGKILL', "
+           "PROCWATCH_CORE_DUMPED='0', OBJECT_PID='4242')", check=True)
+    c.exec("journalctl", "--sync")
+    text = c.exec("journalctl", "-x", "--no-pager", "OBJECT_PID=4242").stdout
+    assert "Subject: Watched process demo (PID 4242) exited" in text, text
+    assert "@" not in text.split("Subject:", 1)[1], text     # every placeholder filled
+
+
+def test_install_twice_is_harmless(installed):
+    r = installed.exec(f"{REPO_INSIDE}/scripts/install", "--wheels", "/wheels", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert installed.exec("/opt/procwatch/bin/python", "-c", "import procwatch").returncode == 0
