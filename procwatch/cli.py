@@ -1,4 +1,4 @@
-"""Command line: ``procwatch serve | status | check-config | run | wait``, and ``--include-dir``.
+"""Command line: ``procwatch serve | status | check-config | run | wait | events``, and ``--include-dir``.
 
 Exit statuses follow the LSB convention that ``systemctl status`` uses:
 0 fine, 1 a runtime failure (the one-line message of a ProcwatchError),
@@ -192,6 +192,8 @@ def build_parser():
 
     from . import runwait
     runwait.add_parsers(sub, fmt, _key, key_help)
+    from . import events
+    events.add_parser(sub, fmt)
     return p
 
 
@@ -200,8 +202,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         from . import runwait
+        from .events import cmd_events
         return {"serve": cmd_serve, "status": cmd_status, "check-config": cmd_check_config,
-                "run": runwait.cmd_run, "wait": runwait.cmd_wait}[args.command](args)
+                "run": runwait.cmd_run, "wait": runwait.cmd_wait, "events": cmd_events}[args.command](args)
     except ProcwatchError as e:
         print(f"procwatch: {e}", file=_sys.stderr)
         return EXIT_FAILURE

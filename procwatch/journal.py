@@ -20,9 +20,12 @@ import enum as _enum
 import logging as _logging
 import os as _os
 import queue as _queue
+import re as _re
 import sys as _sys
 import threading as _threading
 import uuid as _uuid
+
+from . import abi as _abi
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 log = _logging.getLogger("procwatch")
@@ -65,8 +68,9 @@ def emit(event, message, *args, level=None, **fields):
     """
     extra = {"MESSAGE_ID": event.value[0], "PROCWATCH_EVENT": event.kind}
     for k, v in fields.items():
-        if v is not None:
-            extra["PROCWATCH_" + k] = v
+        if v is None or (k == "LATENCY_US" and v == _abi.LATENCY_UNKNOWN):
+            continue                # absent, not a magic number (the pidfd backend has no timestamp)
+        extra["PROCWATCH_" + k] = v
     if fields.get("PID"):
         extra["OBJECT_PID"] = fields["PID"]
     log.log(event.level if level is None else level, message, *args, extra=extra)
@@ -124,6 +128,11 @@ def _stream_handler(stream=None):
     handler = _logging.StreamHandler(stream or _sys.stderr)
     handler.setFormatter(_PlainFormatter("%(asctime)s procwatch[%(process)d]: %(message)s"))
     return handler
+
+
+# journald's rule for a field a client may set (journal_field_valid()): upper
+# case, digits and '_', not starting with a digit or '_', at most 64 bytes.
+_FIELD_NAME = _re.compile(r"[A-Z][A-Z0-9_]{0,63}\Z")
 
 
 class JournalFallbackHandler(_logging.Handler):
@@ -197,7 +206,9 @@ class JournalFallbackHandler(_logging.Handler):
         if MESSAGE_ID is not None:
             lines.append("MESSAGE_ID=" + getattr(MESSAGE_ID, "hex", MESSAGE_ID))
         for k, v in fields.items():
-            if v is not None:
+            # JournalHandler passes every attribute of the record (msg, args,
+            # levelname...): journald drops those names, so do not fill its queue with them.
+            if v is not None and _FIELD_NAME.match(k):
                 lines.append(k.encode() + b"=" + v if isinstance(v, bytes) else f"{k}={v}")
         self._sendv(lines)
         if self._down is not None and self._queue.qsize() < self.queue_size // 2:
@@ -265,7 +276,9 @@ def setup(target="auto", level=_logging.INFO, stream=None):
             handler = JournalFallbackHandler(stream)
         except ImportError:
             if target == "journal":
-                raise
+                from .errors import ProcwatchError
+                raise ProcwatchError("--log journal needs systemd-python and libsystemd, which are "
+                                     "not installed: pip install 'procwatch[systemd]', or use --log stderr") from None
             chosen = "stderr"
     if handler is None:
         handler = _stream_handler(stream)
@@ -293,3 +306,19 @@ def notify(*assignments):
                   "systemd will not see READY=1; install procwatch[systemd]")
         return False
     return daemon.notify("\n".join(assignments))
+
+
+def watchdog_interval():
+    """Seconds between WATCHDOG=1 pings systemd expects, or None (no watchdog).
+
+    sd_watchdog_enabled(3): WATCHDOG_USEC is the limit; WATCHDOG_PID, when
+    set, must be ours (a child must not ping for us).  Ping at half the limit.
+    """
+    try:
+        usec = int(_os.environ.get("WATCHDOG_USEC", "0"))
+        pid = int(_os.environ.get("WATCHDOG_PID", "0"))
+    except ValueError:
+        return None
+    if usec <= 0 or (pid and pid != _os.getpid()):
+        return None
+    return usec / 2e6

@@ -30,7 +30,7 @@ from . import procfs as _procfs
 from .detector import ConnectorDetector, Reporter
 from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
 from .guard import TableGuard, recover_pending_ends
-from .journal import Event, emit, notify
+from .journal import Event, emit, notify, watchdog_interval
 from .segment import Table
 from .stats import Stats
 
@@ -41,6 +41,11 @@ _RELOAD = "reload"
 # The table's group when --group is not given, if it exists (scripts/install
 # creates it); else the table keeps root's group and only root may use it.
 DEFAULT_GROUP = "procwatch"
+# s without a wake-up of the detector thread before WATCHDOG=1 stops.  Each
+# backend's detector wakes at least every 0.25 s (SO_RCVTIMEO, epoll timeout)
+# and stamps ``alive_at``; 2 s leaves room for a busy machine and stays below
+# WatchdogSec=5 of systemd/procwatch.service.
+DETECTOR_STALE = 2.0
 
 
 class Service:
@@ -192,6 +197,10 @@ class Service:
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
              self.backend_reason,
              KEY=f"{self.key:#010x}", BACKEND=self.backend_name)
+        wd = watchdog_interval()
+        if wd is not None and wd < self.heartbeat_period:
+            log.warning("WatchdogSec= is %g s but WATCHDOG=1 goes every %g s: set WatchdogSec=%g or more",
+                        2 * wd, self.heartbeat_period, max(2 * self.heartbeat_period, 2 * DETECTOR_STALE))
         notify("READY=1", f"STATUS={self.status_line()}")
 
     def _watch_registrations(self):
@@ -366,8 +375,24 @@ class Service:
         """Every heartbeat period: prove the service lives, check the table."""
         t = self.table
         t.hset64(_abi.H_SERVICE_HEARTBEAT, t.hget64(_abi.H_SERVICE_HEARTBEAT) + 1)
-        if _time.monotonic() - self.detector.alive_at < 3 * self.heartbeat_period:
+        self._notify_watchdog()
+
+    def _notify_watchdog(self):
+        """WATCHDOG=1 only while detection works: both loops must be alive.
+
+        It is sent from this main loop, so a frozen or stuck main loop sends
+        nothing; and only while the detector thread has woken up within
+        DETECTOR_STALE, so a detector stuck in a call stops the pings too.
+        systemd then kills and restarts the service (WatchdogSec=,
+        Restart=on-failure), which re-adopts the table and reconciles.  No
+        timer pings on its own.
+        """
+        stalled = _time.monotonic() - self.detector.alive_at
+        if stalled < DETECTOR_STALE:
             notify("WATCHDOG=1", f"STATUS={self.status_line()}")
+        else:
+            notify(f"STATUS=detector thread {self.detector.name} silent for {stalled:.0f} s; "
+                   f"no WATCHDOG=1 until it wakes")
 
     def stop(self):
         """A clean stop: the table stays, so clients keep their slots."""

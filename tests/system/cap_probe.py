@@ -17,6 +17,10 @@ stat               /proc/PID/stat field 22 of another user: no capability
 maps_other         /proc/PID/maps of another user: CAP_SYS_PTRACE (EACCES without;
 maps_nondumpable   also for a non-dumpable root process; CAP_DAC_READ_SEARCH does
                    not help: the check is ptrace_may_access(PTRACE_MODE_READ))
+exit_code_other    /proc/PID/stat field 52 (exit_code) of another user's zombie: the
+                   pidfd backend's exit status before Linux 6.15. CAP_SYS_PTRACE;
+                   without it the kernel prints 0 ("hidden"), which reads as "exit 0"
+                   (fs/proc/array.c, do_task_stat(): ptrace_may_access(READ_FSCREDS))
 pidfd_open         of another user's process: no capability
 pidfd_signal       pidfd_send_signal(2), signal 0 (the permission check only):
                    CAP_KILL (EPERM without)
@@ -40,8 +44,9 @@ import struct
 import subprocess
 import sys
 
-OPS = ("stat", "maps_other", "maps_nondumpable", "pidfd_open", "pidfd_signal",
+OPS = ("stat", "maps_other", "maps_nondumpable", "exit_code_other", "pidfd_open", "pidfd_signal",
        "connector", "sysv")
+ZOMBIE_STATUS = 7 << 8               # the wait status of the uid 65534 zombie: exit(7)
 
 # include/uapi/linux/connector.h, cn_proc.h
 NETLINK_CONNECTOR = 11
@@ -122,11 +127,16 @@ def _pidfd_signal(pid):
         os.close(fd)
 
 
-def probe(victim, nondumpable):
+def probe(victim, nondumpable, zombie):
     """Try each operation in this process; {op: "ok" or the error}."""
     def stat22(pid):
         with open(f"/proc/{pid}/stat", "rb") as f:
             int(f.read().rsplit(b")", 1)[1].split()[19])
+
+    def exit_code(pid):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            code = int(f.read().rsplit(b")", 1)[1].split()[49])       # field 52
+        return None if code == ZOMBIE_STATUS else ("hidden" if code == 0 else f"got {code}")
 
     def maps(pid):
         with open(f"/proc/{pid}/maps") as f:
@@ -136,6 +146,7 @@ def probe(victim, nondumpable):
         "stat": _check(lambda: stat22(victim)),
         "maps_other": _check(lambda: maps(victim)),
         "maps_nondumpable": _check(lambda: maps(nondumpable)),
+        "exit_code_other": _check(lambda: exit_code(zombie)),
         "pidfd_open": _check(lambda: os.close(os.pidfd_open(victim))),
         "pidfd_signal": _check(lambda: _pidfd_signal(victim)),
         "connector": _check(_connector_listen),
@@ -143,23 +154,28 @@ def probe(victim, nondumpable):
     }
 
 
-def run_with_caps(caps, victim, nondumpable):
+def run_with_caps(caps, victim, nondumpable, zombie):
     """Run :func:`probe` as root with only ``caps`` (e.g. ["cap_kill"]) in
     the bounding set; return its results."""
     bset = ",".join(["-all"] + [f"+{c.lower().removeprefix('cap_')}" for c in caps])
     out = subprocess.run(
         ["setpriv", f"--bounding-set={bset}", "--inh-caps=-all", "--",
-         sys.executable, os.path.abspath(__file__), "--probe", str(victim), str(nondumpable)],
+         sys.executable, os.path.abspath(__file__), "--probe", str(victim), str(nondumpable),
+         str(zombie)],
         capture_output=True, text=True, check=True, timeout=30).stdout
     return json.loads(out)
 
 
 class Victims:
-    """A ``sleep`` of uid 65534 and a non-dumpable root ``python``; ended by PID."""
+    """A ``sleep`` of uid 65534, a non-dumpable root ``python`` and a zombie of
+    uid 65534 that exited with 7 (not reaped until the end); ended by PID."""
 
     def __enter__(self):
         self.other = subprocess.Popen(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "600"])
+        self.zombie = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", "exit 7"])
+        os.waitid(os.P_PID, self.zombie.pid, os.WEXITED | os.WNOWAIT)     # a zombie, still unreaped
         self.nondumpable = subprocess.Popen(
             [sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
              "print(flush=True); sys.stdin.read()"],       # PR_SET_DUMPABLE = 4
@@ -179,13 +195,14 @@ class Victims:
     def __exit__(self, *exc):
         self.other.send_signal(signal.SIGKILL)
         self.other.wait()
+        self.zombie.wait()
         self.nondumpable.stdin.close()
         self.nondumpable.wait(timeout=10)
 
 
 def main(argv):
     if argv[:1] == ["--probe"]:
-        print(json.dumps(probe(int(argv[1]), int(argv[2]))))
+        print(json.dumps(probe(int(argv[1]), int(argv[2]), int(argv[3]))))
         return 0
     if os.geteuid() != 0:
         print("cap_probe: run as root", file=sys.stderr)
@@ -198,7 +215,7 @@ def main(argv):
               f"non-dumpable root PID {v.nondumpable.pid}")
         print(f"{'bounding set':42} " + " ".join(f"{op:>16}" for op in OPS))
         for caps in sets:
-            r = run_with_caps(caps, v.other.pid, v.nondumpable.pid)
+            r = run_with_caps(caps, v.other.pid, v.nondumpable.pid, v.zombie.pid)
             print(f"{','.join(caps) or '(none)':42} " + " ".join(f"{r[op]:>16}" for op in OPS))
     return 0
 

@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from container import Container, reap_stale  # noqa: E402
+from .container import Container, reap_stale
 
 REPO = Path(__file__).resolve().parents[2]
 NAME_PREFIX = "pwtest-"
@@ -77,11 +77,35 @@ def wheels(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def installed(reaped, wheels):
+    """A booted container with procwatch installed by scripts/install (offline, from
+    the wheels), over a writable /usr overlay whose writes vanish at stop: the
+    host's /usr and /opt are never touched.  Shared by test_install.py and
+    test_systemd.py: booting and installing once saves ~10 s."""
+    host_paths = {p: p.exists() for p in (Path("/usr/local/bin/procwatch"), Path("/opt/procwatch"))}
+    c = Container(container_name("installed"), writable_usr=True,
+                  binds_ro=[(str(REPO), REPO_INSIDE), (str(wheels), "/wheels")])
+    c.start()
+    try:
+        t0 = time.monotonic()
+        r = c.exec(f"{REPO_INSIDE}/scripts/install", "--wheels", "/wheels", timeout=300)
+        c.install_seconds = time.monotonic() - t0
+        Container.timings.append((c.name, "install", c.install_seconds))
+        if r.returncode:
+            pytest.fail(f"scripts/install --wheels failed ({r.returncode}):\n{r.stderr[-3000:]}",
+                        pytrace=False)
+        yield c
+    finally:
+        c.stop()
+    assert {p: p.exists() for p in host_paths} == host_paths      # the host is untouched
+
+
 def pytest_terminal_summary(terminalreporter):
     if Container.timings:
-        terminalreporter.section("container boot and stop times")
+        terminalreporter.section("container boot, install and stop times")
         for name, what, seconds in Container.timings:
-            terminalreporter.write_line(f"{name:32} {what:5} {seconds:6.3f} s")
+            terminalreporter.write_line(f"{name:32} {what:7} {seconds:6.3f} s")
 
 
 def systemd_site():

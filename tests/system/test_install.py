@@ -2,52 +2,13 @@
 
 The container has no network, so the wheels are built on the host first
 (``scripts/install --make-wheels``, the ``wheels`` fixture) and bound in
-read-only.  The overlay's writes vanish at stop: the host's /usr and /opt
-are never touched.
+read-only.  The ``installed`` fixture (conftest.py) boots and installs once
+for this module and test_systemd.py.
 """
 
-import re
-import time
-from pathlib import Path
+from procwatch.journal import Event
 
-import pytest
-
-from conftest import REPO, REPO_INSIDE, container_name
-from container import Container
-
-EVENT_KINDS = ("registered", "unregistered", "exit", "found_dead", "hung", "killed",
-               "overflow", "respawn")
-
-
-def catalog_ids():
-    """{event kind: MESSAGE_ID} from the header of systemd/procwatch.catalog."""
-    text = (REPO / "systemd" / "procwatch.catalog").read_text()
-    return dict(re.findall(r"^#\s+(\w+)\s+([0-9a-f]{32})$", text, re.M))
-
-
-def test_catalog_has_one_fixed_id_per_event_kind():
-    text = (REPO / "systemd" / "procwatch.catalog").read_text()
-    ids = catalog_ids()
-    assert tuple(ids) == EVENT_KINDS
-    assert len(set(ids.values())) == len(EVENT_KINDS)
-    assert re.findall(r"^-- ([0-9a-f]{32})$", text, re.M) == list(ids.values())
-
-
-@pytest.fixture(scope="module")
-def installed(reaped, wheels):
-    host_paths = {p: p.exists() for p in (Path("/usr/local/bin/procwatch"), Path("/opt/procwatch"))}
-    c = Container(container_name("install"), writable_usr=True,
-                  binds_ro=[(str(REPO), REPO_INSIDE), (str(wheels), "/wheels")])
-    c.start()
-    try:
-        t0 = time.monotonic()
-        r = c.exec(f"{REPO_INSIDE}/scripts/install", "--wheels", "/wheels", timeout=300)
-        print(f"scripts/install --wheels: {time.monotonic() - t0:.2f} s")
-        assert r.returncode == 0, r.stderr
-        yield c
-    finally:
-        c.stop()
-    assert {p: p.exists() for p in host_paths} == host_paths      # the host is untouched
+from .conftest import REPO_INSIDE
 
 
 def test_install_puts_everything_in_place(installed):
@@ -72,14 +33,14 @@ def test_install_puts_everything_in_place(installed):
 def test_catalog_is_installed_and_explains_an_exit(installed):
     c = installed
     listed = c.exec("journalctl", "--list-catalog").stdout
-    for kind, mid in catalog_ids().items():
-        assert mid in listed, kind
-    mid = catalog_ids()["exit"]
+    for event in Event:
+        assert event.message_id.hex in listed, event
+    mid = Event.EXIT.message_id.hex
     c.exec("/opt/procwatch/bin/python", "-c",
            "from systemd import journal; journal.send('exit name=demo pid=4242', "
            f"MESSAGE_ID='{mid}', PROCWATCH_EVENT='exit', PROCWATCH_NAME='demo', "
            "PROCWATCH_PID='4242', PROCWATCH_SLOT='3', PROCWATCH_SIGNAL='SIGKILL', "
-           "PROCWATCH_CORE_DUMPED='0', OBJECT_PID='4242')", check=True)
+           "PROCWATCH_CORE_DUMPED='0', PROCWATCH_CAUSE='exited', OBJECT_PID='4242')", check=True)
     c.exec("journalctl", "--sync")
     text = c.exec("journalctl", "-x", "--no-pager", "OBJECT_PID=4242").stdout
     assert "Subject: Watched process demo (PID 4242) exited" in text, text

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from conftest import REPO
-from cap_probe import OPS, Victims, run_with_caps
+from .conftest import REPO
+from .cap_probe import OPS, Victims, run_with_caps
 
 
 def unit_caps():
@@ -28,7 +28,7 @@ def victims():
 
 
 def probe(victims, caps):
-    return run_with_caps(caps, victims.other.pid, victims.nondumpable.pid)
+    return run_with_caps(caps, victims.other.pid, victims.nondumpable.pid, victims.zombie.pid)
 
 
 def test_the_unit_set_allows_every_operation(victims):
@@ -46,9 +46,10 @@ def test_cap_kill_is_needed_to_signal_another_user(victims):
     assert r["pidfd_signal"] == "EPERM", r
 
 
-def test_cap_sys_ptrace_is_needed_for_maps_of_others(victims):
+def test_cap_sys_ptrace_is_needed_for_maps_and_exit_codes_of_others(victims):
     r = probe(victims, [c for c in unit_caps() if c != "CAP_SYS_PTRACE"] + ["CAP_DAC_READ_SEARCH"])
     assert (r["maps_other"], r["maps_nondumpable"]) == ("EACCES", "EACCES"), r
+    assert r["exit_code_other"] == "hidden", r          # a 0 that would read as "exit 0"
 
 
 def test_connector_needs_cap_net_admin_only_before_linux_6_6(victims):

@@ -1,0 +1,156 @@
+"""journal.py: the catalog, and the fields of each entry as journald receives them.
+
+The entries are read off a real AF_UNIX datagram socket that stands in for
+journald's: a child process, in a mount namespace of its own (the host's
+mounts are untouched), sees it at /run/systemd/journal/socket, sets up
+procwatch's journal logging and emits events.  So these tests see the exact
+datagrams libsystemd sends, in journald's native protocol.  That journald
+*stores* them is proved in a container (tests/system/test_systemd.py);
+journald missing or stuck is tests/reliability/test_faults.py's.
+"""
+
+import os
+import re
+import select
+import socket
+import struct
+import subprocess
+
+import pytest
+
+from conftest import PY, ROOT, require_root
+from procwatch import journal
+from procwatch.journal import Event
+
+CATALOG = ROOT / "systemd" / "procwatch.catalog"
+
+
+def parse_native(data):
+    """journald's native protocol -> {field: str} (systemd.io/JOURNAL_NATIVE_PROTOCOL)."""
+    fields, i = {}, 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        line = data[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1)
+            i = nl + 1
+        else:
+            k = line
+            (n,) = struct.unpack_from("<Q", data, nl + 1)
+            v = data[nl + 9:nl + 9 + n]
+            assert data[nl + 9 + n:nl + 10 + n] == b"\n"
+            i = nl + 10 + n
+        fields[k.decode()] = v.decode()
+    return fields
+
+
+# The child: procwatch's journal logging, then the events of the tests below.
+CHILD = r"""
+import logging, signal, sys
+from procwatch import abi, journal
+from procwatch.detector import describe_status
+from procwatch.journal import Event, emit
+assert journal.setup("journal", logging.DEBUG) == "journal"
+text, fields = describe_status(signal.SIGKILL)
+emit(Event.EXIT, "%s (pid %d) %s", "dp-2", 4242, text, NAME="dp-2", PID=4242, SLOT=3,
+     LATENCY_US=85, CAUSE="exited", **fields)
+text, fields = describe_status(3 << 8)
+emit(Event.EXIT, "x %s", text, NAME="a", PID=7, SLOT=0, LATENCY_US=abi.LATENCY_UNKNOWN, **fields)
+emit(Event.RESPAWN, "detector failed:\n%s", "Traceback...\n  line 2", RESPAWNS=1, level=logging.ERROR)
+journal.log.handlers[0].flush()
+"""
+MOUNT = ('mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && '
+         'mount --bind "$1" /run/systemd/journal && shift && exec "$@"')
+
+
+@pytest.fixture(scope="module")
+def received(tmp_path_factory):
+    """The datagrams the child sent, parsed, in order."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a mount namespace)")
+    jdir = tmp_path_factory.mktemp("journal")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(jdir / "socket"))
+    try:
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNT, "sh",
+                            str(jdir), PY, "-c", CHILD], capture_output=True, text=True, timeout=60,
+                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == "", r.stderr                 # journald took everything: no fallback
+        out = []
+        while select.select([sock], [], [], 0)[0]:
+            out.append(parse_native(sock.recv(1 << 16)))
+        return out
+    finally:
+        sock.close()
+
+
+# -- the catalog ---------------------------------------------------------------
+
+def test_every_event_has_a_catalog_entry_with_its_id():
+    text = CATALOG.read_text()
+    entries = re.findall(r"^-- ([0-9a-f]{32})$", text, re.M)
+    table = dict(re.findall(r"^#\s+([a-z_]+)\s+([0-9a-f]{32})$", text, re.M))
+    assert entries == [e.message_id.hex for e in Event]            # one each, in enum order
+    assert table == {e.kind: e.message_id.hex for e in Event}
+    assert len(set(entries)) == len(Event)
+    for block in text.split("\n-- ")[1:]:
+        head = block.splitlines()
+        assert head[1].startswith("Subject: ") and head[2] == "Defined-By: procwatch", head[:3]
+
+
+# -- fields --------------------------------------------------------------------
+
+@require_root()
+def test_an_exit_by_signal_carries_every_field_the_issue_names(received):
+    e = received[0]
+    assert e["MESSAGE"] == "dp-2 (pid 4242) killed by SIGKILL"
+    assert e["MESSAGE_ID"] == Event.EXIT.message_id.hex
+    assert e["PRIORITY"] == "4"                                   # warning
+    assert e["SYSLOG_IDENTIFIER"] == "procwatch"
+    mine = {k: v for k, v in e.items() if k.startswith(("PROCWATCH_", "OBJECT_"))}
+    assert mine == {"PROCWATCH_EVENT": "exit", "PROCWATCH_NAME": "dp-2", "PROCWATCH_PID": "4242",
+                    "PROCWATCH_SLOT": "3", "PROCWATCH_LATENCY_US": "85", "PROCWATCH_CAUSE": "exited",
+                    "PROCWATCH_SIGNAL": "SIGKILL", "PROCWATCH_SIGNAL_NUMBER": "9",
+                    "PROCWATCH_CORE_DUMPED": "0", "OBJECT_PID": "4242"}
+    # JournalHandler passes every attribute of the record (msg, args, ...):
+    # journald would drop those names; they are not even sent.
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", k) for k in e), sorted(e)
+
+
+@require_root()
+def test_an_exit_code_and_an_unknown_latency(received):
+    e = received[1]
+    assert e["PROCWATCH_EXIT_CODE"] == "3" and e["OBJECT_PID"] == "7"
+    assert "PROCWATCH_SIGNAL" not in e and "PROCWATCH_CORE_DUMPED" not in e
+    assert "PROCWATCH_LATENCY_US" not in e            # absent, not 4294967295
+
+
+@require_root()
+def test_multi_line_messages_survive(received):
+    e = received[2]
+    assert e["MESSAGE"] == "detector failed:\nTraceback...\n  line 2"
+    assert e["PRIORITY"] == "3" and e["PROCWATCH_RESPAWNS"] == "1"
+    assert "OBJECT_PID" not in e
+    assert len(received) == 3
+
+
+# -- sd_notify helpers -------------------------------------------------------------
+
+def test_watchdog_interval_follows_sd_watchdog_enabled(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert journal.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "5000000")
+    assert journal.watchdog_interval() == 2.5
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))      # meant for another process
+    assert journal.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert journal.watchdog_interval() == 2.5
+    monkeypatch.setenv("WATCHDOG_USEC", "garbage")
+    assert journal.watchdog_interval() is None
+
+
+def test_notify_without_notify_socket_is_false(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert journal.notify("READY=1") is False

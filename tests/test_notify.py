@@ -1,0 +1,119 @@
+"""sd_notify(3) from the service, read off a real $NOTIFY_SOCKET (root: the connector).
+
+As python-systemd's own tests do, a datagram socket bound in tmp_path stands
+in for systemd's notify socket; SO_PASSCRED shows which process sent each
+message (NotifyAccess=main accepts only the main PID).  Under a real systemd
+the same is checked by tests/system/test_systemd.py.
+"""
+
+import os
+import select
+import signal
+import socket
+import struct
+
+import pytest
+
+from conftest import require_root, wait_until
+from procwatch import abi
+from procwatch import service as service_mod
+from procwatch.segment import Table
+
+pytestmark = [require_root()]
+
+
+class NotifySocket:
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.seen = []              # (sender pid, {key: value})
+
+    def poll(self, timeout=0.0):
+        """Read what has arrived (waiting up to ``timeout`` for the first); the new messages."""
+        new = []
+        while select.select([self.sock], [], [], timeout)[0]:
+            data, anc, _f, _a = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            pid = next((struct.unpack("3i", d[:12])[0] for lvl, typ, d in anc
+                        if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS), None)
+            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            new.append((pid, msg))
+            timeout = 0.0
+        self.seen += new
+        return new
+
+    def wait_for(self, key, value=None, timeout=15.0, what=None):
+        def found():
+            for pid, msg in self.poll(0.05):
+                if key in msg and (value is None or value in msg[key]):
+                    return pid, msg
+            return None
+        return wait_until(found, timeout, what or f"{key}={value or ''} on the notify socket",
+                          detail=lambda: repr(self.seen[-5:]))
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    s = NotifySocket(tmp_path / "notify")
+    yield s
+    s.close()
+
+
+def test_ready_after_start_up_then_status_watchdog_and_stopping(key, service, clients, notify_socket):
+    env = dict(os.environ, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="3000000")
+    svc = service(env=env, ready=False)
+    pid, ready = notify_socket.wait_for("READY", "1")
+    assert pid == svc.pid                                   # from the main process
+    # READY=1 comes after the table is set up, the backend subscribed and the
+    # first reconcile done: STARTED is logged at the end of exactly that.
+    t = Table.attach(key)
+    try:
+        assert t.hget32(abi.H_SERVICE_PID) == svc.pid
+        assert t.hget32(abi.H_BACKEND) != abi.Backend.NONE
+    finally:
+        t.detach()
+    assert "event=started" in svc.log()
+    assert ready["STATUS"] == "watching 0 processes, 0 exits"
+
+    c = clients(key, "notified")
+    c.kill(signal.SIGKILL)
+    svc.wait_event("exit", name="notified")
+    pid, msg = notify_socket.wait_for("STATUS", "last: notified killed by SIGKILL", timeout=10)
+    assert msg.get("WATCHDOG") == "1" and pid == svc.pid     # pings carry the summary
+    assert msg["STATUS"].startswith("watching 0 processes, 1 exits, last: notified killed by SIGKILL ")
+
+    assert svc.stop() == 0
+    notify_socket.poll(0.0)                 # it has exited: everything it sent is queued
+    assert (svc.pid, {"STOPPING": "1"}) in notify_socket.seen
+
+
+def test_a_silent_detector_stops_the_watchdog(key, notify_socket, monkeypatch):
+    """The watchdog follows detection, not a timer: a detector thread that no
+    longer wakes up (here: really ended, with nobody to respawn it) gets no
+    WATCHDOG=1 from the main loop's tick, and STATUS says why."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
+    monkeypatch.setattr(service_mod, "DETECTOR_STALE", 0.5)
+    svc = service_mod.Service(key=key)
+    try:
+        svc.start()
+        notify_socket.wait_for("READY", "1")
+        svc._tick()
+        assert notify_socket.poll(5.0)[-1][1].get("WATCHDOG") == "1"
+        detector = svc.detector
+        detector.stop_requested = True          # it ends within one SO_RCVTIMEO (0.25 s)
+        detector.join(5.0)
+        assert not detector.is_alive()
+
+        def silent():
+            svc._tick()
+            return [m for _p, m in notify_socket.poll(0.05) if "silent" in m.get("STATUS", "")]
+        [msg] = wait_until(silent, 10, "a STATUS saying the detector is silent")
+        assert "WATCHDOG" not in msg and detector.name in msg["STATUS"]
+        svc._tick()
+        assert all("WATCHDOG" not in m for _p, m in notify_socket.poll(0.2))
+    finally:
+        svc.stop()
