@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, REPO_INSIDE, container_name, systemd_site
-from .container import Container, ContainerError, _cgroup_dirs, reap_stale
+from .container import Container, ContainerError, _cgroup_dirs, reap_stale, wait_until
 
 HERE = Path(__file__).resolve().parent
 PROBE_KEY = 0x7077CA91
@@ -82,7 +82,9 @@ def test_exec_passes_output_and_status_through(ct):
 def test_exec_timeout_kills_the_command_inside(ct):
     with pytest.raises(subprocess.TimeoutExpired):
         ct.exec("sh", "-c", "sleep 300", timeout=0.5)
-    assert ct.exec("pgrep", "-x", "sleep").returncode == 1      # nothing left inside
+    # nothing left inside, once the container's PID 1 has reaped the orphaned sleep
+    assert wait_until(lambda: ct.exec("pgrep", "-x", "sleep").returncode == 1, 10), \
+        ct.exec("ps", "-ef").stdout
 
 
 def test_container_is_isolated_from_the_host(ct):
