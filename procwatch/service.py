@@ -248,12 +248,14 @@ class Service:
 
     def reload(self):
         """SIGHUP: re-read the configuration; a bad file is refused and logged, the old stays."""
+        notify("RELOADING=1", "STATUS=reloading the configuration")    # sd_notify(3)
         new = self.ops.reload(self.reporter.watch)
         if new is not None:
             self.config = new
             self.reconcile_interval = new.reconcile_interval
             if self.checker is not None:
                 self.checker.refresh_policy()
+        notify("READY=1", f"STATUS={self.status_line()}")
 
     def run(self):
         """Serve until SIGTERM/SIGINT.  Returns the exit status."""

@@ -86,6 +86,13 @@ def test_ready_after_start_up_then_status_watchdog_and_stopping(key, service, cl
     assert msg.get("WATCHDOG") == "1" and pid == svc.pid     # pings carry the summary
     assert msg["STATUS"].startswith("watching 0 processes, 1 exits, last: notified killed by SIGKILL ")
 
+    # SIGHUP (ExecReload=): RELOADING=1, then READY=1 once the configuration is re-read
+    notify_socket.seen.clear()
+    svc.proc.send_signal(signal.SIGHUP)
+    notify_socket.wait_for("READY", "1", what="READY=1 after the reload")
+    kinds = [next(iter(m)) for _p, m in notify_socket.seen if "RELOADING" in m or "READY" in m]
+    assert kinds == ["RELOADING", "READY"], notify_socket.seen
+
     assert svc.stop() == 0
     notify_socket.poll(0.0)                 # it has exited: everything it sent is queued
     assert (svc.pid, {"STOPPING": "1"}) in notify_socket.seen

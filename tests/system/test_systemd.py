@@ -15,7 +15,8 @@ The tests build on each other, in file order, on one procwatch.service:
 3. a frozen service (SIGSTOP) stops its WATCHDOG=1, systemd restarts it, and
    the new service re-adopts the table: the living client is still
    registered, the one killed meanwhile is found dead;
-4. ``systemctl stop`` is clean (STOPPING=1, status 0) and leaves the table.
+4. ``systemctl reload`` keeps the process (RELOADING=1, READY=1); ``systemctl
+   stop`` is clean (STOPPING=1, status 0) and leaves the table.
 For that last one PID 1 logs at debug level, so that the sd_notify messages
 it accepts ("Got notification message from PID ...") are in the journal.
 Not before: at debug level a unit's forked child logs to journald before it
@@ -93,9 +94,15 @@ def ct(installed):
     print(f"test_systemd: {time.monotonic() - installed.t0:.2f} s after boot and install")
 
 
+def unit_log(ct):
+    """What PID 1 and the service logged about the unit, as text."""
+    ct.exec("journalctl", "--sync")
+    return ct.exec("journalctl", "-b", "--no-pager", "-o", "cat", "-u", UNIT).stdout
+
+
 def notifications(ct, pid):
     """The sd_notify messages PID 1 accepted from ``pid`` (debug log)."""
-    log = ct.exec("journalctl", "-b", "--no-pager", "-o", "cat", "-u", UNIT).stdout
+    log = unit_log(ct)
     marker = f"{UNIT}: Got notification message from PID {pid} ("
     return [ln.split(marker, 1)[1][:-1] for ln in log.splitlines() if marker in ln]
 
@@ -122,9 +129,12 @@ def test_1_start_reaches_active_after_ready_with_a_status(ct):
 
 def test_2_a_killed_client_is_one_structured_journal_entry(ct):
     require_running(ct)
+    # --since: the follower may start reading after the exit below was logged (Python's
+    # start-up under load); without it, it would wait at the journal's end and miss it.
     follower = ct.exec("systemd-run", "--unit=pwevents", "--collect", "--quiet",
                        "--property=StandardOutput=file:/root/follow.jsonl",
-                       "procwatch", "events", "--follow", "--json", "--event", "exit")
+                       "procwatch", "events", "--follow", "--json", "--event", "exit",
+                       f"--since=@{time.time() - 1:.3f}")
     assert follower.returncode == 0, follower.stderr
     pid = start_client(ct, "dp-1")
     ct.exec("kill", "-KILL", str(pid), check=True)
@@ -181,13 +191,13 @@ def test_3_a_frozen_service_is_restarted_by_the_watchdog_and_readopts(ct):
             "the restarted service did not become active", ct)
     print(f"SIGSTOP -> restarted and active: {time.monotonic() - t0:.3f} s")
     new = int(ct.show(UNIT, "MainPID"))
-    log = ct.exec("journalctl", "-b", "--no-pager", "-o", "cat", "-u", UNIT).stdout
+    log = unit_log(ct)
     assert "Watchdog timeout" in log, log[-3000:]
 
     dead = wait_event(ct, "found_dead", name="doomed")
     assert dead["PROCWATCH_PID"] == str(doomed) and dead["OBJECT_PID"] == str(doomed)
     assert dead["_PID"] == str(new) and dead["PROCWATCH_CAUSE"] == "found_dead"
-    started = [e for e in events(ct, "started") if e["_PID"] == str(new)]
+    started = wait_until(lambda: [e for e in events(ct, "started") if e["_PID"] == str(new)], 10, 0.1)
     assert started and "adopted" in started[0]["MESSAGE"], started
     rc, snap = status(ct)
     assert rc == 0 and snap["service"]["pid"] == new
@@ -201,21 +211,28 @@ def test_3_a_frozen_service_is_restarted_by_the_watchdog_and_readopts(ct):
 
 # -- 4 ---------------------------------------------------------------------------
 
-def test_4_stop_is_clean_and_leaves_the_table(ct):
+def test_4_reload_then_a_clean_stop_that_leaves_the_table(ct):
     require_running(ct)
     kept = start_client(ct, "kept")
     main = int(ct.show(UNIT, "MainPID"))
     ct.exec("systemd-analyze", "log-level", "debug", check=True)
+    # systemctl reload (ExecReload=): SIGHUP, the same process goes on, RELOADING=1 then READY=1
+    assert ct.systemctl("reload", UNIT, timeout=60).returncode == 0
+    require(wait_until(lambda: [n for n in notifications(ct, main) if n.startswith("READY=1")], 10, 0.1),
+            "no READY=1 after the reload", ct)
+    said = [n.split("=")[0] for n in notifications(ct, main) if n.startswith(("RELOADING", "READY"))]
+    assert said == ["RELOADING", "READY"], said
+    assert int(ct.show(UNIT, "MainPID")) == main and ct.show(UNIT, "ActiveState") == "active"
     r = ct.systemctl("stop", UNIT, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "STOPPING=1" in notifications(ct, main)
+    assert wait_until(lambda: "STOPPING=1" in notifications(ct, main), 10, 0.1)
     assert ct.show(UNIT, "ActiveState") == "inactive"
     assert ct.show(UNIT, "Result") == "success"
     assert ct.show(UNIT, "ExecMainStatus") == "0"
-    log = ct.exec("journalctl", "-b", "--no-pager", "-o", "cat", "-u", UNIT).stdout
+    log = unit_log(ct)
     assert f"{UNIT}: Main process exited, code=exited, status=0/SUCCESS" in log    # not killed
-    stopping = [e for e in events(ct, "stopping") if e["_PID"] == str(main)]
-    assert len(stopping) == 1 and stopping[0]["PROCWATCH_KEY"] == KEY
+    stopping = wait_until(lambda: [e for e in events(ct, "stopping") if e["_PID"] == str(main)], 10, 0.1)
+    assert len(stopping) == 1 and stopping[0]["PROCWATCH_KEY"] == KEY, stopping
     assert KEY in ct.exec("ipcs", "-m").stdout                   # RemoveIPC=no: the table stays
     rc, snap = status(ct)
     assert rc == 3 and snap["service"]["alive"] is False         # 3: not running
