@@ -77,12 +77,14 @@ def wheels(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def installed(reaped, wheels):
     """A booted container with procwatch installed by scripts/install (offline, from
     the wheels), over a writable /usr overlay whose writes vanish at stop: the
     host's /usr and /opt are never touched.  Shared by test_install.py and
-    test_systemd.py: booting and installing once saves ~10 s."""
+    test_systemd.py: booting and installing once saves ~10 s.  Package scope:
+    stopped when the run leaves tests/system, so no nspawn child outlives it
+    (tests/test_hooks.py checks that pytest has no stray children)."""
     host_paths = {p: p.exists() for p in (Path("/usr/local/bin/procwatch"), Path("/opt/procwatch"))}
     c = Container(container_name("installed"), writable_usr=True,
                   binds_ro=[(str(REPO), REPO_INSIDE), (str(wheels), "/wheels")])
