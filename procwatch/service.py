@@ -172,6 +172,7 @@ class Service:
         """Everything up to READY=1: table, backend, first reconcile, detector."""
         from .ops import Operations
         self._claim_instance()
+        _raise_nofile_limit()
         self.ops = Operations(self.config, self.stats, key=self.key, table=lambda: self.table,
                               loader=self._load_config)
         self.ops.start()
@@ -426,3 +427,16 @@ class Service:
             self.table = None
         if self._instance_sock is not None:
             self._instance_sock.close()
+
+
+def _raise_nofile_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: every watched process holds a pidfd.
+
+    A shell's usual soft limit of 1024 would run out on a full 1024-slot
+    table; raising the soft limit to the hard one is what systemd expects of
+    a service that needs many descriptors (the unit sets LimitNOFILE too).
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

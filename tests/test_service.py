@@ -143,3 +143,14 @@ def test_bad_arguments_are_usage_errors():
     assert out.returncode == 2 and "out of range" in out.stderr
     out = run_cli("status", "--key", "banana")
     assert out.returncode == 2 and "not an integer key" in out.stderr
+
+
+def test_service_raises_its_open_file_limit_for_pidfds(key, service):
+    """Each watched process holds a pidfd: a soft limit of 256 must not cap the table."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > 256
+    svc = service(preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    with open(f"/proc/{svc.pid}/limits") as f:
+        line = next(ln for ln in f if ln.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard)] * 2, line
