@@ -389,17 +389,17 @@ class _Recorder:
                     t.unlock()
 
 
-class ConnectorDetector(_threading.Thread):
-    """One detector thread: reads exit events until one ends a registered process.
+class DetectorThread(_threading.Thread):
+    """What every backend's detector thread shares with the service.
 
-    Then it returns and the service starts the next one (``done`` is called
-    with the thread).  Any exception ends it too, with the traceback logged by
-    the service, which then respawns and reconciles.
+    The service starts one, and when it ends (``done(self)`` is called, with
+    ``error`` set if it failed) starts the next: the patent's respawn.
+    ``alive_at`` is stamped at least every quarter second, so the watchdog
+    can tell a stuck detector from an idle one.  Subclasses write ``_loop``.
     """
 
-    def __init__(self, connector, reporter, done, generation):
-        super().__init__(name=f"procwatch-detector-{generation}", daemon=True)
-        self.connector = connector
+    def __init__(self, name, reporter, done):
+        super().__init__(name=name, daemon=True)
         self.reporter = reporter
         self.done = done
         self.stop_requested = False
@@ -414,6 +414,22 @@ class ConnectorDetector(_threading.Thread):
             self.error = e
         finally:
             self.done(self)
+
+    def _loop(self):
+        raise NotImplementedError
+
+
+class ConnectorDetector(DetectorThread):
+    """One detector thread: reads exit events until one ends a registered process.
+
+    Then it returns and the service starts the next one (``done`` is called
+    with the thread).  Any exception ends it too, with the traceback logged by
+    the service, which then respawns and reconciles.
+    """
+
+    def __init__(self, connector, reporter, done, generation):
+        super().__init__(f"procwatch-detector-{generation}", reporter, done)
+        self.connector = connector
 
     def _loop(self):
         recv_into = self.connector.sock.recv_into

@@ -53,10 +53,10 @@ import functools as _functools
 import os as _os
 import select as _select
 import struct as _struct
-import threading as _threading
 import time as _time
 
 from . import procfs as _procfs
+from .detector import DetectorThread
 from .errors import ProcwatchError
 
 # include/uapi/linux/pidfd.h: PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11,
@@ -259,7 +259,7 @@ class PidfdSet:
         self.members.clear()
 
 
-class PidfdDetector(_threading.Thread):
+class PidfdDetector(DetectorThread):
     """One detector thread over a :class:`PidfdSet`; ends after reporting an exit.
 
     Same contract as ConnectorDetector: ``done(self)`` is called when it ends,
@@ -269,23 +269,9 @@ class PidfdDetector(_threading.Thread):
     POLL_TIMEOUT = 0.25         # s: how often it notices a stop request, and proves it lives
 
     def __init__(self, pidfds, reporter, done, generation):
-        super().__init__(name=f"procwatch-pidfd-{generation}", daemon=True)
+        super().__init__(f"procwatch-pidfd-{generation}", reporter, done)
         self.pidfds = pidfds
-        self.reporter = reporter
-        self.done = done
-        self.stop_requested = False
-        self.alive_at = _time.monotonic()
-        self.error = None
-        self.ended_pid = None
         pidfds.attach(reporter.watch)
-
-    def run(self):
-        try:
-            self._loop()
-        except BaseException as e:      # reported by the service, which respawns
-            self.error = e
-        finally:
-            self.done(self)
 
     def _loop(self):
         pidfds = self.pidfds

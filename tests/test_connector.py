@@ -12,7 +12,6 @@ import pytest
 
 from conftest import require_root
 from procwatch import connector
-from procwatch.errors import ConnectorUnavailable
 
 FIX = Path(__file__).parent / "fixtures" / "cn_proc"
 

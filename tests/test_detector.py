@@ -8,7 +8,6 @@ carries no kernel timestamp).
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

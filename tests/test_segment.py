@@ -2,7 +2,6 @@
 
 import os
 import signal
-import stat
 
 import pytest
 import sysv_ipc
