@@ -64,6 +64,26 @@ def end_process(p, timeout=5.0):
             pass
 
 
+def read_slot(key, i):
+    """A snapshot of slot ``i`` of the table at ``key`` (attach, read, detach)."""
+    from procwatch.segment import Table
+    t = Table.attach(key)
+    try:
+        return t.read_slot(i)
+    finally:
+        t.detach()
+
+
+def wait_ended(key, i, timeout=10):
+    """Wait until slot ``i``'s PID word is 0 and its state is no longer ALIVE; the slot."""
+    from procwatch import abi
+
+    def ended():
+        s = read_slot(key, i)
+        return s if s.pid == 0 and s.state != abi.State.ALIVE else None
+    return wait_until(ended, timeout, f"slot {i} to be ended")
+
+
 @pytest.fixture
 def key():
     k = fresh_key()

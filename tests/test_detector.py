@@ -13,7 +13,7 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, require_root, wait_until
+from conftest import PY, ROOT, read_slot, require_root, wait_ended, wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -35,23 +35,10 @@ def check_latency(backend, s, event):
         assert event["status_source"] in ("pidfd", "procfs") and "seen through its pidfd" in event["message"]
 
 
-def slot(key, i):
-    t = Table.attach(key)
-    try:
-        return t.read_slot(i)
-    finally:
-        t.detach()
-
-
-def wait_ended(key, i, timeout=10):
-    return wait_until(lambda: (lambda s: s if s.pid == 0 and s.state != abi.State.ALIVE else None)(slot(key, i)),
-                      timeout, f"slot {i} to be ended")
-
-
 def test_sigkill_zeroes_slot_and_records_signal(key, service, clients, backend):
     svc = service("--backend", backend)
     c = clients(key, "victim")
-    assert slot(key, c.slot).pid == c.pid
+    assert read_slot(key, c.slot).pid == c.pid
     c.kill(signal.SIGKILL)
     s = wait_ended(key, c.slot)
     assert s.state == abi.State.EXITED and s.cause == abi.Cause.EXITED
@@ -116,7 +103,7 @@ def test_leader_thread_exit_is_not_death(key, service, compiled, backend):
         wait_until(lambda: open(f"/proc/{p.pid}/task/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
                    10, "the main thread to exit")
         time.sleep(1.0)   # five reconcile periods: neither an event nor reconcile may report it
-        s = slot(key, reg.slot)
+        s = read_slot(key, reg.slot)
         assert s.pid == p.pid and s.state == abi.State.ALIVE, svc.log()[-2000:]
         p.stdin.write(b"x\n")
         p.stdin.flush()
@@ -179,7 +166,7 @@ def test_restart_reports_deaths_while_down_and_keeps_the_living(key, service, cl
         assert s.state == abi.State.FOUND_DEAD and s.cause == abi.Cause.FOUND_DEAD
         assert s.latency_us == abi.LATENCY_UNKNOWN
         svc2.wait_event("found_dead", name=c.name)
-    s = slot(key, live.slot)
+    s = read_slot(key, live.slot)
     assert s.pid == live.pid and s.state == abi.State.ALIVE
     live.kill()                                # and the kept one is still watched
     assert wait_ended(key, live.slot).state == abi.State.EXITED

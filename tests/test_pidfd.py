@@ -18,28 +18,13 @@ import sys
 
 import pytest
 
-from conftest import PROGS, PY, ROOT, require_root, wait_until
+from conftest import PROGS, PY, ROOT, read_slot, require_root, wait_ended, wait_until
 from procwatch import abi, cheader, pidfd_backend, procfs
 from procwatch.segment import Table
 
 pytestmark = [require_root()]
 NOBODY = 65534
 CLONE_NEWNET = 0x40000000
-
-
-def slot_of(key, i):
-    t = Table.attach(key)
-    try:
-        return t.read_slot(i)
-    finally:
-        t.detach()
-
-
-def wait_ended(key, i, timeout=10):
-    def ended():
-        s = slot_of(key, i)
-        return s if s.pid == 0 and s.state != abi.State.ALIVE else None
-    return wait_until(ended, timeout, f"slot {i} to be ended")
 
 
 def kernel_keeps_exit_status():
@@ -159,7 +144,7 @@ def test_auto_picks_pidfd_in_a_new_pid_namespace(key, tmp_path):
         line = driver.stdout.readline().split() if ready else []
         assert line[:1] == ["READY"], (line, log.read_text() if log.exists() else "")
         slot, inner_pid = int(line[1]), int(line[2])
-        assert slot_of(key, slot).pid == inner_pid          # a PID of the inner namespace
+        assert read_slot(key, slot).pid == inner_pid          # a PID of the inner namespace
         text = log.read_text()
         assert "backend=pidfd" in text and "did not acknowledge the subscription" in text, text
         driver.stdin.write("kill\n")
