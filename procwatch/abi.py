@@ -85,11 +85,23 @@ S_HEARTBEAT_ACTION = 104  # u32  HangAction for this slot (0 = service default)
 S_HEARTBEAT_SIGNAL = 108  # u32  signal number for HangAction.KILL (0 = service default)
 # 112..127 reserved, zero.
 
+# Slot fields by name for column reads: name -> (offset, 64-bit?).
+SLOT_FIELDS = {
+    "pid": (S_PID, False), "state": (S_STATE, False), "start_time": (S_START_TIME, True),
+    "heartbeat_seq": (S_HEARTBEAT_SEQ, True), "heartbeat_ms": (S_HEARTBEAT_MS, False),
+    "misses": (S_MISSES, False), "cause": (S_CAUSE, False), "exit_time_ns": (S_EXIT_TIME_NS, True),
+    "registered_ns": (S_REGISTERED_NS, True), "owner_uid": (S_OWNER_UID, False),
+    "last_beat_ns": (S_LAST_BEAT_NS, True),
+}
+
 LATENCY_UNKNOWN = 0xFFFFFFFF
 EXIT_STATUS_UNKNOWN = -1
 
 SLOT_IDENTITY = _struct.Struct("=Q32s")      # start_time, name (at S_START_TIME)
 SLOT_END = _struct.Struct("=iIQ")            # exit_status, cause, exit_time_ns (at S_EXIT_STATUS)
+# One whole slot, field by field in the order above (for snapshots; never to write a PID word).
+SLOT = _struct.Struct("=IIQ32sQIIiIQQIIQII16x")
+assert SLOT.size == SLOT_SIZE
 
 
 class State(_enum.IntEnum):

@@ -45,9 +45,9 @@ def _name_bytes(name, pid):
 
 def _slot_live(table, i, state):
     """Whether slot ``i`` names a live process (its PID and start time match)."""
-    pid = table.u32[table.pid_index(i)]
+    pid = table.pid(i)
     return (state in _abi.LIVE_STATES and pid != 0 and _procfs.valid_pid(pid)
-            and _procfs.start_time(pid) == table.get64(i, _abi.S_START_TIME))
+            and _procfs.start_time(pid) == table.start_time(i))
 
 
 def _choose_slot(table, raw):
@@ -60,18 +60,16 @@ def _choose_slot(table, raw):
     """
     first_empty = None
     others = []
-    for i in range(table.slot_count):
-        state = table.get32(i, _abi.S_STATE)
+    for i, state in enumerate(table.state_words()):
         if state == _abi.State.EMPTY:
             if first_empty is None:
                 first_empty = i
             continue
-        off = _abi.slot_offset(i) + _abi.S_NAME
-        if bytes(table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == raw:
+        if table.name_bytes(i) == raw:
             # A CLAIMING slot under our lock is a stale claim: its client died
             # mid-registration and SEM_UNDO released the lock.
             if state != _abi.State.CLAIMING and _slot_live(table, i, state):
-                raise NameInUse(raw.decode("utf-8", "backslashreplace"), table.u32[table.pid_index(i)])
+                raise NameInUse(raw.decode("utf-8", "backslashreplace"), table.pid(i))
             return i
         others.append((i, state))
     if first_empty is not None:
@@ -79,7 +77,7 @@ def _choose_slot(table, raw):
     # Reported ends first, oldest first; then stale claims (never published).
     # A live-state slot whose process is gone comes last: its death is not
     # reported yet, and taking its slot would lose that report.
-    ended = [((0, table.get64(i, _abi.S_EXIT_TIME_NS)) if state in _ENDED
+    ended = [((0, table.exit_time_ns(i)) if state in _ENDED
               else (0, 0) if state == _abi.State.CLAIMING else (1, 0), i)
              for i, state in others if state == _abi.State.CLAIMING or not _slot_live(table, i, state)]
     if ended:
@@ -96,8 +94,7 @@ class Registration:
         self.pid = pid
         self.start_time = start_time
         self.name = name
-        self._u64 = table.u64
-        self._seq_index = (_abi.slot_offset(slot) + _abi.S_HEARTBEAT_SEQ) >> 3
+        self._u64, self._seq_index = table.beat_word(slot)
         self._registered = True
 
     def beat(self):
@@ -106,8 +103,7 @@ class Registration:
 
     def set_heartbeat(self, seconds):
         """Expect a beat at least every ``seconds`` (0 turns hang detection off)."""
-        self.table.set32(self.slot, _abi.S_HEARTBEAT_MS, _heartbeat_ms(seconds))
-        self.table.set64(self.slot, _abi.S_LAST_BEAT_NS, _time.time_ns())
+        self.table.set_heartbeat(self.slot, _heartbeat_ms(seconds))
 
     def set_hang_action(self, action=None, signal=None):
         """What the service does when this process hangs: 'kill' or 'log', and the signal.
@@ -115,12 +111,11 @@ class Registration:
         None keeps the service's default (``--hang-action``, ``--hang-signal``).
         """
         a, s = hang_action_value(action), hang_signal_value(signal)
-        self.table.set32(self.slot, _abi.S_HEARTBEAT_ACTION, a)
-        self.table.set32(self.slot, _abi.S_HEARTBEAT_SIGNAL, s)
+        self.table.set_hang_action(self.slot, a, s)
 
     @property
     def registered(self):
-        return self._registered and self.table.u32[self.table.pid_index(self.slot)] == self.pid
+        return self._registered and self.table.pid(self.slot) == self.pid
 
     def unregister(self):
         """Leave the table cleanly; peers see the PID word turn 0.  Idempotent."""
@@ -130,13 +125,7 @@ class Registration:
         t = self.table
         try:
             with t.lock():
-                if t.u32[t.pid_index(self.slot)] == self.pid:
-                    t.u32[t.pid_index(self.slot)] = 0
-                    _futex.wake(t.pid_address(self.slot))
-                    t.set32(self.slot, _abi.S_CAUSE, _abi.Cause.UNREGISTERED)
-                    t.set64(self.slot, _abi.S_EXIT_TIME_NS, _time.time_ns())
-                    t.set32(self.slot, _abi.S_STATE, _abi.State.UNREGISTERED)
-                    t.bump_generation()
+                t.release(self.slot, self.pid)
         except SegmentMissing:
             pass                      # the table went away: nothing left to clean
         finally:
@@ -255,23 +244,9 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
             if start is None:
                 raise ValueError(f"no process with PID {pid}")
             i = _choose_slot(table, raw)
-            now = _time.time_ns()
-            table.u32[table.pid_index(i)] = 0         # cleared first
-            table.set32(i, _abi.S_STATE, _abi.State.CLAIMING)
-            table.clear_slot_body(i)
-            table.set64(i, _abi.S_START_TIME, start)
-            table.write_name(i, raw)
-            table.set32(i, _abi.S_HEARTBEAT_MS, hb_ms)
-            table.set32(i, _abi.S_HEARTBEAT_ACTION, action)
-            table.set32(i, _abi.S_HEARTBEAT_SIGNAL, sig)
-            table.set32(i, _abi.S_EXIT_STATUS, _abi.EXIT_STATUS_UNKNOWN)
-            table.set64(i, _abi.S_REGISTERED_NS, now)
-            table.set32(i, _abi.S_LATENCY_US, _abi.LATENCY_UNKNOWN)
-            table.set32(i, _abi.S_OWNER_UID, _os.getuid())
-            table.set64(i, _abi.S_LAST_BEAT_NS, now)
-            table.set32(i, _abi.S_STATE, _abi.State.ALIVE)
-            table.u32[table.pid_index(i)] = pid       # published last
-            table.bump_generation()
+            table.claim(i)
+            table.publish(i, pid, start, raw, heartbeat_ms=hb_ms, hang_action=action,
+                          hang_signal=sig, owner_uid=_os.getuid())
     except _UNUSABLE as e:
         table.detach()
         return _without_procwatch(e)
@@ -306,16 +281,14 @@ def _check_may_signal(pid):
 def _find_slot(table, raw):
     """Slot index carrying name ``raw``: the live one, else the latest ended one."""
     best = best_time = None
-    for i in range(table.slot_count):
-        state = table.get32(i, _abi.S_STATE)
+    for i, state in enumerate(table.state_words()):
         if state == _abi.State.EMPTY:
             continue
-        off = _abi.slot_offset(i) + _abi.S_NAME
-        if bytes(table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") != raw:
+        if table.name_bytes(i) != raw:
             continue
         if state in _abi.LIVE_STATES:
             return i
-        t = table.get64(i, _abi.S_REGISTERED_NS)
+        t = table.registered_ns(i)
         if best is None or t > best_time:
             best, best_time = i, t
     return best
@@ -337,8 +310,7 @@ class Peer:
             self.table.detach()
             raise NameNotFound(self.name, self.table.key)
         self.slot = slot
-        self._u32 = self.table.u32
-        self._index = self.table.pid_index(slot)
+        self._u32, self._index = self.table.pid_word(slot)
         self._known = self._u32[self._index]
 
     def _follow(self, pid):
@@ -349,7 +321,7 @@ class Peer:
         slot = _find_slot(self.table, self._raw)     # the slot was given to another name
         if slot is None:
             return 0
-        self.slot, self._index = slot, self.table.pid_index(slot)
+        self.slot, (self._u32, self._index) = slot, self.table.pid_word(slot)
         self._known = self._u32[self._index]
         return self._known
 
@@ -370,8 +342,7 @@ class Peer:
         return self._follow(pid) != 0
 
     def _carries_name(self, slot):
-        off = _abi.slot_offset(slot) + _abi.S_NAME
-        return bytes(self.table.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == self._raw
+        return self.table.name_bytes(slot) == self._raw
 
     def wait_exit(self, timeout=None):
         """Block until the process the name holds now is gone; False if ``timeout`` s pass first.
@@ -426,10 +397,10 @@ def monitor_alive(key=None):
     except SegmentMissing:
         return False
     try:
-        pid = table.hget32(_abi.H_SERVICE_PID)
+        pid, start = table.service()
         if not pid or not _procfs.valid_pid(pid):
             return False
-        if _procfs.start_time(pid) != table.hget64(_abi.H_SERVICE_START_TIME):
+        if _procfs.start_time(pid) != start:
             return False
         return _procfs.stat_state(pid) not in (None, "T", "t", "Z", "X")
     finally:

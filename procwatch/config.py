@@ -287,7 +287,7 @@ _HOOKS = {
 }
 _RULE = {
     "name": _pattern,
-    # heartbeat_ms is a u32 in the slot (abi.S_HEARTBEAT_MS)
+    # heartbeat_ms is a u32 field of the slot
     "heartbeat": _seconds(0.001, 4294967, zero_ok=True),
     "action": _HANG["action"],
     "signal": _HANG["signal"],

@@ -111,7 +111,7 @@ class Watchlist:
             for slot, pid in enumerate(t.pid_words()):
                 if pid == 0:
                     continue
-                start = t.get64(slot, _abi.S_START_TIME)
+                start = t.start_time(slot)
                 w = old.pop((slot, pid), None)
                 if w is None or w.start_time != start:
                     if w is not None:
@@ -132,17 +132,17 @@ class Watchlist:
         for w in fresh:
             if w.pidfd is not None:
                 emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, w.pid, w.slot,
-                     NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.get32(w.slot, _abi.S_HEARTBEAT_MS) or None)
+                     NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None)
         for w in old.values():
-            if t.get32(w.slot, _abi.S_STATE) == _abi.State.UNREGISTERED:
+            if t.state(w.slot) == _abi.State.UNREGISTERED:
                 emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
                      NAME=w.name, PID=w.pid, SLOT=w.slot)
 
     def _adopt(self, slot, pid, start):
         """A Watched for a newly seen PID word, or None if the slot is corrupt."""
         t = self.table
-        state = t.get32(slot, _abi.S_STATE)
         raw = t.read_slot(slot)
+        state = raw.state
         problem = None
         if not _procfs.valid_pid(pid):
             problem = f"PID word {pid} is not a valid PID (pid_max {_procfs.pid_max()})"
@@ -237,8 +237,7 @@ class Reporter:
             status, source, note = status()
         latency_us = (zeroed_ns - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
         # Killed by procwatch: HUNG, and the heartbeat checker marked the cause before its signal.
-        hung = (t.get32(w.slot, _abi.S_STATE) == _abi.State.HUNG
-                and t.get32(w.slot, _abi.S_CAUSE) == _abi.Cause.KILLED_HUNG)
+        hung = t.killed_hung(w.slot)
         cause = _abi.Cause.KILLED_HUNG if hung else _abi.Cause.EXITED
         self._record(w, _abi.State.EXITED, cause, status, latency_us)
         self.watch.forget(w)
@@ -294,8 +293,7 @@ class Reporter:
         """A slot no client could have written: clear it, say so, go on."""
         t = self.table
         if t.clear_pid(slot, pid):
-            t.clear_slot_body(slot)
-            t.set32(slot, _abi.S_STATE, _abi.State.EMPTY)
+            t.reset(slot)
         self.stats.record_corrupt()
         emit(Event.CORRUPT, "slot %d is corrupt (%s); cleared", slot, problem,
              SLOT=slot, PROBLEM=problem, level=_logging.ERROR)
@@ -328,19 +326,8 @@ class Reporter:
         (ALIVE with a zero PID word is not: that is this service between
         clear_pid() and record_end().)
         """
-        t = self.table
-        stale = [i for i, (pid, state) in enumerate(zip(t.pid_words(), t.state_words()))
-                 if pid == 0 and state == _abi.State.CLAIMING]
-        if not stale or not t.try_lock():
-            return
-        try:
-            for i in stale:
-                if t.u32[t.pid_index(i)] == 0 and t.get32(i, _abi.S_STATE) == _abi.State.CLAIMING:
-                    t.clear_slot_body(i)
-                    t.set32(i, _abi.S_STATE, _abi.State.EMPTY)
-                    log.info("slot %d: cleared a registration its client never finished", i)
-        finally:
-            t.unlock()
+        for i in self.table.clear_stale_claims():
+            log.info("slot %d: cleared a registration its client never finished", i)
 
 
 class _Recorder:
@@ -378,15 +365,10 @@ class _Recorder:
                     batch.append(self.queue.get_nowait())
                 except _queue.Empty:
                     break
-            locked = t._try_lock(t.RECORD_LOCK_TIMEOUT)
             try:
-                for args in batch:
-                    t.record_end(*args, lock_timeout=None)
+                t.record_ends(batch)
             except ValueError:          # the table was detached: the service is stopping
                 return
-            finally:
-                if locked:
-                    t.unlock()
 
 
 class DetectorThread(_threading.Thread):

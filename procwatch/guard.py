@@ -31,15 +31,7 @@ from . import procfs as _procfs
 from .journal import Event, emit
 
 log = _logging.getLogger("procwatch")
-_MAX_STATE = max(_abi.State)
 _PID_STATES = (_abi.State.ALIVE, _abi.State.HUNG)      # the only states a set PID word may have
-# Header words the service writes once at start and never again while it
-# runs: (offset, size in bytes, name for messages).  (The backend and the
-# heartbeat period may legitimately change at run time; they are not here.)
-_SERVICE_WORDS = (
-    (_abi.H_SERVICE_PID, 4, "service PID"),
-    (_abi.H_SERVICE_START_TIME, 8, "service start time"),
-)
 
 
 class TableGuard:
@@ -52,17 +44,7 @@ class TableGuard:
     def __init__(self, table, stats=None):
         self.table = table
         self.stats = stats
-        self.static = bytes(table.buf[:_abi.HEADER_STATIC.size])
-        self.words = [(off, size, name, self._get(off, size)) for off, size, name in _SERVICE_WORDS]
-
-    def _get(self, off, size):
-        return self.table.hget32(off) if size == 4 else self.table.hget64(off)
-
-    def _set(self, off, size, value):
-        if size == 4:
-            self.table.hset32(off, value)
-        else:
-            self.table.hset64(off, value)
+        self.header = table.header_snapshot()
 
     def present(self):
         """Whether the segment and semaphore at the key are still ours (not ``ipcrm``-ed)."""
@@ -80,64 +62,26 @@ class TableGuard:
         _corrupt(self.stats, message, *args, **fields)
 
     def _check_header(self):
-        t = self.table
-        changed = []
-        if bytes(t.buf[:len(self.static)]) != self.static:
-            t.buf[:len(self.static)] = self.static          # no PID word lives here
-            changed.append("layout fields (magic .. slot count)")
-        for off, size, name, value in self.words:
-            if self._get(off, size) != value:
-                self._set(off, size, value)
-                changed.append(name)
+        changed = self.table.restore_header(self.header)
         if changed:
             self._corrupt("table header was overwritten (%s); put back", ", ".join(changed),
                           PROBLEM="header: " + ", ".join(changed))
 
     def _check_states(self):
-        """Slots whose state word cannot be true.
+        """Slots whose state word cannot be true (Table.repair_states says which and fixes them).
 
-        Every honest writer keeps "PID word set => state ALIVE or HUNG" at
-        all times (clients and the service zero the PID word before they
-        change the state), so a slot breaking it, or a state out of range
-        with no PID, was written by somebody else.  The state is read before
-        the PID word, in the order the service's own ending writes them.
+        A PID the watch list adopted was checked then (PID, start time,
+        name); a new one is checked at the next sync.  Either way only the
+        state word is wrong, so it is set back to ALIVE.
         """
-        t = self.table
-        step = _abi.SLOT_SIZE // 4
-        first = _abi.HEADER_SIZE // 4
-        end = first + t.slot_count * step
-        pids = t.u32[first:end:step].tolist()
-        states = t.u32[first + 1:end:step].tolist()
-        bad = [i for i, (pid, state) in enumerate(zip(pids, states))
-               if (state not in _PID_STATES if pid else state > _MAX_STATE)]
-        if not bad:
-            return
-        if not t.try_lock():          # a client is registering: look again next period
-            return
-        try:
-            for i in bad:
-                with t.service_lock:  # against clear_pid(): see above
-                    state = t.get32(i, _abi.S_STATE)
-                    pid = t.u32[t.pid_index(i)]
-                    if pid == 0 and state > _MAX_STATE:
-                        t.clear_slot_body(i)
-                        t.set32(i, _abi.S_STATE, _abi.State.EMPTY)
-                    elif pid != 0 and state not in _PID_STATES:
-                        # A PID the watch list adopted was checked then (PID,
-                        # start time, name); a new one is checked at the next
-                        # sync.  Either way only the state word is wrong.
-                        t.set32(i, _abi.S_STATE, _abi.State.ALIVE)
-                    else:
-                        continue
-                what = _state_name(state)
-                if pid:
-                    self._corrupt("slot %d (pid %d) is corrupt (state %s with a PID); set back to alive",
-                                  i, pid, what, SLOT=i, PID=pid, PROBLEM=f"state {what} with a PID")
-                else:
-                    self._corrupt("slot %d is corrupt (state %s out of range, no PID); cleared",
-                                  i, what, SLOT=i, PROBLEM=f"state {what} out of range")
-        finally:
-            t.unlock()
+        for i, pid, state in self.table.repair_states() or ():   # None: a client holds the lock
+            what = _state_name(state)
+            if pid:
+                self._corrupt("slot %d (pid %d) is corrupt (state %s with a PID); set back to alive",
+                              i, pid, what, SLOT=i, PID=pid, PROBLEM=f"state {what} with a PID")
+            else:
+                self._corrupt("slot %d is corrupt (state %s out of range, no PID); cleared",
+                              i, what, SLOT=i, PROBLEM=f"state {what} out of range")
 
 
 def _state_name(state):
@@ -169,7 +113,7 @@ def recover_pending_ends(table, stats=None, on_end=None):
             _corrupt(stats, "pending end (slot %d, pid %d) names no slot or no valid PID; dropped",
                      slot, pid, PROBLEM="pending end out of range")
             continue
-        word = table.u32[table.pid_index(slot)]
+        word = table.pid(slot)
         if word == pid:
             continue                            # never zeroed: the reconcile decides
         s = table.read_slot(slot)

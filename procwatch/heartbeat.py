@@ -79,12 +79,9 @@ GRANULARITY = 0.01       # s: passes never come closer than this
 DISCOVERY_PERIOD = 0.1   # s: longest sleep, so a new registration is seen soon
 DEFAULT_MAX_MISSES = 3
 
-_S32 = _abi.SLOT_SIZE // 4
-_S64 = _abi.SLOT_SIZE // 8
 _ALIVE = int(_abi.State.ALIVE)
 _HUNG = int(_abi.State.HUNG)
 _GONE = ("gone", "")
-_MISSES_AFTER_PID = (_abi.S_MISSES - _abi.S_PID) // 4   # u32 words from a slot's PID word to its misses
 
 # Who hung, for on_event: the fields the Reporter's on_end callback reads.
 Hung = _collections.namedtuple("Hung", "name pid slot")
@@ -99,15 +96,11 @@ def signal_name(num):
 
 class _Track:
     """What the checker remembers of one slot between passes."""
-    __slots__ = ("i", "pid", "reg", "ms", "interval", "seq", "due", "misses", "handled",
-                 "pid_index", "beat_index", "max_misses")
+    __slots__ = ("i", "pid", "reg", "ms", "interval", "seq", "due", "misses", "handled", "max_misses")
 
     def __init__(self, i, pid, reg, ms, seq, now, misses, max_misses):
         self.i, self.pid, self.reg, self.ms, self.seq, self.misses = i, pid, reg, ms, seq, misses
         self.max_misses = max_misses
-        off = _abi.slot_offset(i)
-        self.pid_index = (off + _abi.S_PID) >> 2             # into table.u32
-        self.beat_index = (off + _abi.S_LAST_BEAT_NS) >> 3   # into table.u64
         self.interval = max(ms / 1000, GRANULARITY)
         self.due = now + self.interval
         self.handled = False            # this hang was declared (and acted on)
@@ -172,32 +165,24 @@ class HeartbeatChecker(_threading.Thread):
         return self.policy(name)
 
     # -- one pass ----------------------------------------------------------------
-    def _words(self, field, wide=False):
-        """Field ``field`` of every slot, as a list: one strided copy."""
-        n = self.table.slot_count
-        if wide:
-            a = (_abi.HEADER_SIZE + field) // 8
-            return self.table.u64[a:a + n * _S64:_S64].tolist()
-        a = (_abi.HEADER_SIZE + field) // 4
-        return self.table.u32[a:a + n * _S32:_S32].tolist()
-
     def check(self):
         """Check every slot that is due; returns the seconds until the next pass is needed."""
         started = _time.perf_counter()
         if self._repolicy:
             self._repolicy = False
             self._seen = (None, None, None)     # every slot re-tracked with the new policy
-        seen = (self._words(_abi.S_HEARTBEAT_MS), self._words(_abi.S_PID),
-                self._words(_abi.S_REGISTERED_NS, wide=True))
+        column = self.table.column
+        seen = (column("heartbeat_ms"), column("pid"), column("registered_ns"))
         mono = _time.monotonic()
         if seen != self._seen:          # compared in C: a registration came, went or changed
             self._retrack(seen, mono)
         elif mono < self._next_due:
             return max(GRANULARITY, self._next_due - mono)
-        seqs = self._words(_abi.S_HEARTBEAT_SEQ, wide=True)
-        states = self._words(_abi.S_STATE)
+        seqs = column("heartbeat_seq")
+        states = column("state")
         now_ns = _time.time_ns()
-        u32, u64 = self.table.u32, self.table.u64
+        beats, misses = [], []
+        tracks = self._tracks
         next_due = mono + DISCOVERY_PERIOD
         for tr in self._tracks.values():
             due = tr.due
@@ -207,21 +192,27 @@ class HeartbeatChecker(_threading.Thread):
                 state = states[i]
                 if state != _ALIVE and state != _HUNG:
                     pass
-                elif seqs[i] != tr.seq:                     # progress: the common case, inline
+                elif seqs[i] != tr.seq:                     # progress: the common case
                     tr.seq = seqs[i]
-                    if u32[tr.pid_index] == tr.pid:         # else re-registered: next pass re-tracks
-                        u64[tr.beat_index] = now_ns
-                        if tr.misses or tr.handled or state == _HUNG:
-                            self._progress(tr, state)
+                    beats.append((i, tr.pid))
                 else:                                       # a miss
-                    misses = tr.misses = tr.misses + 1
-                    if u32[tr.pid_index] == tr.pid:
-                        u32[tr.pid_index + _MISSES_AFTER_PID] = min(misses, 0xFFFFFFFF)
-                        if misses >= tr.max_misses and not tr.handled:
-                            tr.handled = True
-                            self._hung(tr, now_ns)
+                    tr.misses += 1
+                    misses.append((i, tr.pid, tr.misses))
             if due < next_due:
                 next_due = due
+        if beats or misses:
+            # Stored where the slot still holds the PID (else re-registered:
+            # the next pass re-tracks it), then acted on.
+            beaten, missed = self.table.note_checks(beats, misses, now_ns)
+            for i, _pid in beaten:
+                tr = tracks[i]
+                if tr.misses or tr.handled or states[i] == _HUNG:
+                    self._progress(tr, states[i])
+            for i, _pid, count in missed:
+                tr = tracks[i]
+                if count >= tr.max_misses and not tr.handled:
+                    tr.handled = True
+                    self._hung(tr, now_ns)
         self._next_due = next_due
         if self.stats is not None:
             self.stats.record_check(_time.perf_counter() - started)
@@ -246,9 +237,9 @@ class HeartbeatChecker(_threading.Thread):
             if tr is not None and pid == tr.pid and reg == tr.reg:
                 misses = tr.misses                      # set_heartbeat(): same client, new interval
             else:
-                misses = min(self.table.get32(i, _abi.S_MISSES), max_misses)
+                misses = min(self.table.misses(i), max_misses)
             if seqs is None:
-                seqs = self._words(_abi.S_HEARTBEAT_SEQ, wide=True)
+                seqs = self.table.column("heartbeat_seq")
             tracks[i] = new = _Track(i, pid, reg, ms, seqs[i], mono, misses, max_misses)
             if tr is not None and pid == tr.pid and reg == tr.reg:
                 new.handled = tr.handled
@@ -258,7 +249,7 @@ class HeartbeatChecker(_threading.Thread):
         """Progress after misses: misses back to 0, and out of HUNG."""
         if tr.misses:
             tr.misses = 0
-            self.table.set32(tr.i, _abi.S_MISSES, 0)
+            self.table.set_misses(tr.i, 0)
         if state == _HUNG:
             self._recovered(tr, "beats again")
         tr.handled = False
@@ -266,36 +257,16 @@ class HeartbeatChecker(_threading.Thread):
     def _turned_off(self, tr):
         """set_heartbeat(0) while HUNG: nothing watches the hang any more."""
         t = self.table
-        if t.get32(tr.i, _abi.S_STATE) == _HUNG:
-            t.set32(tr.i, _abi.S_MISSES, 0)
+        if t.state(tr.i) == _HUNG:
+            t.set_misses(tr.i, 0)
             self._recovered(tr, "turned hang detection off")
 
     # -- state changes -------------------------------------------------------------
-    def _set_state(self, i, pid, old, new):
-        """State ``old`` -> ``new`` if slot ``i`` still holds ``pid``; False if not.
-
-        Under the service lock, so the detector's clear_pid() (which zeroes
-        the word under the same lock, then writes EXITED) cannot interleave.
-        A client's unregister() takes the table semaphore instead; if it
-        slipped in between, its UNREGISTERED is put back.
-        """
-        t = self.table
-        with t.service_lock:
-            if t.u32[t.pid_index(i)] != pid or t.get32(i, _abi.S_STATE) not in old:
-                return False
-            t.set32(i, _abi.S_STATE, new)
-        if t.u32[t.pid_index(i)] != pid and t.get32(i, _abi.S_CAUSE) == _abi.Cause.UNREGISTERED:
-            t.set32(i, _abi.S_STATE, _abi.State.UNREGISTERED)
-            return False
-        return True
-
     def _recovered(self, tr, how):
         t, i = self.table, tr.i
-        if not self._set_state(i, tr.pid, (_HUNG,), _ALIVE):
+        if not t.set_state_if(i, tr.pid, (_HUNG,), _ALIVE):
             return
-        with t.service_lock:
-            if t.u32[t.pid_index(i)] == tr.pid and t.get32(i, _abi.S_CAUSE) == _abi.Cause.KILLED_HUNG:
-                t.set32(i, _abi.S_CAUSE, _abi.Cause.NONE)     # it outlived the signal
+        t.unmark_kill(i, tr.pid)          # it outlived the signal
         s = t.read_slot(i)
         emit(Event.RECOVERED, "%s (pid %d) %s; no longer hung", s.name, tr.pid, how,
              NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms)
@@ -317,7 +288,7 @@ class HeartbeatChecker(_threading.Thread):
 
     def _hung(self, tr, now_ns):
         t, i = self.table, tr.i
-        if not self._set_state(i, tr.pid, (_ALIVE, _HUNG), _HUNG):
+        if not t.set_state_if(i, tr.pid, (_ALIVE, _HUNG), _HUNG):
             return
         s = t.read_slot(i)
         action, sig = self._resolve(s)
@@ -389,16 +360,12 @@ class HeartbeatChecker(_threading.Thread):
 
     def _send(self, s, pid, fd, sig, tr):
         t, i = self.table, s.index
-        with t.service_lock:
-            if t.u32[t.pid_index(i)] != pid or t.get32(i, _abi.S_STATE) != _HUNG:
-                return                  # ended or recovered meanwhile
-            t.set32(i, _abi.S_CAUSE, _abi.Cause.KILLED_HUNG)   # before: the exit may come at once
+        if not t.mark_kill(i, pid):     # before the signal: the exit may come at once
+            return                      # ended or recovered meanwhile
         try:
             _signal.pidfd_send_signal(fd, sig)
         except OSError as e:
-            with t.service_lock:
-                if t.u32[t.pid_index(i)] == pid:
-                    t.set32(i, _abi.S_CAUSE, _abi.Cause.NONE)
+            t.unmark_kill(i, pid)
             if isinstance(e, PermissionError):      # a service without CAP_KILL, another user's process
                 self._refuse(s, pid, "eperm", f"pidfd_send_signal() was refused ({e.strerror})")
             elif not isinstance(e, ProcessLookupError):

@@ -11,7 +11,7 @@ configuration.  It sits beside the detection path, never on it:
   exit report.
 * :meth:`Operations.apply_rules` runs in the registrations thread after the
   watch list changed: a rule's ``heartbeat`` is written into the slot of a
-  client that registered without one (0 ms in ``S_HEARTBEAT_MS``).  A client
+  client that registered without one (0 ms in its ``heartbeat_ms`` field).  A client
   that asked for its own interval keeps it.
 * :meth:`Operations.reload` runs in the service's main loop on SIGHUP.  The
   new file is parsed and checked whole before anything changes; a bad file
@@ -159,18 +159,15 @@ class Operations:
                     written[ident] = self._written[ident]
                     continue
                 ours = self._written.get(ident)
-                current = table.get32(w.slot, _abi.S_HEARTBEAT_MS)
+                current = table.heartbeat_ms(w.slot)
                 if current and current != ours:
                     written[ident] = None           # the client's own interval
                     continue
                 rule = _config.rule_for(cfg, w.name)
                 want = _heartbeat_ms(rule)
                 if want != current:
-                    # XXX: a client calling set_heartbeat() at this instant can
-                    # have its value replaced by the rule's (two plain stores).
-                    if table.u32[table.pid_index(w.slot)] != w.pid:
+                    if not table.set_rule_heartbeat(w.slot, w.pid, want):
                         continue                    # ended meanwhile
-                    table.set32(w.slot, _abi.S_HEARTBEAT_MS, want)
                     if want:
                         log.info("%s (pid %d): heartbeat %g s from rule %r (it registered without one)",
                                  w.name, w.pid, want / 1000, rule.name)

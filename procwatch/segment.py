@@ -21,7 +21,6 @@ import ctypes as _ctypes
 import dataclasses as _dataclasses
 import errno as _errno
 import os as _os
-import struct as _struct
 import threading as _threading
 import time as _time
 
@@ -32,9 +31,8 @@ from . import futex as _futex
 from .errors import (SegmentCorrupt, SegmentMissing, SegmentPermissionError,
                      TableBusy)
 
-# One whole slot, for status and reconcile (not for the PID word: see abi).
-_SLOT = _struct.Struct("=IIQ32sQIIiIQQIIQII16x")
-assert _SLOT.size == _abi.SLOT_SIZE
+_MAX_STATE = max(_abi.State)
+_PID_STATES = (_abi.State.ALIVE, _abi.State.HUNG)      # the only states a set PID word may have
 
 
 # semtimedop(2) through ctypes: this sysv_ipc build has no timeouts
@@ -315,15 +313,10 @@ class Table:
     def unlock(self):
         _semop(self._semaphore().id, 1, 0)
 
-    # -- words ----------------------------------------------------------------
-    def pid_index(self, i):
-        """Index into ``u32`` of slot ``i``'s PID word."""
-        return (_abi.HEADER_SIZE + i * _abi.SLOT_SIZE) // 4
-
-    def pid_address(self, i):
-        """Virtual address of slot ``i``'s PID word in this process (for futexes)."""
-        return self.address + _abi.slot_offset(i) + _abi.S_PID
-
+    # -- raw words ----------------------------------------------------------------
+    # By offset: for this module, and for tests that play a foreign writer
+    # (a C client, a hostile group member).  Every other procwatch module
+    # says what it wants through the named operations below.
     def get32(self, i, field):
         return self.u32[(_abi.slot_offset(i) + field) >> 2]
 
@@ -348,30 +341,154 @@ class Table:
     def hset64(self, field, value):
         self.u64[field >> 3] = value
 
+    def pid_index(self, i):
+        """Index into ``u32`` of slot ``i``'s PID word."""
+        return (_abi.HEADER_SIZE + i * _abi.SLOT_SIZE) // 4
+
+    # -- the header -----------------------------------------------------------------
     @property
     def generation(self):
         return self.u32[_abi.H_GENERATION >> 2]
+
+    @property
+    def generation_address(self):
+        """Virtual address of the header's generation word (a futex: FUTEX_WAIT on it)."""
+        return self.address + _abi.H_GENERATION
 
     def bump_generation(self):
         """Count a registration change and wake whoever waits on it (hold lock())."""
         self.hset32(_abi.H_GENERATION, self.generation + 1)
         _futex.wake(self.address + _abi.H_GENERATION)
 
+    def service(self):
+        """(PID, start time) of the service the header names; PID 0 when none."""
+        return self.hget32(_abi.H_SERVICE_PID), self.hget64(_abi.H_SERVICE_START_TIME)
+
+    def set_service(self, pid, start_time, heartbeat_period_ms):
+        """Name the serving process.  The PID goes last: a reader that sees it sees its start time."""
+        self.hset64(_abi.H_SERVICE_START_TIME, start_time)
+        self.hset32(_abi.H_HEARTBEAT_PERIOD_MS, heartbeat_period_ms)
+        self.hset32(_abi.H_SERVICE_PID, pid)
+
+    def clear_service(self, pid, backend=False):
+        """The service ``pid`` leaves: PID 0 (and, with ``backend``, Backend.NONE).
+
+        Only if the header still names ``pid``: a newer service may own it now.
+        """
+        if self.hget32(_abi.H_SERVICE_PID) != pid:
+            return False
+        self.hset32(_abi.H_SERVICE_PID, 0)
+        if backend:
+            self.hset32(_abi.H_BACKEND, _abi.Backend.NONE)
+        return True
+
+    def set_backend(self, backend):
+        self.hset32(_abi.H_BACKEND, backend)
+
+    def beat_service(self):
+        """Bump the service heartbeat (the service's main loop, every period)."""
+        self.hset64(_abi.H_SERVICE_HEARTBEAT, self.hget64(_abi.H_SERVICE_HEARTBEAT) + 1)
+
+    # The header words the service writes once at start and never again while
+    # it runs, with names for messages.  (The backend and the heartbeat period
+    # may legitimately change at run time; they are not here.)
+    _SERVICE_WORDS = ((_abi.H_SERVICE_PID, 4, "service PID"),
+                      (_abi.H_SERVICE_START_TIME, 8, "service start time"))
+
+    def header_snapshot(self):
+        """What restore_header() puts back: the layout fields and the service's own words."""
+        return (bytes(self.buf[:_abi.HEADER_STATIC.size]),
+                tuple(self.hget32(off) if size == 4 else self.hget64(off)
+                      for off, size, _ in self._SERVICE_WORDS))
+
+    def restore_header(self, snapshot):
+        """Put back what differs from ``snapshot``; returns the names of what was changed."""
+        static, words = snapshot
+        changed = []
+        if bytes(self.buf[:len(static)]) != static:
+            self.buf[:len(static)] = static              # no PID word lives here
+            changed.append("layout fields (magic .. slot count)")
+        for (off, size, name), value in zip(self._SERVICE_WORDS, words):
+            if (self.hget32(off) if size == 4 else self.hget64(off)) != value:
+                if size == 4:
+                    self.hset32(off, value)
+                else:
+                    self.hset64(off, value)
+                changed.append(name)
+        return changed
+
+    # -- columns: one field of every slot, one strided copy each -------------------
+    def column(self, field):
+        """Field ``field`` (a name of abi.SLOT_FIELDS, e.g. 'pid') of every slot, as a list."""
+        off, wide = _abi.SLOT_FIELDS[field]
+        if wide:
+            step = _abi.SLOT_SIZE // 8
+            a = (_abi.HEADER_SIZE + off) // 8
+            return self.u64[a:a + self.slot_count * step:step].tolist()
+        step = _abi.SLOT_SIZE // 4
+        a = (_abi.HEADER_SIZE + off) // 4
+        return self.u32[a:a + self.slot_count * step:step].tolist()
+
     def pid_words(self):
         """Every slot's PID word, as a list (one strided copy: cheap)."""
-        start = _abi.HEADER_SIZE // 4
-        return self.u32[start:start + self.slot_count * (_abi.SLOT_SIZE // 4):_abi.SLOT_SIZE // 4].tolist()
+        return self.column("pid")
 
     def state_words(self):
         """Every slot's state word, as a list."""
-        start = (_abi.HEADER_SIZE + _abi.S_STATE) // 4
-        return self.u32[start:start + self.slot_count * (_abi.SLOT_SIZE // 4):_abi.SLOT_SIZE // 4].tolist()
+        return self.column("state")
+
+    # -- one field of one slot --------------------------------------------------------
+    def pid(self, i):
+        """Slot ``i``'s PID word: non-zero while its process is registered and alive."""
+        return self.u32[(_abi.HEADER_SIZE + i * _abi.SLOT_SIZE) >> 2]
+
+    def pid_word(self, i):
+        """(u32 view, index) of slot ``i``'s PID word, for readers that inline the read.
+
+        ``view[index]`` is one aligned load; Peer.alive reads it that way, since
+        a method call would be most of its cost.  Never write through it.
+        """
+        return self.u32, (_abi.HEADER_SIZE + i * _abi.SLOT_SIZE) >> 2
+
+    def beat_word(self, i):
+        """(u64 view, index) of slot ``i``'s heartbeat sequence: ``view[index] += 1`` is beat()."""
+        return self.u64, (_abi.slot_offset(i) + _abi.S_HEARTBEAT_SEQ) >> 3
+
+    def pid_address(self, i):
+        """Virtual address of slot ``i``'s PID word in this process (for futexes)."""
+        return self.address + _abi.slot_offset(i) + _abi.S_PID
+
+    def state(self, i):
+        return self.get32(i, _abi.S_STATE)
+
+    def cause(self, i):
+        return self.get32(i, _abi.S_CAUSE)
+
+    def start_time(self, i):
+        return self.get64(i, _abi.S_START_TIME)
+
+    def name_bytes(self, i):
+        """Slot ``i``'s name as stored (UTF-8, NUL padding stripped)."""
+        off = _abi.slot_offset(i) + _abi.S_NAME
+        return bytes(self.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0")
+
+    def heartbeat_ms(self, i):
+        return self.get32(i, _abi.S_HEARTBEAT_MS)
+
+    def misses(self, i):
+        return self.get32(i, _abi.S_MISSES)
+
+    def registered_ns(self, i):
+        return self.get64(i, _abi.S_REGISTERED_NS)
+
+    def exit_time_ns(self, i):
+        return self.get64(i, _abi.S_EXIT_TIME_NS)
 
     # -- whole slots ----------------------------------------------------------
     def read_slot(self, i):
         if not 0 <= i < self.slot_count:
             raise IndexError(f"slot {i} out of range 0..{self.slot_count - 1}")
-        f = _SLOT.unpack_from(self.buf, _abi.slot_offset(i))
+        f = _abi.SLOT.unpack_from(self.buf, _abi.slot_offset(i))
         return Slot(i, f[0], f[1], f[2], _abi.decode_name(f[3]), *f[4:], raw_name=bytes(f[3]).rstrip(b"\0"))
 
     def used_slots(self):
@@ -390,6 +507,203 @@ class Table:
         """
         off = _abi.slot_offset(i)
         self.buf[off + 8:off + _abi.SLOT_SIZE] = bytes(_abi.SLOT_SIZE - 8)
+
+    def reset(self, i):
+        """Make slot ``i`` EMPTY: its body zeroed, then the state.  Its PID word must be 0."""
+        self.clear_slot_body(i)
+        self.set32(i, _abi.S_STATE, _abi.State.EMPTY)
+
+    # -- client side: claim, publish, release --------------------------------------
+    # The two rules of abi's docstring live here and nowhere else: the PID
+    # word is cleared first (claim, release, clear_pid) and published last
+    # (publish), each with one aligned store.  tests/test_segment.py holds
+    # each rule to the order of the stores.
+    def claim(self, i):
+        """Start filling slot ``i`` in (hold lock()): PID word 0 first, then CLAIMING, body zeroed."""
+        self.u32[self.pid_index(i)] = 0                 # cleared first
+        self.set32(i, _abi.S_STATE, _abi.State.CLAIMING)
+        self.clear_slot_body(i)
+
+    def publish(self, i, pid, start_time, raw_name, heartbeat_ms=0,
+                hang_action=_abi.HangAction.DEFAULT, hang_signal=0, owner_uid=0, now_ns=None):
+        """Fill claimed slot ``i`` in and publish ``pid`` (hold lock(), after claim()).
+
+        Every field is written before the state turns ALIVE and the PID word
+        is set, last: a reader that sees the PID sees its start time and name.
+        Then the generation moves, so the service sees the registration.
+        """
+        now = _time.time_ns() if now_ns is None else now_ns
+        self.set64(i, _abi.S_START_TIME, start_time)
+        self.write_name(i, raw_name)
+        self.set32(i, _abi.S_HEARTBEAT_MS, heartbeat_ms)
+        self.set32(i, _abi.S_HEARTBEAT_ACTION, hang_action)
+        self.set32(i, _abi.S_HEARTBEAT_SIGNAL, hang_signal)
+        self.set32(i, _abi.S_EXIT_STATUS, _abi.EXIT_STATUS_UNKNOWN)
+        self.set64(i, _abi.S_REGISTERED_NS, now)
+        self.set32(i, _abi.S_LATENCY_US, _abi.LATENCY_UNKNOWN)
+        self.set32(i, _abi.S_OWNER_UID, owner_uid)
+        self.set64(i, _abi.S_LAST_BEAT_NS, now)
+        self.set32(i, _abi.S_STATE, _abi.State.ALIVE)
+        self.u32[self.pid_index(i)] = pid               # published last
+        self.bump_generation()
+
+    def release(self, i, pid, now_ns=None):
+        """Unregister ``pid`` from slot ``i`` (hold lock()); False if the slot no longer holds it.
+
+        The PID word is cleared first and its waiters woken; the cause, time
+        and state UNREGISTERED follow.
+        """
+        idx = self.pid_index(i)
+        if self.u32[idx] != pid:
+            return False
+        self.u32[idx] = 0                               # cleared first
+        _futex.wake(self.pid_address(i))
+        self.set32(i, _abi.S_CAUSE, _abi.Cause.UNREGISTERED)
+        self.set64(i, _abi.S_EXIT_TIME_NS, _time.time_ns() if now_ns is None else now_ns)
+        self.set32(i, _abi.S_STATE, _abi.State.UNREGISTERED)
+        self.bump_generation()
+        return True
+
+    def set_heartbeat(self, i, ms, now_ns=None):
+        """Slot ``i`` expects a beat every ``ms`` ms (0: no hang detection), counted from now."""
+        self.set32(i, _abi.S_HEARTBEAT_MS, ms)
+        self.set64(i, _abi.S_LAST_BEAT_NS, _time.time_ns() if now_ns is None else now_ns)
+
+    def set_hang_action(self, i, action, signal):
+        self.set32(i, _abi.S_HEARTBEAT_ACTION, action)
+        self.set32(i, _abi.S_HEARTBEAT_SIGNAL, signal)
+
+    # -- service side: state changes under the service lock --------------------------
+    def set_state_if(self, i, pid, old, new):
+        """State ``old`` (a tuple) -> ``new`` if slot ``i`` still holds ``pid``; False if not.
+
+        Under the service lock, so clear_pid() (which zeroes the word under
+        the same lock, then records EXITED) cannot interleave.  A client's
+        release() takes the table semaphore instead; if it slipped in
+        between, its UNREGISTERED is put back.
+        """
+        with self.service_lock:
+            if self.pid(i) != pid or self.state(i) not in old:
+                return False
+            self.set32(i, _abi.S_STATE, new)
+        if self.pid(i) != pid and self.cause(i) == _abi.Cause.UNREGISTERED:
+            self.set32(i, _abi.S_STATE, _abi.State.UNREGISTERED)
+            return False
+        return True
+
+    def mark_kill(self, i, pid):
+        """Cause KILLED_HUNG on HUNG slot ``i`` before its hang signal goes; False if it ended or recovered.
+
+        Marked before the signal, because the exit may be reported at once.
+        """
+        with self.service_lock:
+            if self.pid(i) != pid or self.state(i) != _abi.State.HUNG:
+                return False
+            self.set32(i, _abi.S_CAUSE, _abi.Cause.KILLED_HUNG)
+            return True
+
+    def unmark_kill(self, i, pid):
+        """Undo mark_kill() (the signal failed, or the process outlived it)."""
+        with self.service_lock:
+            if self.pid(i) == pid and self.cause(i) == _abi.Cause.KILLED_HUNG:
+                self.set32(i, _abi.S_CAUSE, _abi.Cause.NONE)
+
+    def killed_hung(self, i):
+        """Whether slot ``i`` was HUNG and marked by mark_kill(): its end is procwatch's kill."""
+        return self.state(i) == _abi.State.HUNG and self.cause(i) == _abi.Cause.KILLED_HUNG
+
+    def set_misses(self, i, misses):
+        self.set32(i, _abi.S_MISSES, min(misses, 0xFFFFFFFF))
+
+    def note_checks(self, beats, misses, now_ns):
+        """One heartbeat pass's results, stored only where the slot still holds the PID.
+
+        ``beats``: [(slot, pid)] that made progress (last_beat_ns = now_ns);
+        ``misses``: [(slot, pid, count)].  Returns the two lists filtered to
+        the slots that still hold their PID (else re-registered: the next
+        pass re-tracks them).  One call per pass, not per slot.
+        """
+        u32, u64 = self.u32, self.u64
+        base32, step32 = _abi.HEADER_SIZE >> 2, _abi.SLOT_SIZE >> 2
+        beat_at, miss_at = _abi.S_LAST_BEAT_NS >> 3, _abi.S_MISSES >> 2
+        step64 = _abi.SLOT_SIZE >> 3
+        base64 = _abi.HEADER_SIZE >> 3
+        beaten, missed = [], []
+        for i, pid in beats:
+            if u32[base32 + i * step32] == pid:
+                u64[base64 + i * step64 + beat_at] = now_ns
+                beaten.append((i, pid))
+        for i, pid, count in misses:
+            if u32[base32 + i * step32] == pid:
+                u32[base32 + i * step32 + miss_at] = min(count, 0xFFFFFFFF)
+                missed.append((i, pid, count))
+        return beaten, missed
+
+    def set_rule_heartbeat(self, i, pid, ms):
+        """A configuration rule's heartbeat for slot ``i``, if it still holds ``pid``.
+
+        XXX: a client calling set_heartbeat() at this instant can have its
+        value replaced by the rule's (a compare and a store, not one atomic step).
+        """
+        if self.pid(i) != pid:
+            return False
+        self.set32(i, _abi.S_HEARTBEAT_MS, ms)
+        return True
+
+    def clear_stale_claims(self):
+        """Reset CLAIMING slots whose client was killed mid-registration; returns their indices.
+
+        Under the lock no client is mid-claim, so a CLAIMING slot with PID
+        word 0 is stale.  (ALIVE with a zero PID word is not: that is the
+        service between clear_pid() and record_end().)  A busy lock: nothing
+        done, try again next time.
+        """
+        stale = [i for i, (pid, state) in enumerate(zip(self.pid_words(), self.state_words()))
+                 if pid == 0 and state == _abi.State.CLAIMING]
+        if not stale or not self.try_lock():
+            return []
+        cleared = []
+        try:
+            for i in stale:
+                if self.pid(i) == 0 and self.state(i) == _abi.State.CLAIMING:
+                    self.reset(i)
+                    cleared.append(i)
+        finally:
+            self.unlock()
+        return cleared
+
+    def repair_states(self):
+        """Fix slots whose state word cannot be true; returns [(slot, pid, old state)] fixed.
+
+        Every honest writer keeps "PID word set => state ALIVE or HUNG" at
+        all times (the PID word is zeroed before the state changes), so a
+        slot breaking it, or a state out of range with no PID, was written by
+        somebody else.  A PID word with another state gets ALIVE back (the
+        watch list checks the PID itself); an out-of-range state with no PID
+        is reset.  None when a client holds the lock: look again later.
+        """
+        pids, states = self.pid_words(), self.state_words()
+        bad = [i for i, (pid, state) in enumerate(zip(pids, states))
+               if (state not in _PID_STATES if pid else state > _MAX_STATE)]
+        if not bad:
+            return []
+        if not self.try_lock():          # a client is registering
+            return None
+        fixed = []
+        try:
+            for i in bad:
+                with self.service_lock:  # against clear_pid()
+                    state, pid = self.state(i), self.pid(i)
+                    if pid == 0 and state > _MAX_STATE:
+                        self.reset(i)
+                    elif pid != 0 and state not in _PID_STATES:
+                        self.set32(i, _abi.S_STATE, _abi.State.ALIVE)
+                    else:
+                        continue
+                fixed.append((i, pid, state))
+        finally:
+            self.unlock()
+        return fixed
 
     # -- service side: ending a slot --------------------------------------------
     def clear_pid(self, i, pid, pend=False):
@@ -476,13 +790,27 @@ class Table:
             if self.u32[self.pid_index(i)] != 0 or (
                     start_time is not None and self.get64(i, _abi.S_START_TIME) != start_time):
                 return False
-            off = _abi.slot_offset(i)
-            _abi.SLOT_END.pack_into(self.buf, off + _abi.S_EXIT_STATUS, exit_status, cause,
-                                    when_ns if when_ns is not None else _time.time_ns())
+            self.set32(i, _abi.S_EXIT_STATUS, exit_status)      # i32: -1 stored as 0xFFFFFFFF
+            self.set32(i, _abi.S_CAUSE, cause)
+            self.set64(i, _abi.S_EXIT_TIME_NS, when_ns if when_ns is not None else _time.time_ns())
             self.set32(i, _abi.S_LATENCY_US, min(latency_us, _abi.LATENCY_UNKNOWN))
             self.set32(i, _abi.S_STATE, state)
             self.hset64(_abi.H_EXITS, self.hget64(_abi.H_EXITS) + 1)
             return True
+        finally:
+            if locked:
+                self.unlock()
+
+    def record_ends(self, batch):
+        """record_end() of each argument tuple in ``batch``, under one hold of the lock.
+
+        The lock is waited for up to RECORD_LOCK_TIMEOUT; past that (a client
+        stuck in it), or with no semaphore left, the records are written anyway.
+        """
+        locked = self._try_lock(self.RECORD_LOCK_TIMEOUT)
+        try:
+            for args in batch:
+                self.record_end(*args, lock_timeout=None)
         finally:
             if locked:
                 self.unlock()

@@ -105,7 +105,7 @@ class Service:
             pid = 0
             try:
                 t = Table.attach(self.key)
-                pid = t.hget32(_abi.H_SERVICE_PID)
+                pid = t.service()[0]
                 t.detach()
             except ProcwatchError:
                 pass
@@ -128,16 +128,14 @@ class Service:
     def _open_table(self):
         self.table, adopted = Table.create_or_adopt(self.key, self.slots, self.mode, self._gid())
         t = self.table
-        pid = t.hget32(_abi.H_SERVICE_PID)
+        pid, start = t.service()
         if pid and pid != _os.getpid() and _procfs.valid_pid(pid) and \
-                _procfs.start_time(pid) == t.hget64(_abi.H_SERVICE_START_TIME):
+                _procfs.start_time(pid) == start:
             raise ServiceRunning(self.key, pid)
         if adopted and t.slot_count != self.slots:
             log.warning("adopted table key %#010x has %d slots; --slots %d applies only to a new table",
                         self.key, t.slot_count, self.slots)
-        t.hset64(_abi.H_SERVICE_START_TIME, _procfs.start_time(_os.getpid()))
-        t.hset32(_abi.H_HEARTBEAT_PERIOD_MS, int(self.heartbeat_period * 1000))
-        t.hset32(_abi.H_SERVICE_PID, _os.getpid())
+        t.set_service(_os.getpid(), _procfs.start_time(_os.getpid()), int(self.heartbeat_period * 1000))
         return adopted
 
     def _open_backend(self):
@@ -155,7 +153,7 @@ class Service:
                 self.connector = ProcConnector(self.rcvbuf or DEFAULT_RCVBUF)
                 self.backend_name = "connector"
                 self.backend_reason = f"{self.backend}, {self.connector.mode}"
-                self.table.hset32(_abi.H_BACKEND, _abi.Backend.CONNECTOR)
+                self.table.set_backend(_abi.Backend.CONNECTOR)
                 return
             except ConnectorUnavailable as e:
                 if self.backend == "connector":
@@ -166,7 +164,7 @@ class Service:
         from .pidfd_backend import PidfdSet
         self.pidfds = PidfdSet()
         self.backend_name = "pidfd"
-        self.table.hset32(_abi.H_BACKEND, _abi.Backend.PIDFD)
+        self.table.set_backend(_abi.Backend.PIDFD)
 
     def start(self):
         """Everything up to READY=1: table, backend, first reconcile, detector."""
@@ -212,7 +210,7 @@ class Service:
         logged) at once, off the detector's hot path.
         """
         from . import futex
-        address = self.table.address + _abi.H_GENERATION
+        address = self.table.generation_address
         while not self._stopping:
             seen = self.reporter.watch.generation
             if seen is None or self.table.generation == seen:
@@ -336,8 +334,7 @@ class Service:
             self.connector.close()
         if self.pidfds is not None:
             self.pidfds.close()
-        if t.hget32(_abi.H_SERVICE_PID) == _os.getpid():
-            t.hset32(_abi.H_SERVICE_PID, 0)    # old mappings: nobody watches this one now
+        t.clear_service(_os.getpid())       # old mappings: nobody watches this one now
         t.detach()
         self._instance_sock.close()
         for handler in log.handlers:
@@ -376,8 +373,7 @@ class Service:
 
     def _tick(self):
         """Every heartbeat period: prove the service lives, check the table."""
-        t = self.table
-        t.hset64(_abi.H_SERVICE_HEARTBEAT, t.hget64(_abi.H_SERVICE_HEARTBEAT) + 1)
+        self.table.beat_service()
         self._notify_watchdog()
 
     def _notify_watchdog(self):
@@ -415,9 +411,7 @@ class Service:
         if self.pidfds is not None:
             self.pidfds.close()
         if self.table is not None:
-            if self.table.hget32(_abi.H_SERVICE_PID) == _os.getpid():
-                self.table.hset32(_abi.H_SERVICE_PID, 0)
-                self.table.hset32(_abi.H_BACKEND, _abi.Backend.NONE)
+            self.table.clear_service(_os.getpid(), backend=True)
             st = self.stats
             emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients "
                  "(%d exit events read, %d overflows)", self.key, st.events, st.overflows,

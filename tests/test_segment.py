@@ -164,3 +164,105 @@ def test_record_end_waits_for_the_table_lock(key):
         t.unlock()
     finally:
         t.detach()
+
+
+# -- the PID word's two rules: cleared first, published last ------------------------
+# Table's operations are the only writers of slot fields, so each rule is held
+# here to the order of the stores they make.  _Stores wraps the table's views of
+# the real segment and notes the byte range of each store, in order.
+
+class _Stores:
+    def __init__(self, view, width, log):
+        self.view, self.width, self.log = view, width, log
+
+    def __getitem__(self, k):
+        return self.view[k]
+
+    def __setitem__(self, k, value):
+        self.view[k] = value
+        if isinstance(k, slice):
+            self.log.append((k.start, k.stop, "slice", bytes(value)))
+        else:
+            self.log.append((k * self.width, (k + 1) * self.width, self.width, value))
+
+
+@pytest.fixture
+def recorded(key):
+    """A fresh 4-slot table whose stores are noted in ``t.stores`` (start, end, width, value)."""
+    t, _ = Table.create_or_adopt(key, 4)
+    views = t.u32, t.u64, t.buf
+    t.stores = []
+    t.u32, t.u64, t.buf = _Stores(t.u32, 4, t.stores), _Stores(t.u64, 8, t.stores), _Stores(t.buf, 1, t.stores)
+    t.peer = Table.attach(key)              # reads through a second, plain attachment
+    yield t
+    t.u32, t.u64, t.buf = views
+    t.peer.detach()
+    t.detach()
+
+
+def _slot_stores(t, i):
+    """The stores into slot ``i``, in order, as (start, end, width, value) relative to the slot."""
+    lo = abi.slot_offset(i)
+    return [(a - lo, b - lo, w, v) for a, b, w, v in t.stores if a < lo + abi.SLOT_SIZE and b > lo]
+
+
+def _pid_word_rule(stores):
+    """Every store touching the PID word is one aligned 4-byte store of the whole word."""
+    for a, b, w, _ in stores:
+        if a < abi.S_PID + 4 and b > abi.S_PID:
+            assert (a, b, w) == (abi.S_PID, abi.S_PID + 4, 4), f"PID word written as {(a, b, w)}"
+
+
+def _publish(t, i, pid=4242, name=b"alpha"):
+    t.claim(i)
+    t.publish(i, pid, 777, name, heartbeat_ms=100, owner_uid=0)
+
+
+def test_publish_writes_the_pid_word_last(recorded):
+    t = recorded
+    _publish(t, 1)
+    stores = _slot_stores(t, 1)
+    _pid_word_rule(stores)
+    assert stores[-1][:2] == (abi.S_PID, abi.S_PID + 4) and stores[-1][3] == 4242
+    assert [s for s in stores if s[0] == abi.S_PID and s[3] != 0] == [stores[-1]]
+    s = t.peer.read_slot(1)
+    assert (s.pid, s.start_time, s.raw_name, s.state) == (4242, 777, b"alpha", abi.State.ALIVE)
+
+
+def test_claim_clears_the_pid_word_first(recorded):
+    t = recorded
+    _publish(t, 2)
+    t.stores.clear()
+    t.claim(2)
+    stores = _slot_stores(t, 2)
+    _pid_word_rule(stores)
+    assert stores[0] == (abi.S_PID, abi.S_PID + 4, 4, 0)
+    assert t.pid(2) == 0 and t.state(2) == abi.State.CLAIMING
+
+
+def test_release_clears_the_pid_word_first(recorded):
+    t = recorded
+    _publish(t, 3)
+    t.stores.clear()
+    assert not t.release(3, 999)            # not its PID: nothing written
+    assert _slot_stores(t, 3) == []
+    assert t.release(3, 4242)
+    stores = _slot_stores(t, 3)
+    _pid_word_rule(stores)
+    assert stores[0] == (abi.S_PID, abi.S_PID + 4, 4, 0)
+    assert t.state(3) == abi.State.UNREGISTERED and t.cause(3) == abi.Cause.UNREGISTERED
+
+
+def test_service_end_clears_the_pid_word_first(recorded):
+    t = recorded
+    _publish(t, 0)
+    t.stores.clear()
+    assert t.clear_pid(0, 4242, pend=True)
+    assert not t.clear_pid(0, 4242)         # already ended: no second report
+    assert t.record_end(0, abi.State.EXITED, abi.Cause.EXITED, 3 << 8, 12, start_time=777)
+    stores = _slot_stores(t, 0)
+    _pid_word_rule(stores)
+    assert stores[0] == (abi.S_PID, abi.S_PID + 4, 4, 0)
+    s = t.peer.read_slot(0)
+    assert (s.pid, s.state, s.exit_status, s.latency_us) == (0, abi.State.EXITED, 3 << 8, 12)
+    assert t.take_pending_ends() == [(0, 4242)]     # noted before the word was zeroed, never logged

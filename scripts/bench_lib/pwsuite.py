@@ -336,7 +336,7 @@ class PwObserver(_latency._LineObserver):
             return
         t, abi = reg.table, self.abi
         end = _time.monotonic() + 2.0
-        while t.get32(reg.slot, abi.S_STATE) in (abi.State.ALIVE, abi.State.HUNG) and _time.monotonic() < end:
+        while t.state(reg.slot) in (abi.State.ALIVE, abi.State.HUNG) and _time.monotonic() < end:
             _time.sleep(0.0001)
         s = t.read_slot(reg.slot)
         name = s.cause_name if s.pid == 0 else "unreported"
