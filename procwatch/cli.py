@@ -194,6 +194,8 @@ def build_parser():
     runwait.add_parsers(sub, fmt, _key, key_help)
     from . import events
     events.add_parser(sub, fmt)
+    from . import fleetcmd
+    fleetcmd.add_parser(sub, fmt)
     return p
 
 
@@ -203,6 +205,9 @@ def main(argv=None):
     try:
         from . import runwait
         from .events import cmd_events
+        if args.command == "fleet":
+            from . import fleetcmd
+            return fleetcmd.run(args)
         return {"serve": cmd_serve, "status": cmd_status, "check-config": cmd_check_config,
                 "run": runwait.cmd_run, "wait": runwait.cmd_wait, "events": cmd_events}[args.command](args)
     except ProcwatchError as e:
@@ -250,8 +255,13 @@ def cmd_check_config(args):
         return EXIT_OK
     cfg = config.load(args.file)      # ConfigError: main() prints its one line, exit 1
     rules = len(cfg.rules)
+    etcd = "etcd off"
+    if cfg.etcd is not None:
+        from . import fleet
+        fleet.check_files(cfg.etcd)     # EtcdCredentials: one line, exit 1
+        etcd = f"etcd {','.join(cfg.etcd.endpoints)} as host {fleet.host_of(cfg.etcd)}"
     print(f"{cfg.path}: OK ({rules} rule{'' if rules == 1 else 's'}, "
-          f"metrics {cfg.metrics or 'off'}, key {cfg.key:#010x})")
+          f"metrics {cfg.metrics or 'off'}, {etcd}, key {cfg.key:#010x})")
     return EXIT_OK
 
 

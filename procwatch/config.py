@@ -15,7 +15,8 @@ worst outcome on a fleet).  Layout, all tables and keys optional::
     [hang]      action signal max_misses          (service-wide defaults)
     [metrics]   address                           ("off" or "HOST:PORT")
     [hooks]     workers queue timeout             (the hook worker pool)
-    [[rule]]    name heartbeat action signal max_misses
+    [etcd]      endpoints prefix ttl host ended_ttl queue ca_cert cert key user password_file
+    [[rule]]    name heartbeat action signal max_misses publish
     [rule.hooks] on_exit on_found_dead on_hung timeout
 
 Rules are tried in file order and the first whose ``name`` pattern
@@ -42,7 +43,7 @@ from procwatch.errors import ProcwatchError
 
 __all__ = (
     "DEFAULT_PATH", "ConfigError", "Config", "HangSettings", "HookSettings",
-    "RuleHooks", "Rule", "Policy", "Address", "load", "parse", "merge",
+    "RuleHooks", "Rule", "Policy", "Address", "EtcdSettings", "load", "parse", "merge",
     "rule_for", "policy_for", "documented_keys", "find_line", "OVERRIDES", "EVENTS",
 )
 
@@ -124,6 +125,27 @@ class Rule:
     signal: _signal.Signals | None = None
     max_misses: int | None = None
     hooks: RuleHooks = RuleHooks()
+    publish: bool = True               # False: never published to etcd (stays local)
+
+
+@_dc.dataclass(frozen=True)
+class EtcdSettings:
+    """Where and how the service publishes liveness (issue 17; procwatch/fleet.py).
+
+    Holds the *path* of the password file, never the password: a repr of
+    the configuration (a log line, a traceback) cannot leak it.
+    """
+    endpoints: tuple = ("http://127.0.0.1:2379",)
+    prefix: str = "/procwatch/"
+    ttl: int = 5                       # s: lease of the live keys, kept alive while the service runs
+    host: str | None = None            # None: socket.gethostname()
+    ended_ttl: int = 600               # s an ended/ record stays
+    queue: int = 4096                  # updates waiting for etcd at most; beyond that dropped, counted
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
 
 
 @_dc.dataclass(frozen=True)
@@ -141,6 +163,7 @@ class Config:
     metrics: Address | None = None     # None: off
     hooks: HookSettings = HookSettings()
     rules: tuple = ()
+    etcd: EtcdSettings | None = None   # None: no [etcd] table, nothing published (fleet.py not imported)
 
 
 @_dc.dataclass(frozen=True)
@@ -256,6 +279,51 @@ def _argv(v):
     return tuple(v)
 
 
+def _boolean(v):
+    if isinstance(v, bool):
+        return v
+    raise _Invalid("true or false")
+
+
+def _endpoints(v):
+    """A list of etcd client URLs: 'http://HOST:PORT' or 'https://HOST:PORT'."""
+    expected = 'a non-empty list of URLs such as ["http://127.0.0.1:2379"] (http or https, host and port)'
+    if not isinstance(v, list) or not v:
+        raise _Invalid(expected)
+    for url in v:
+        if not isinstance(url, str):
+            raise _Invalid(expected)
+        m = _re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]\s]+):(\d{1,5})/?", url)
+        if not m or not 1 <= int(m[3]) <= 65535:
+            raise _Invalid(expected + f"; {url!r} is not one")
+    return tuple(v)
+
+
+def _etcd_prefix(v):
+    if isinstance(v, str) and v.startswith("/") and v.endswith("/") and "\0" not in v and len(v) <= 200:
+        return v
+    raise _Invalid("a key prefix that starts and ends with '/', such as '/procwatch/'")
+
+
+def _etcd_host(v):
+    # The first path element under the prefix; 'ended' is the ended records' own.
+    if isinstance(v, str) and _re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", v) and v != "ended":
+        return v
+    raise _Invalid("a host name without '/' (letters, digits, '.', '-', '_', ':'), not 'ended'")
+
+
+def _path(v):
+    if isinstance(v, str) and v.startswith("/") and "\0" not in v:
+        return v
+    raise _Invalid("an absolute file path")
+
+
+def _user(v):
+    if isinstance(v, str) and v and not any(c.isspace() for c in v):
+        return v
+    raise _Invalid("an etcd user name")
+
+
 def _pattern(v):
     if isinstance(v, str) and v and len(v.encode()) <= 255:
         return v
@@ -285,6 +353,20 @@ _HOOKS = {
     "queue": _integer(1, 100_000),
     "timeout": _seconds(0.01, 86400),
 }
+_ETCD = {
+    "endpoints": _endpoints,
+    "prefix": _etcd_prefix,
+    # etcd raises a shorter TTL to its own minimum (about 2 s with the default heartbeat)
+    "ttl": _integer(1, 3600, "a lease TTL in whole seconds from 1 to 3600"),
+    "host": _etcd_host,
+    "ended_ttl": _integer(1, 30 * 86400, "a number of whole seconds from 1 to 2592000"),
+    "queue": _integer(1, 1_000_000),
+    "ca_cert": _path,
+    "cert": _path,
+    "key": _path,
+    "user": _user,
+    "password_file": _path,
+}
 _RULE = {
     "name": _pattern,
     # heartbeat_ms is a u32 field of the slot
@@ -292,11 +374,13 @@ _RULE = {
     "action": _HANG["action"],
     "signal": _HANG["signal"],
     "max_misses": _HANG["max_misses"],
+    "publish": _boolean,                 # false: not published to etcd
     "hooks": None,                       # a table, below
 }
 _RULE_HOOKS = {"on_exit": _argv, "on_found_dead": _argv, "on_hung": _argv,
                "timeout": _HOOKS["timeout"]}
-_TOP = {"service": _SERVICE, "hang": _HANG, "metrics": _METRICS, "hooks": _HOOKS, "rule": _RULE}
+_TOP = {"service": _SERVICE, "hang": _HANG, "metrics": _METRICS, "hooks": _HOOKS, "etcd": _ETCD,
+        "rule": _RULE}
 
 
 def documented_keys():
@@ -448,6 +532,7 @@ class _Parser:
         hang = self.fields(data.get("hang", {}), ("hang",), _HANG)
         metrics = self.fields(data.get("metrics", {}), ("metrics",), _METRICS)
         hooks = self.fields(data.get("hooks", {}), ("hooks",), _HOOKS)
+        etcd = self.etcd(data["etcd"]) if "etcd" in data else None
         rules = data.get("rule", [])
         if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
             self.fail(("rule",), f"expected an array of tables written [[rule]], got {_describe(rules)}")
@@ -457,8 +542,24 @@ class _Parser:
             metrics=metrics.get("address"),
             hooks=HookSettings(**hooks),
             rules=self.rules(rules),
+            etcd=etcd,
             **service,
         )
+
+    def etcd(self, table):
+        fields = self.fields(table, ("etcd",), _ETCD)
+        if ("cert" in fields) != ("key" in fields):
+            missing = "key" if "cert" in fields else "cert"
+            self.fail(("etcd", missing), "missing; a client certificate needs both cert and key")
+        if ("user" in fields) != ("password_file" in fields):
+            missing = "password_file" if "user" in fields else "user"
+            self.fail(("etcd", missing), "missing; etcd authentication needs both user and password_file")
+        tls = [k for k in ("ca_cert", "cert") if k in fields]
+        plain = [u for u in fields.get("endpoints", ()) if u.startswith("http://")]
+        if tls and plain:
+            self.fail(("etcd", "endpoints"), f"{plain[0]!r} is plain http but {tls[0]} is set: "
+                      "use https:// endpoints with TLS")
+        return EtcdSettings(**fields)
 
     def rules(self, tables):
         out, seen = [], {}

@@ -100,6 +100,17 @@ class Collector:
             yield _Counter(name, doc, value=value)
         yield self._histogram("procwatch_checker_duration_seconds",
                               "Duration of one heartbeat check of the whole table.", s.checker)
+        if s.etcd_up is not None:       # an [etcd] table: the publisher of procwatch/fleet.py
+            yield _Gauge("procwatch_etcd_up", "1 while the etcd publisher is connected, else 0.",
+                         value=s.etcd_up)
+            for name, doc, value in (
+                ("procwatch_etcd_puts", "Live keys put to etcd (registrations, state changes, reconciles).",
+                 s.etcd_puts),
+                ("procwatch_etcd_deletes", "Live keys deleted from etcd (ends, reconciles).", s.etcd_deletes),
+                ("procwatch_etcd_dropped", "Updates for etcd dropped because its queue was full.",
+                 s.etcd_dropped),
+            ):
+                yield _Counter(name, doc, value=value)
 
     @staticmethod
     def _histogram(name, doc, snap):

@@ -27,6 +27,13 @@ configuration.  It sits beside the detection path, never on it:
   hang through :meth:`on_end` too (``Event.HUNG``), which runs ``on_hung``.
 * The metrics endpoint (prometheus_client, imported only when enabled) reads
   :class:`procwatch.stats.Stats` and the table when scraped.
+* With an ``[etcd]`` table, :class:`procwatch.fleet.Publisher` (imported only
+  then) gets every end from :meth:`on_end` and a kick from
+  :meth:`apply_rules` on every registration change; both only queue.  It is
+  made by :meth:`start` (so the ends of the first reconcile are queued) and
+  its thread started by the first :meth:`apply_rules`, which the service
+  calls after that reconcile: a process that died while the service was
+  down is never published first and deleted after.
 """
 
 import dataclasses as _dc
@@ -45,7 +52,7 @@ log = _logging.getLogger("procwatch")
 
 # Config fields a running service cannot change: they are the table's and the
 # socket's, and clients hold the table.
-RESTART_ONLY = ("key", "slots", "backend", "rcvbuf", "group")
+RESTART_ONLY = ("key", "slots", "backend", "rcvbuf", "group", "etcd")
 
 _HOOK_EVENTS = {Event.EXIT: "exit", Event.FOUND_DEAD: "found_dead", Event.HUNG: "hung"}
 
@@ -75,6 +82,7 @@ class Operations:
         self._lock = _threading.Lock()     # apply_rules (registrations thread) vs reload (main)
         self.hooks = None
         self.metrics = None
+        self.fleet = None       # fleet.Publisher when [etcd] is configured
         self._written = {}      # (slot, pid, start_time) -> heartbeat ms we wrote; None: not ours
         self._generation = None
 
@@ -84,6 +92,9 @@ class Operations:
         if self.config.metrics is not None:
             self.metrics = self._start_metrics(self.config.metrics)
         self.hooks = self._new_runner(self.config.hooks)
+        if self.config.etcd is not None:
+            from .fleet import Publisher
+            self.fleet = Publisher(self.config.etcd, self._table, self.stats, self.publishable)
 
     def _new_runner(self, settings):
         return HookRunner(workers=settings.workers, queue=settings.queue,
@@ -101,6 +112,9 @@ class Operations:
 
     def close(self):
         """Stop serving metrics; drop (and count) queued hooks; wait briefly for running ones."""
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.fleet = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -112,6 +126,8 @@ class Operations:
     # -- the detector's callback ---------------------------------------------------
     def on_end(self, event, w, fields):
         """Reporter callback: queue the rule's hook for ``event``, if any.  Never blocks."""
+        if self.fleet is not None:
+            self.fleet.on_end(event, w, fields)
         kind = _HOOK_EVENTS.get(event)
         runner = self.hooks
         if kind is None or runner is None:
@@ -126,6 +142,11 @@ class Operations:
                        core_dumped=bool(fields.get("CORE_DUMPED")), cause=fields.get("CAUSE"),
                        latency_us=fields.get("LATENCY_US"), key=self.key)
         runner.submit(argv, ev, rule.hooks.timeout or cfg.hooks.timeout)
+
+    def publishable(self, name):
+        """False when the first rule matching ``name`` says ``publish = false``."""
+        rule = _config.rule_for(self.config, name)
+        return rule is None or rule.publish
 
     def policy(self, name):
         """The :class:`procwatch.config.Policy` for registered ``name`` (rule over [hang])."""
@@ -144,10 +165,14 @@ class Operations:
         slots seen before are looked at again: a slot still at 0, or at the
         value we wrote, takes the new rule's value.
         """
+        if self.fleet is not None and not self.fleet.started:
+            self.fleet.start()
         with self._lock:
             if not force and watch.generation == self._generation:
                 return
             self._generation = watch.generation
+            if self.fleet is not None:
+                self.fleet.kick()
             table = self._table()
             if table is None:
                 return

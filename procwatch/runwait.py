@@ -83,11 +83,17 @@ def add_parsers(sub, formatter, key_type, key_help):
                "  0 it ended (or had ended), 124 --timeout passed first,\n"
                "  2 no slot carries NAME (or a usage error), 1 no slot table (no service)\n\n"
                "example:\n"
-               "  procwatch wait dataplane --timeout 30 || echo 'still running'")
+               "  procwatch wait dataplane --timeout 30 || echo 'still running'\n"
+               "  procwatch wait dp-host-2/dataplane --etcd http://etcd-1:2379")
     w.add_argument("name", metavar="NAME", help="the registered name")
     w.add_argument("--timeout", type=_seconds(True), metavar="S",
                    help="give up after S seconds (exit 124); 0 only checks (default: wait for ever)")
     w.add_argument("--key", type=key_type, help=key_help)
+    w.add_argument("--etcd", nargs="?", const="", metavar="URLS",
+                   help="NAME is HOST/NAME on another host: wait on etcd for its key to go "
+                        "(comma-separated client URLs; alone: the config file's [etcd] endpoints)")
+    from . import fleetcmd
+    fleetcmd.add_arguments(w)
 
 
 # -- run ------------------------------------------------------------------------
@@ -186,6 +192,9 @@ def describe_end(slot, name, pid):
 
 
 def cmd_wait(args):
+    if args.etcd is not None:
+        from . import fleetcmd
+        return fleetcmd.wait(args)
     from . import client
     from .errors import NameNotFound
     try:

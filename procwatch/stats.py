@@ -95,6 +95,10 @@ class Snapshot:
     hook_timeouts: int
     hook_dropped: int
     corrupt: int = 0
+    etcd_up: int | None = None      # None: no [etcd] table; else 1 connected, 0 not
+    etcd_dropped: int = 0
+    etcd_puts: int = 0
+    etcd_deletes: int = 0
 
 
 class Stats:
@@ -115,6 +119,9 @@ class Stats:
     * ``record_check(seconds)`` after each pass of the heartbeat checker.
     * ``record_hook(ok, timed_out)`` / ``record_hook_dropped()``: called
       by :class:`procwatch.hooks.HookRunner`.
+    * ``record_etcd("put"|"delete")``, ``record_etcd_dropped()`` and the
+      ``etcd_up`` attribute: the etcd publisher (procwatch/fleet.py), which
+      sets ``etcd_up`` to 0 or 1 once it exists (None: not configured).
     """
 
     def __init__(self):
@@ -124,6 +131,8 @@ class Stats:
         self._hung = self._killed = 0
         self._hook_runs = self._hook_failures = self._hook_timeouts = self._hook_dropped = 0
         self._corrupt = 0
+        self._etcd = {"put": 0, "delete": 0, "dropped": 0}
+        self.etcd_up = None
         self._latency = _Histogram(LATENCY_BUCKETS)
         self._checker = _Histogram(CHECKER_BUCKETS)
         self.events = 0             # exit events decoded (detector thread only)
@@ -206,6 +215,18 @@ class Stats:
         with self._lock:
             self._hook_dropped += n
 
+    def record_etcd(self, kind):
+        with self._lock:
+            self._etcd[kind] += 1
+
+    def record_etcd_dropped(self):
+        with self._lock:
+            self._etcd["dropped"] += 1
+
+    @property
+    def etcd_dropped(self):
+        return self._etcd["dropped"]
+
     def snapshot(self):
         with self._lock:
             return Snapshot(
@@ -222,4 +243,8 @@ class Stats:
                 hook_timeouts=self._hook_timeouts,
                 hook_dropped=self._hook_dropped,
                 corrupt=self._corrupt,
+                etcd_up=self.etcd_up,
+                etcd_dropped=self._etcd["dropped"],
+                etcd_puts=self._etcd["put"],
+                etcd_deletes=self._etcd["delete"],
             )

@@ -18,7 +18,8 @@ EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "procwatch.example.to
 
 
 def uncommented(text):
-    """The example with its commented-out ``# key = value`` lines enabled."""
+    """The example with its commented-out ``# key = value`` lines (and ``# [etcd]``) enabled."""
+    text = re.sub(r"(?m)^# (\[[a-z_]+\])$", r"\1", text)
     return re.sub(r"(?m)^# ?([a-z_]+ = )", r"\1", text)
 
 
@@ -379,7 +380,7 @@ def check_config(*args):
 def test_check_config_accepts_the_example():
     out = check_config(str(EXAMPLE))
     assert out.returncode == 0, out.stderr
-    assert out.stdout == f"{EXAMPLE}: OK (2 rules, metrics off, key 0x70770001)\n"
+    assert out.stdout == f"{EXAMPLE}: OK (2 rules, metrics off, etcd off, key 0x70770001)\n"
 
 
 def test_check_config_refuses_in_one_line(tmp_path):

@@ -1,0 +1,103 @@
+"""A real etcd server for tests and the benchmark: loopback only, free ports, a private data dir.
+
+Debian's ``etcd-server`` package (scripts/setup installs it) gives
+``/usr/bin/etcd``.  Each server listens on 127.0.0.1 on a client and a
+peer port picked free by the kernel, keeps its data in a directory of its
+own, and is stopped by its PID (SIGTERM, then SIGKILL).  ``restart()``
+keeps the ports and the data, as an operator's restart would.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    def __init__(self, workdir, name="pw"):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data = self.dir / "data"
+        self.name = name
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.proc = None
+        self._log = None
+
+    def argv(self):
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return ["etcd", "--name", self.name, "--data-dir", str(self.data),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new"]
+
+    def start(self, timeout=30.0):
+        if shutil.which("etcd") is None:
+            raise RuntimeError("etcd is not installed: run scripts/setup (Debian package etcd-server)")
+        self._log = open(self.dir / "etcd.log", "ab")
+        # ETCD_* variables of the caller would change this server: none pass.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log, env=env)
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"etcd did not get ready within {timeout:g} s: {self.log()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def healthy(self):
+        r = subprocess.run(["etcdctl", "--endpoints", self.url, "--command-timeout=1s",
+                            "endpoint", "health"], capture_output=True, env=self._ctl_env())
+        return r.returncode == 0
+
+    def _ctl_env(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        env["ETCDCTL_API"] = "3"
+        return env
+
+    def ctl(self, *args, user=None, check=True):
+        """etcdctl against this server; its stdout."""
+        cmd = ["etcdctl", "--endpoints", self.url]
+        if user:
+            cmd += ["--user", user]
+        r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=self._ctl_env())
+        if check and r.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def log(self):
+        return (self.dir / "etcd.log").read_text(errors="replace")
+
+    def stop(self, timeout=10.0):
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
