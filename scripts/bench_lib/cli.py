@@ -11,6 +11,7 @@ import sys as _sys
 import time as _time
 
 from . import build as _build
+from . import etcdfleet as _etcdfleet
 from . import latency as _latency
 from . import procs as _procs
 from . import pwsuite as _pwsuite
@@ -68,6 +69,10 @@ def get_psr():
     psr.add_argument("--rcvbuf", type=int, default=8 << 20, help="SO_RCVBUFFORCE of the bare listener 'cn'")
     psr.add_argument("--poll-interval-ms", type=int, default=100, help="period of the /proc poller")
     psr.add_argument("--max-seconds", type=float, default=None, help="budget of the whole run (300; --quick 150)")
+    psr.add_argument("--etcd-kills", type=int, default=None,
+                     help="kills of the etcd row (issue 17; 500; --quick 200; 0 leaves the etcd rows out)")
+    psr.add_argument("--etcd-lease-samples", type=int, default=20,
+                     help="processes of the own-lease baseline row (each sample takes about etcd's minimum TTL)")
     psr.add_argument("--out", default=_os.path.join(ROOT, "bench-out"), help="directory for JSON, markdown, helpers")
     psr.add_argument("--json", default=None, help="JSON path (OUT/bench.json)")
     psr.add_argument("--markdown", default=None, help="markdown path (OUT/BENCHMARKS.md)")
@@ -257,6 +262,8 @@ def main(argv=None):
         args.kills = 500 if args.quick else 1000
     if args.rounds is None:
         args.rounds = 3 if args.quick else 5
+    if args.etcd_kills is None:
+        args.etcd_kills = 200 if args.quick else 500
     if args.max_seconds is None:
         args.max_seconds = 150.0 if args.quick else 300.0
     if args.kills < 1 or args.rounds < 1 or args.storm_workers < 1 or args.storm_workers > 64:
@@ -284,7 +291,7 @@ def main(argv=None):
     observers = _observers(ctx)
     rows, by_row = measure_kills(ctx, observers)
     head, tail = _pwsuite.sections(ctx, rows, by_row)
-    sections = head + latency_sections(ctx, rows) + tail
+    sections = head + latency_sections(ctx, rows) + tail + [_etcdfleet.section(ctx)]
     machine["storm_top_rate"] = ctx.top_rate
     machine["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     result = {"machine": machine,

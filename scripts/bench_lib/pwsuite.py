@@ -142,8 +142,9 @@ class LogTail:
 class PwService:
     """``procwatch serve`` on a private key, logging to a file; removed on stop."""
 
-    def __init__(self, outdir, slots=1024, rcvbuf=None, notify=False, backend=None):
+    def __init__(self, outdir, slots=1024, rcvbuf=None, notify=False, backend=None, extra=()):
         self.key = private_key()
+        self.extra = tuple(extra)       # more 'serve' arguments (etcdfleet.py: --config)
         self.slots = slots
         self.rcvbuf = rcvbuf
         self.backend = backend
@@ -176,6 +177,7 @@ class PwService:
             argv += ["--rcvbuf", str(self.rcvbuf)]
         if self.backend:
             argv += ["--backend", self.backend]
+        argv += self.extra
         env = dict(_os.environ, PYTHONPATH=ROOT)
         env.pop("NOTIFY_SOCKET", None)
         sock = None
