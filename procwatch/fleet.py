@@ -31,9 +31,11 @@ thread owns the etcd client and does everything else:
 * on connect (and on every reconnect) it re-grants or refreshes the lease
   and reconciles ``<prefix><host>/`` with the table *before* anything else:
   the live processes are (re)put, keys of processes the table no longer
-  holds are deleted.  Dropped updates are repaired there and by the sync
-  that runs every second, so a drop can lose an ended record, never leave
-  a stale live key;
+  holds are deleted, with their ended record when the slot still says how
+  the process ended.  A dropped update is made up the same way by the sync
+  that runs every second: a drop delays a delete by up to a second and can
+  lose an ended record (when the slot was reused meanwhile), never leave a
+  stale live key;
 * while etcd is unreachable it logs once, keeps nothing but the lease id,
   and retries with a short backoff; detection goes on untouched;
 * it keeps the lease alive every ``ttl / 3`` s.
@@ -477,8 +479,8 @@ class Publisher:
             n, self._dropped_unlogged = self._dropped_unlogged, 0
         if n:
             log.warning("etcd: dropped %d updates: more than %d waiting for etcd (%d dropped so far); "
-                        "live keys are repaired by the next reconcile, ended records are lost; "
-                        "raise [etcd] queue", n, self.settings.queue, self.stats.etcd_dropped,
+                        "the sync every second makes them up from the table (an ended record is lost "
+                        "if its slot was reused meanwhile); raise [etcd] queue", n, self.settings.queue, self.stats.etcd_dropped,
                         extra={"PROCWATCH_EVENT": "etcd_dropped"})
 
     # -- etcd operations (publisher thread only) ------------------------------------------
