@@ -548,16 +548,16 @@ class _Parser:
 
     def etcd(self, table):
         fields = self.fields(table, ("etcd",), _ETCD)
-        if ("cert" in fields) != ("key" in fields):
-            missing = "key" if "cert" in fields else "cert"
-            self.fail(("etcd", missing), "missing; a client certificate needs both cert and key")
-        if ("user" in fields) != ("password_file" in fields):
-            missing = "password_file" if "user" in fields else "user"
-            self.fail(("etcd", missing), "missing; etcd authentication needs both user and password_file")
+        for a, b, what in (("cert", "key", "a client certificate needs its key"),
+                           ("key", "cert", "a client key needs its certificate"),
+                           ("user", "password_file", "etcd authentication needs a password file"),
+                           ("password_file", "user", "a password file needs its user")):
+            if a in fields and b not in fields:
+                self.fail(("etcd", a), f"{what}: add {b} = ... to [etcd]")
         tls = [k for k in ("ca_cert", "cert") if k in fields]
-        plain = [u for u in fields.get("endpoints", ()) if u.startswith("http://")]
+        plain = [u for u in fields.get("endpoints", EtcdSettings.endpoints) if u.startswith("http://")]
         if tls and plain:
-            self.fail(("etcd", "endpoints"), f"{plain[0]!r} is plain http but {tls[0]} is set: "
+            self.fail(("etcd", tls[0]), f"set, but endpoint {plain[0]!r} is plain http: "
                       "use https:// endpoints with TLS")
         return EtcdSettings(**fields)
 

@@ -248,13 +248,20 @@ def translate(exc, settings):
     return None
 
 
+_next_endpoint = 0
+
+
 def connect(settings, timeout=RPC_TIMEOUT):
     """A connected etcd client for ``settings`` (config.EtcdSettings).
 
-    Checks the connection with one read under the prefix, so a wrong
-    address, TLS setting, user, password or permission is one
-    ProcwatchError here, not a surprise later.
+    Tries the endpoints one after the other, starting after the one used
+    last, and returns a client of the first that answers one read under the
+    prefix: a wrong address, TLS setting, user, password or permission is
+    one ProcwatchError here, not a surprise later.  A client serves one
+    endpoint; when it fails, the publisher drops it and connects again,
+    which moves on to the next endpoint (that is our failover).
     """
+    global _next_endpoint
     try:
         import grpc
         import pyetcd
@@ -268,31 +275,37 @@ def connect(settings, timeout=RPC_TIMEOUT):
             _read("ca_cert", settings.ca_cert) if settings.ca_cert else None,
             _read("key", settings.key) if settings.key else None,
             _read("cert", settings.cert) if settings.cert else None)
-    endpoints = []
-    for url in settings.endpoints:
-        scheme, _, netloc = url.partition("://")
-        host, _, port = netloc.rstrip("/").rpartition(":")
-        # time_retry=0: a failed endpoint may be tried again at once; our own
-        # loop spaces the retries (the library's default shuns it for 300 s).
-        endpoints.append(Endpoint(host.strip("[]"), int(port), secure=scheme == "https",
-                                  creds=creds if scheme == "https" else None, time_retry=0,
-                                  opts=_GRPC_OPTIONS))
     password = _password(settings)
+    urls = settings.endpoints
+    first = _next_endpoint % len(urls)
+    error = None
     try:
-        client = MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, user=settings.user,
-                                          password=password, failover=True)
-        if creds is None:
-            # gRPC sends call credentials over TLS only; the token also goes as the
-            # 'token' metadata, which is what etcd reads (as etcdctl does over http).
-            client.call_credentials = None
-        client.get(settings.prefix)
-    except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception) as e:
-        for ep in endpoints:
-            ep.close()
-        raise translate(e, settings) from None
+        for url in urls[first:] + urls[:first]:
+            scheme, _, netloc = url.partition("://")
+            host, _, port = netloc.rstrip("/").rpartition(":")
+            # time_retry=0: the library would otherwise shun a failed endpoint for 300 s;
+            # our own loop spaces the retries.
+            ep = Endpoint(host.strip("[]"), int(port), secure=scheme == "https",
+                          creds=creds if scheme == "https" else None, time_retry=0, opts=_GRPC_OPTIONS)
+            try:
+                client = MultiEndpointEtcd3Client(endpoints=[ep], timeout=timeout, user=settings.user,
+                                                  password=password)
+                if scheme != "https":
+                    # gRPC sends call credentials over TLS only; the token also goes as the
+                    # 'token' metadata, which is what etcd reads (as etcdctl does over http).
+                    client.call_credentials = None
+                client.get(settings.prefix)
+            except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception) as e:
+                ep.close()
+                error = translate(e, settings)
+                if not isinstance(error, EtcdUnavailable):
+                    raise error from None      # credentials or permissions: the same everywhere
+                continue
+            _next_endpoint = urls.index(url)
+            return client
     finally:
         del password
-    return client
+    raise error
 
 
 def close(client):

@@ -412,3 +412,39 @@ def test_readme_examples_are_valid():
     assert len(blocks) >= 2
     for i, text in enumerate(blocks):
         config.parse(text, f"README.md toml block {i}")
+
+
+# -- [etcd] (issue 17) ----------------------------------------------------------------
+
+def test_etcd_absent_is_off_and_present_takes_defaults():
+    assert config.parse("").etcd is None
+    e = config.parse("[etcd]\n").etcd
+    assert e == config.EtcdSettings() and e.endpoints == ("http://127.0.0.1:2379",) and e.ttl == 5
+    assert config.parse('[[rule]]\nname = "x"\npublish = false\n').rules[0].publish is False
+
+
+@pytest.mark.parametrize("body, where, what", [
+    ('endpoints = ["127.0.0.1:2379"]', "etcd.endpoints", "expected a non-empty list of URLs"),
+    ('endpoints = []', "etcd.endpoints", "expected a non-empty list of URLs"),
+    ('endpoints = "http://a:1"', "etcd.endpoints", "expected a non-empty list of URLs"),
+    ('prefix = "procwatch"', "etcd.prefix", "starts and ends with '/'"),
+    ('host = "ended"', "etcd.host", "not 'ended'"),
+    ('host = "a/b"', "etcd.host", "without '/'"),
+    ('ttl = 0', "etcd.ttl", "lease TTL in whole seconds"),
+    ('ttl = 2.5', "etcd.ttl", "lease TTL in whole seconds"),
+    ('cert = "/c.pem"', "etcd.cert", "needs its key: add key = ..."),
+    ('user = "u"', "etcd.user", "needs a password file: add password_file = ..."),
+    ('password_file = "pw"', "etcd.password_file", "an absolute file path"),
+    ('ca_cert = "/ca.pem"', "etcd.ca_cert", "use https:// endpoints with TLS"),
+    ('endpoint = ["http://a:1"]', "etcd.endpoint", "did you mean 'endpoints'?"),
+])
+def test_etcd_mistakes_are_one_line(body, where, what):
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(f"[service]\nslots = 8\n[etcd]\n{body}\n", "f.toml")
+    msg = str(info.value)
+    assert msg.startswith(f"f.toml:4: key '{where}': ") and what in msg and "\n" not in msg
+
+
+def test_rule_publish_must_be_a_boolean():
+    with pytest.raises(config.ConfigError, match=r"key 'rule\[0\].publish': expected true or false"):
+        config.parse('[[rule]]\nname = "x"\npublish = "no"\n')

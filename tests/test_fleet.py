@@ -352,3 +352,34 @@ def test_check_config_reads_the_etcd_files(tmp_path):
     (tmp_path / "absent").write_text("pw\n")
     out = cli("check-config", str(path))
     assert out.returncode == 0 and "etcd http://127.0.0.1:2379 as host" in out.stdout
+
+
+def test_failover_to_the_next_endpoint(etcd, key, tmp_path, service, clients):
+    dead = f"http://127.0.0.1:{free_port()}"
+    path, prefix = write_config(tmp_path, etcd, key)
+    path.write_text(path.read_text().replace(f'endpoints = ["{etcd.url}"]',
+                                             f'endpoints = ["{dead}", "{etcd.url}"]'))
+    svc = start(service, path)
+    c = clients(key, "fo")
+    wait_until(lambda: live(etcd, prefix).get("fo", {}).get("pid") == c.pid, what="fo published")
+    assert "publishing paused" not in svc.log()
+
+
+def _maps(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_without_etcd_table_nothing_of_it_is_loaded(etcd, key, tmp_path, service):
+    plain = service()
+    assert "cygrpc" not in _maps(plain.pid) and "_pb2" not in _maps(plain.pid)
+    plain.stop()
+    path, _ = write_config(tmp_path, etcd, key)
+    with_etcd = start(service, path)
+    wait_until(lambda: "publishing to" in with_etcd.log(), what="the publisher to connect")
+    assert "cygrpc" in _maps(with_etcd.pid), "the check above would not see the client library"
+    code = ("import sys, procwatch.service, procwatch.ops, procwatch.cli, procwatch.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyetcd', 'grpc', 'google') "
+            "or m == 'procwatch.fleet'))")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
