@@ -54,8 +54,11 @@ import socket as _socket
 import threading as _threading
 import time as _time
 
+import signal as _signal
+
 from . import abi as _abi
 from .errors import ProcwatchError
+from .journal import Event as _Event
 
 __all__ = ("EtcdUnavailable", "EtcdAuthFailed", "EtcdCredentials", "Publisher", "connect",
            "live_key", "ended_key", "host_of", "check_files")
@@ -157,7 +160,6 @@ def live_value(slot):
 def ended_value(pid, start_time, event, cause, status=None, time_ns=None, latency_us=None,
                 exit_code=None, signal=None, core_dumped=False):
     """The JSON value of an ended record; ``status`` is a wait(2) status (-1/None: unknown)."""
-    import signal as _signal
     if status is not None and status >= 0:
         if _os.WIFSIGNALED(status):
             try:
@@ -332,14 +334,23 @@ _ENDED_EVENTS = {_abi.State.EXITED: "exit", _abi.State.FOUND_DEAD: "found_dead",
 # -- the publisher ---------------------------------------------------------------------
 
 class _End:
-    __slots__ = ("name", "pid", "start_time", "record")
+    """An end as the reporter saw it; its record is built in the publisher thread."""
+    __slots__ = ("name", "pid", "start_time", "kind", "fields", "time_ns")
 
-    def __init__(self, name, pid, start_time, record):
-        self.name, self.pid, self.start_time, self.record = name, pid, start_time, record
+    def __init__(self, name, pid, start_time, kind, fields, time_ns):
+        self.name, self.pid, self.start_time = name, pid, start_time
+        self.kind, self.fields, self.time_ns = kind, fields, time_ns
+
+    def record(self):
+        f = self.fields
+        return ended_value(self.pid, self.start_time, self.kind, f.get("CAUSE"), time_ns=self.time_ns,
+                           latency_us=f.get("LATENCY_US"), exit_code=f.get("EXIT_CODE"),
+                           signal=f.get("SIGNAL"), core_dumped=f.get("CORE_DUMPED"))
 
 
 _SYNC = "sync"
 _STOP = "stop"
+_END_KINDS = {_Event.EXIT: "exit", _Event.FOUND_DEAD: "found_dead"}
 
 
 class Publisher:
@@ -359,6 +370,7 @@ class Publisher:
         self._queue = _queue.Queue(maxsize=settings.queue)
         self._sync_queued = False
         self._dropped_unlogged = 0
+        self._drops_logged = False      # this burst of drops has had its log line
         self._drop_lock = _threading.Lock()
         self._client = None
         self._lease = None              # id of the live keys' lease
@@ -380,17 +392,12 @@ class Publisher:
 
     def on_end(self, event, w, fields):
         """Reporter/checker callback, after the word is zeroed: queue the update, never wait."""
-        from .journal import Event
-        if event == Event.HUNG:
+        if event == _Event.HUNG:
             self.kick()
             return
-        kind = {Event.EXIT: "exit", Event.FOUND_DEAD: "found_dead"}.get(event)
-        if kind is None:
-            return
-        record = ended_value(w.pid, getattr(w, "start_time", None), kind, fields.get("CAUSE"),
-                             latency_us=fields.get("LATENCY_US"), exit_code=fields.get("EXIT_CODE"),
-                             signal=fields.get("SIGNAL"), core_dumped=fields.get("CORE_DUMPED"))
-        self._put(_End(w.name, w.pid, getattr(w, "start_time", None), record))
+        kind = _END_KINDS.get(event)
+        if kind is not None:
+            self._put(_End(w.name, w.pid, getattr(w, "start_time", None), kind, fields, _time.time_ns()))
 
     def kick(self):
         """The table changed (a registration, a hang): compare and publish soon."""
@@ -402,6 +409,8 @@ class Publisher:
     def _put(self, item):
         try:
             self._queue.put_nowait(item)
+            if self._drops_logged:          # room again: the next drop starts a new burst
+                self._drops_logged = False
             return True
         except _queue.Full:
             self.stats.record_etcd_dropped()
@@ -433,6 +442,7 @@ class Publisher:
                     self._connect()
                 except ProcwatchError as e:
                     self._down(e)
+                    self._log_drops()
                     self._stop.wait(delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
@@ -490,10 +500,11 @@ class Publisher:
     def _log_drops(self):
         with self._drop_lock:
             n, self._dropped_unlogged = self._dropped_unlogged, 0
-        if n:
-            log.warning("etcd: dropped %d updates: more than %d waiting for etcd (%d dropped so far); "
+        if n and not self._drops_logged:
+            self._drops_logged = True
+            log.warning("etcd: dropping updates: more than %d waiting for etcd (%d dropped so far); "
                         "the sync every second makes them up from the table (an ended record is lost "
-                        "if its slot was reused meanwhile); raise [etcd] queue", n, self.settings.queue, self.stats.etcd_dropped,
+                        "if its slot was reused meanwhile); raise [etcd] queue", self.settings.queue, self.stats.etcd_dropped,
                         extra={"PROCWATCH_EVENT": "etcd_dropped"})
 
     # -- etcd operations (publisher thread only) ------------------------------------------
@@ -613,7 +624,7 @@ class Publisher:
         pub = self._published.get(item.name)
         if pub is None or pub[0] != item.pid or (item.start_time is not None and pub[1] != item.start_time):
             return      # never published (publish = false, etcd was down), or a newer process owns the name
-        self._delete(item.name, item.record)
+        self._delete(item.name, item.record())
 
     def _delete(self, name, record):
         c = self._client

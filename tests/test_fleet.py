@@ -229,7 +229,7 @@ def test_etcd_restart_while_processes_live_and_die(own_etcd, key, tmp_path, serv
     assert "reconnected" in log
     # queue = 2 with five ends behind a down etcd: some were dropped, logged once, and yet
     # the reconcile wrote every ended record from the table.
-    assert log.count("etcd: dropped") == 1, log
+    assert log.count("etcd: dropping updates") == 1, log
 
 
 def test_service_starts_and_detects_with_etcd_unreachable(key, tmp_path, service, clients):
