@@ -423,9 +423,9 @@ class Publisher:
         re-adopts the keys (a put, not a delete, for watchers)."""
         self._stop.set()
         try:
-            self._queue.put(_STOP, timeout=timeout)
+            self._queue.put_nowait(_STOP)   # after the ends already queued: they still go out
         except _queue.Full:
-            pass
+            pass                            # the thread sees _stop within a second
         if self.started:
             self._thread.join(timeout)
         if self._client is not None:
