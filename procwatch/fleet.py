@@ -228,8 +228,11 @@ def translate(exc, settings):
     from pyetcd import exceptions as ex
     eps = settings.endpoints
     if isinstance(exc, (ex.ConnectionFailedError, ex.ConnectionTimeoutError)):
-        return EtcdUnavailable(eps, "no answer" if isinstance(exc, ex.ConnectionTimeoutError)
-                               else "connection failed")
+        why = "no answer" if isinstance(exc, ex.ConnectionTimeoutError) else "connection failed"
+        cause = exc.__context__         # the library raises its own type inside 'except RpcError'
+        if isinstance(cause, grpc.RpcError) and hasattr(cause, "details") and cause.details():
+            why = cause.details().splitlines()[0]
+        return EtcdUnavailable(eps, why)
     if isinstance(exc, ex.Etcd3Exception):
         return EtcdUnavailable(eps, f"{type(exc).__name__}", "see the etcd server's log")
     if isinstance(exc, grpc.RpcError):
@@ -264,6 +267,9 @@ def connect(settings, timeout=RPC_TIMEOUT):
     which moves on to the next endpoint (that is our failover).
     """
     global _next_endpoint
+    # gRPC's C core logs TLS and connection failures to stderr on its own; we
+    # report each failure as one line, so it stays quiet unless asked.
+    _os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         import grpc
         import pyetcd

@@ -81,7 +81,8 @@ def add_parsers(sub, formatter, key_type, key_help):
                     "shell scripts and systemd ExecStartPre=.",
         epilog="exit status:\n"
                "  0 it ended (or had ended), 124 --timeout passed first,\n"
-               "  2 no slot carries NAME (or a usage error), 1 no slot table (no service)\n\n"
+               "  2 no slot carries NAME (or a usage error), 1 no slot table (no service);\n"
+               "  with --etcd: 2 no key and no ended record for HOST/NAME, 1 etcd unreachable\n\n"
                "example:\n"
                "  procwatch wait dataplane --timeout 30 || echo 'still running'\n"
                "  procwatch wait dp-host-2/dataplane --etcd http://etcd-1:2379")

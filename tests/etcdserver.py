@@ -4,7 +4,10 @@ Debian's ``etcd-server`` package (scripts/setup installs it) gives
 ``/usr/bin/etcd``.  Each server listens on 127.0.0.1 on a client and a
 peer port picked free by the kernel, keeps its data in a directory of its
 own, and is stopped by its PID (SIGTERM, then SIGKILL).  ``restart()``
-keeps the ports and the data, as an operator's restart would.
+keeps the ports and the data, as an operator's restart would.  With
+``tls=True`` clients must use https and a client certificate: ``make_certs``
+writes a CA, the server's certificate (for IP 127.0.0.1) and a client's,
+with the openssl command.
 """
 
 import os
@@ -22,14 +25,37 @@ def free_port():
         return s.getsockname()[1]
 
 
+def make_certs(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate in ``d``; their paths."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=procwatch-test-ca",
+         "-keyout", str(d / "ca-key.pem"), "-out", str(d / "ca.pem"))
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                     ("client", "extendedKeyUsage=clientAuth")):
+        (d / f"{who}.ext").write_text(ext + "\n")
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=procwatch-test-{who}",
+             "-keyout", str(d / f"{who}-key.pem"), "-out", str(d / f"{who}.csr"))
+        ossl("x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
+             str(d / "ca-key.pem"), "-CAcreateserial", "-days", "2", "-extfile", str(d / f"{who}.ext"),
+             "-out", str(d / f"{who}.pem"))
+    return {k: str(d / f) for k, f in (("ca", "ca.pem"), ("server_cert", "server.pem"),
+                                         ("server_key", "server-key.pem"), ("client_cert", "client.pem"),
+                                         ("client_key", "client-key.pem"))}
+
+
 class EtcdServer:
-    def __init__(self, workdir, name="pw"):
+    def __init__(self, workdir, name="pw", tls=False):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data = self.dir / "data"
         self.name = name
         self.client_port, self.peer_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.certs = make_certs(self.dir / "certs") if tls else None
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
         self.proc = None
         self._log = None
 
@@ -38,7 +64,21 @@ class EtcdServer:
         return ["etcd", "--name", self.name, "--data-dir", str(self.data),
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new"]
+                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
+                *self._tls_args()]
+
+    def _tls_args(self):
+        if not self.certs:
+            return []
+        c = self.certs
+        return ["--cert-file", c["server_cert"], "--key-file", c["server_key"],
+                "--trusted-ca-file", c["ca"], "--client-cert-auth"]
+
+    def _ctl_tls(self):
+        if not self.certs:
+            return []
+        c = self.certs
+        return ["--cacert", c["ca"], "--cert", c["client_cert"], "--key", c["client_key"]]
 
     def start(self, timeout=30.0):
         if shutil.which("etcd") is None:
@@ -59,7 +99,7 @@ class EtcdServer:
         return self
 
     def healthy(self):
-        r = subprocess.run(["etcdctl", "--endpoints", self.url, "--command-timeout=1s",
+        r = subprocess.run(["etcdctl", "--endpoints", self.url, "--command-timeout=1s", *self._ctl_tls(),
                             "endpoint", "health"], capture_output=True, env=self._ctl_env())
         return r.returncode == 0
 
@@ -70,7 +110,7 @@ class EtcdServer:
 
     def ctl(self, *args, user=None, check=True):
         """etcdctl against this server; its stdout."""
-        cmd = ["etcdctl", "--endpoints", self.url]
+        cmd = ["etcdctl", "--endpoints", self.url, *self._ctl_tls()]
         if user:
             cmd += ["--user", user]
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=self._ctl_env())

@@ -383,3 +383,25 @@ def test_without_etcd_table_nothing_of_it_is_loaded(etcd, key, tmp_path, service
             "or m == 'procwatch.fleet'))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_tls_with_a_client_certificate(key, tmp_path, service, clients):
+    server = EtcdServer(tmp_path / "etcd-tls", tls=True).start()
+    try:
+        c = server.certs
+        path, prefix = write_config(tmp_path, server, key, extra_etcd=(
+            f'ca_cert = "{c["ca"]}"\ncert = "{c["client_cert"]}"\nkey = "{c["client_key"]}"'))
+        assert server.url.startswith("https://")
+        start(service, path)
+        p = clients(key, "tls-1")
+        listing = wait_until(lambda: json.loads(cli("fleet", "--config", str(path), "--json").stdout or "{}")
+                             .get("processes"), what="tls-1 listed over TLS")
+        assert [(x["name"], x["pid"]) for x in listing] == [("tls-1", p.pid)]
+        # Without the client certificate etcd refuses the handshake: one line.
+        no_cert = tmp_path / "no-cert.toml"
+        no_cert.write_text(f'[etcd]\nendpoints = ["{server.url}"]\nca_cert = "{c["ca"]}"\n')
+        out = cli("fleet", "--config", str(no_cert))
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith(f"procwatch: etcd at {server.url} is unavailable: ")
+    finally:
+        server.remove()
