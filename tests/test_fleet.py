@@ -405,3 +405,32 @@ def test_tls_with_a_client_certificate(key, tmp_path, service, clients):
         assert out.stderr.startswith(f"procwatch: etcd at {server.url} is unavailable: ")
     finally:
         server.remove()
+
+
+def _lease_of(server, key):
+    out = json.loads(server.ctl("get", key, "-w", "json"))
+    return out["kvs"][0]["lease"] if out.get("kvs") else None
+
+
+def test_a_lost_lease_is_replaced_and_keys_put_again(own_etcd, key, tmp_path, service, clients):
+    path, prefix = write_config(tmp_path, own_etcd, key, ttl=3)
+    svc = start(service, path)
+    c = clients(key, "kept")
+    k = f"{prefix}{HOST}/kept"
+    first = wait_until(lambda: _lease_of(own_etcd, k), what="kept published on a lease")
+    own_etcd.ctl("lease", "revoke", format(first, "x"))      # etcd lost it (a long partition, say)
+    second = wait_until(lambda: _lease_of(own_etcd, k), timeout=15, what="kept published again")
+    assert second != first
+    assert live(own_etcd, prefix)["kept"]["pid"] == c.pid
+    assert "expired; publishing again on a new lease" in svc.log()
+
+
+def test_reload_publish_false_withdraws_the_key(etcd, key, tmp_path, service, clients):
+    path, prefix = write_config(tmp_path, etcd, key)
+    svc = start(service, path)
+    c = clients(key, "shy")
+    wait_until(lambda: "shy" in live(etcd, prefix), what="shy published")
+    path.write_text(path.read_text() + '\n[[rule]]\nname = "shy"\npublish = false\n')
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "shy" not in live(etcd, prefix), what="shy withdrawn after the reload")
+    assert c.proc.poll() is None and "shy" not in ended(etcd, prefix), "withdrawn, not ended"
