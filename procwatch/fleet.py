@@ -481,7 +481,10 @@ class Publisher:
                     next_sync = now + SYNC_INTERVAL
             except Exception as e:      # noqa: BLE001  (only the etcd client's errors are handled)
                 err = self._etcd_error(e)
-                if err is None:
+                if err is None:         # a bug: keep its traceback, and say publishing stopped
+                    self.stats.etcd_up = 0
+                    log.error("etcd: the publisher thread failed; nothing is published until a restart",
+                              exc_info=True, extra={"PROCWATCH_EVENT": "etcd_failed"})
                     raise
                 if isinstance(item, _End):
                     self._retry = item
