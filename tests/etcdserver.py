@@ -1,7 +1,9 @@
 """A real etcd server for tests and the benchmark: loopback only, free ports, a private data dir.
 
-Debian's ``etcd-server`` package (scripts/setup installs it) gives
-``/usr/bin/etcd``.  Each server listens on 127.0.0.1 on a client and a
+Debian's ``etcd-server`` and ``etcd-client`` packages, which scripts/setup
+unpacks into ``.venv/etcd`` (not installed: that would start a system etcd
+wherever systemd is PID 1), give ``etcd`` and ``etcdctl``; an etcd on $PATH
+serves as well.  Each server listens on 127.0.0.1 on a client and a
 peer port picked free by the kernel, keeps its data in a directory of its
 own, and is stopped by its PID (SIGTERM, then SIGKILL).  ``restart()``
 keeps the ports and the data, as an operator's restart would.  With
@@ -17,6 +19,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+_UNPACKED = Path(__file__).resolve().parent.parent / ".venv" / "etcd" / "usr" / "bin"
+
+
+def etcd_tool(name):
+    """Path of ``etcd`` or ``etcdctl``: the one scripts/setup unpacked, else $PATH's; None if neither."""
+    own = _UNPACKED / name
+    return str(own) if os.access(own, os.X_OK) else shutil.which(name)
 
 
 def free_port():
@@ -61,7 +71,7 @@ class EtcdServer:
 
     def argv(self):
         peer = f"http://127.0.0.1:{self.peer_port}"
-        return ["etcd", "--name", self.name, "--data-dir", str(self.data),
+        return [etcd_tool("etcd"), "--name", self.name, "--data-dir", str(self.data),
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
@@ -81,8 +91,8 @@ class EtcdServer:
         return ["--cacert", c["ca"], "--cert", c["client_cert"], "--key", c["client_key"]]
 
     def start(self, timeout=30.0):
-        if shutil.which("etcd") is None:
-            raise RuntimeError("etcd is not installed: run scripts/setup (Debian package etcd-server)")
+        if etcd_tool("etcd") is None or etcd_tool("etcdctl") is None:
+            raise RuntimeError("etcd is not unpacked: run scripts/setup (Debian's etcd-server and etcd-client)")
         self._log = open(self.dir / "etcd.log", "ab")
         # ETCD_* variables of the caller would change this server: none pass.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
@@ -99,7 +109,7 @@ class EtcdServer:
         return self
 
     def healthy(self):
-        r = subprocess.run(["etcdctl", "--endpoints", self.url, "--command-timeout=1s", *self._ctl_tls(),
+        r = subprocess.run([etcd_tool("etcdctl"), "--endpoints", self.url, "--command-timeout=1s", *self._ctl_tls(),
                             "endpoint", "health"], capture_output=True, env=self._ctl_env())
         return r.returncode == 0
 
@@ -110,7 +120,7 @@ class EtcdServer:
 
     def ctl(self, *args, user=None, check=True):
         """etcdctl against this server; its stdout."""
-        cmd = ["etcdctl", "--endpoints", self.url, *self._ctl_tls()]
+        cmd = [etcd_tool("etcdctl"), "--endpoints", self.url, *self._ctl_tls()]
         if user:
             cmd += ["--user", user]
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=self._ctl_env())

@@ -48,10 +48,20 @@ while True:                         # keep-alive every TTL/3, as etcd's own clie
 """
 
 
+def _etcdserver():
+    """tests/etcdserver.py, the one place that starts a test etcd and finds its binaries."""
+    sys_path = _os.path.join(ROOT, "tests")
+    if sys_path not in _sys.path:
+        _sys.path.insert(0, sys_path)
+    import etcdserver
+    return etcdserver
+
+
 def why_not():
     """None if the rows can run, else why not (one line)."""
-    if _shutil.which("etcd") is None or _shutil.which("etcdctl") is None:
-        return "etcd is not installed (scripts/setup installs Debian's etcd-server and etcd-client)"
+    tool = _etcdserver().etcd_tool
+    if tool("etcd") is None or tool("etcdctl") is None:
+        return "etcd is not unpacked (scripts/setup unpacks Debian's etcd-server and etcd-client into .venv/etcd)"
     try:
         import pyetcd  # noqa: F401
     except ImportError:
@@ -197,11 +207,7 @@ def section(ctx):
     if why or ctx.args.etcd_kills == 0:
         return {"id": "fleet_etcd", "title": title, "columns": columns, "rows": [],
                 "notes": [why or "--etcd-kills 0: not measured"]}
-    sys_path = _os.path.join(ROOT, "tests")
-    if sys_path not in _sys.path:
-        _sys.path.insert(0, sys_path)
-    from etcdserver import EtcdServer
-    etcd = EtcdServer(_os.path.join(ctx.args.out, "etcd"))
+    etcd = _etcdserver().EtcdServer(_os.path.join(ctx.args.out, "etcd"))
     _shutil.rmtree(etcd.data, ignore_errors=True)
     etcd.start()
     _procs._track(etcd.proc.pid, "etcd")
@@ -231,7 +237,7 @@ def section(ctx):
 
 def _etcd_version():
     try:
-        out = _subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout
+        out = _subprocess.run([_etcdserver().etcd_tool("etcd"), "--version"], capture_output=True, text=True).stdout
         return out.split()[2]
     except (OSError, IndexError):
         return "?"
