@@ -14,12 +14,12 @@ but is logged as an error that says what to fix.
 
 import logging as _logging
 import os as _os
-import signal as _signal
 import time as _time
 
 from . import abi as _abi
 from . import futex as _futex
 from . import procfs as _procfs
+from .signals import hang_signal_value
 from .errors import (AccessDenied, NameInUse, NameNotFound, SegmentCorrupt, SegmentMissing,
                      SegmentPermissionError, TableBusy, TableFull)
 from .segment import Table as _Table
@@ -157,40 +157,6 @@ def hang_action_value(action):
         except ValueError:
             pass
     raise ValueError(f"hang action {action!r} is not 'kill' or 'log' (or None for the service's default)")
-
-
-def hang_signal_value(sig):
-    """Signal number for ``sig``: None (0, service default), a number, or a name ('SIGTERM', 'TERM')."""
-    if sig is None:
-        return 0
-    num = None
-    if isinstance(sig, str):
-        text = sig.strip().upper()
-        if text.isdigit():
-            num = int(text)
-        else:
-            try:
-                num = _signal.Signals[text if text.startswith("SIG") else "SIG" + text]
-            except KeyError:
-                pass
-    elif isinstance(sig, int) and not isinstance(sig, bool):
-        num = sig
-    if num is None or num not in _signal.valid_signals():
-        raise ValueError(f"hang signal {sig!r} is not a signal: use a name like SIGKILL, SIGTERM or "
-                         f"SIGABRT (core dump)")
-    if not hang_signal_ok(num):
-        raise ValueError(f"hang signal {sig!r} only stops or continues a process: use one that ends "
-                         f"it, like SIGKILL, SIGTERM or SIGABRT (core dump)")
-    return int(num)
-
-
-# Job-control signals stop or continue a process; they cannot end a hung one.
-_JOB_CONTROL = frozenset((_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU, _signal.SIGCONT))
-
-
-def hang_signal_ok(num):
-    """Whether signal number ``num`` may be a hang signal (a real signal, not job control)."""
-    return num in _signal.valid_signals() and num not in _JOB_CONTROL
 
 
 def _heartbeat_ms(seconds):

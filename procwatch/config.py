@@ -40,6 +40,7 @@ import typing as _typing
 
 from procwatch import abi as _abi
 from procwatch.errors import ProcwatchError
+from procwatch.signals import ends_process as _ends_process
 
 __all__ = (
     "DEFAULT_PATH", "ConfigError", "Config", "HangSettings", "HookSettings",
@@ -53,11 +54,6 @@ BACKENDS = ("auto", "connector", "pidfd")
 HANG_ACTIONS = ("kill", "log")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EVENTS = ("exit", "found_dead", "hung")     # hook events; PROCWATCH_EVENT values
-
-# Signals whose default action does not end the process (signal(7)): a hung
-# process sent one of these stays hung, so the kill action would do nothing.
-_NOT_FATAL = frozenset({"SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGCONT",
-                        "SIGCHLD", "SIGURG", "SIGWINCH"})
 
 
 class ConfigError(ProcwatchError):
@@ -239,7 +235,7 @@ def _hang_signal(v):
     else:
         name = None
     sig = _signal.Signals.__members__.get(name) if name else None
-    if sig is None or name in _NOT_FATAL:
+    if sig is None or not _ends_process(sig):
         raise _Invalid("a signal name whose default action ends the process, "
                        "such as 'SIGKILL', 'SIGABRT' or 'SIGTERM'")
     return sig

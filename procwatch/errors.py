@@ -156,3 +156,8 @@ class ConnectorUnavailable(ProcwatchError):
 
     def __str__(self):
         return f"proc connector unavailable: {self.why}: {self.fix}"
+
+
+class UsageError(ProcwatchError):
+    """A command was given a value it cannot use (one argparse could not see): exit status 2."""
+    __module__ = "procwatch"

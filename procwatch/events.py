@@ -84,11 +84,12 @@ def _since_arg(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_parser(sub, fmt):
+def add_parser(sub):
     """The ``events`` subcommand (cli.build_parser calls this)."""
+    import argparse
     kinds = [e.kind for e in Event]
     p = sub.add_parser(
-        "events", formatter_class=fmt, help="show the service's events from journald",
+        "events", formatter_class=argparse.RawDescriptionHelpFormatter, help="show the service's events from journald",
         description="Show procwatch's events (registered, exit, found_dead, hung, killed, ...)\n"
                     "from journald, selected by MESSAGE_ID and PROCWATCH_* fields.\n"
                     "The system journal needs root or the group systemd-journal.",
@@ -114,6 +115,7 @@ def add_parser(sub, fmt):
     p.add_argument("--json", action="store_true", help="one JSON object per line (stable schema)")
     p.add_argument("-D", "--directory", metavar="DIR",
                    help="read the journal files in DIR (e.g. a container's /run/log/journal)")
+    p.set_defaults(run=run)
     return p
 
 
@@ -206,7 +208,7 @@ def _can_read_system_journal():
     return False
 
 
-def cmd_events(args, out=None):
+def run(args, out=None):
     out = out or _sys.stdout
     if args.directory is None and not any(_os.path.isdir(d) for d in JOURNAL_DIRS):
         raise ProcwatchError("no journal on this machine (neither /run/log/journal nor "

@@ -33,9 +33,10 @@ def add_arguments(p):
     p.add_argument("--prefix", metavar="PREFIX", help="key prefix (default: the file's, else /procwatch/)")
 
 
-def add_parser(sub, formatter):
+def add_parser(sub):
+    import argparse
     f = sub.add_parser(
-        "fleet", formatter_class=formatter, help="list every host's processes from etcd",
+        "fleet", formatter_class=argparse.RawDescriptionHelpFormatter, help="list every host's processes from etcd",
         description="List the processes the procwatch services of every host publish to etcd\n"
                     "(alive or hung), then those that ended recently and how.",
         epilog="exit status:\n  0 listed (even if empty), 1 etcd unreachable or refused us\n\n"
@@ -51,6 +52,7 @@ def add_parser(sub, formatter):
     f.add_argument("--watch", action="store_true",
                    help="list again at every change, as etcd reports it (Ctrl-C quits)")
     f.add_argument("--count", type=int, metavar="N", help="with --watch, stop after N listings")
+    f.set_defaults(run=run)
     return f
 
 

@@ -29,6 +29,7 @@ import logging as _logging
 from . import abi as _abi
 from . import procfs as _procfs
 from .journal import Event, emit
+from .signals import describe_status
 
 log = _logging.getLogger("procwatch")
 _PID_STATES = (_abi.State.ALIVE, _abi.State.HUNG)      # the only states a set PID word may have
@@ -106,7 +107,6 @@ def recover_pending_ends(table, stats=None, on_end=None):
     Returns how many ends it reported.
     """
     import types
-    from .detector import describe_status
     reported = 0
     for slot, pid in table.take_pending_ends():
         if not (0 <= slot < table.slot_count and _procfs.valid_pid(pid)):

@@ -70,8 +70,9 @@ import time as _time
 
 from . import abi as _abi
 from . import procfs as _procfs
-from .client import hang_signal_ok as _hang_signal_ok
 from .journal import Event, emit
+from .signals import HANG_SIGNAL_HINT, signal_name
+from .signals import ends_process as _ends_process
 
 log = _logging.getLogger("procwatch")
 
@@ -85,13 +86,6 @@ _GONE = ("gone", "")
 
 # Who hung, for on_event: the fields the Reporter's on_end callback reads.
 Hung = _collections.namedtuple("Hung", "name pid slot")
-
-
-def signal_name(num):
-    try:
-        return _signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
 
 
 class _Track:
@@ -115,8 +109,8 @@ class HeartbeatChecker(_threading.Thread):
         super().__init__(name="procwatch-heartbeat", daemon=True)
         if action not in (_abi.HangAction.KILL, _abi.HangAction.LOG):
             raise ValueError(f"hang action {action!r} is not kill or log")
-        if not _hang_signal_ok(signal):
-            raise ValueError(f"hang signal {signal!r} cannot end a process: use SIGKILL, SIGTERM or SIGABRT")
+        if not _ends_process(signal):
+            raise ValueError(f"hang signal {signal!r} does not end a process: {HANG_SIGNAL_HINT}")
         if not 1 <= max_misses <= 1000:
             raise ValueError(f"--max-misses {max_misses} is out of range 1..1000")
         self.table = table
@@ -278,11 +272,11 @@ class HeartbeatChecker(_threading.Thread):
         except ValueError:
             action = _abi.HangAction.DEFAULT
         sig = s.heartbeat_signal
-        if action == _abi.HangAction.DEFAULT or not _hang_signal_ok(sig):
+        if action == _abi.HangAction.DEFAULT or not _ends_process(sig):
             default_action, default_signal, _ = self._policy(s.name)
             if action == _abi.HangAction.DEFAULT:
                 action = default_action
-            if not _hang_signal_ok(sig):             # 0 (default), or nothing a client could write
+            if not _ends_process(sig):               # 0 (default), or nothing a client could write
                 sig = default_signal
         return action, sig
 

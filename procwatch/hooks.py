@@ -39,6 +39,7 @@ import threading as _threading
 import time as _time
 
 from procwatch import abi as _abi
+from procwatch.signals import signal_name as _signal_name
 from procwatch.stats import Stats, cause_label
 
 __all__ = ("HookEvent", "HookResult", "HookRunner")
@@ -72,16 +73,12 @@ class HookEvent:
     key: int | None = None
 
     @classmethod
-    def from_wait_status(cls, event, name, pid, slot, status, **fields):
-        """Build from a wait(2) status, as the kernel's exit event carries it
-        (``-1``: unknown, as after found-dead)."""
-        if status is not None and status >= 0:
-            if _os.WIFEXITED(status):
-                fields.setdefault("exit_code", _os.WEXITSTATUS(status))
-            elif _os.WIFSIGNALED(status):
-                fields.setdefault("signal", _signal_name(_os.WTERMSIG(status)))
-                fields.setdefault("core_dumped", _os.WCOREDUMP(status))
-        return cls(event, name, pid, slot, **fields)
+    def from_fields(cls, event, name, pid, slot, fields, **more):
+        """Build from the journal fields the Reporter logged the end with
+        (signals.describe_status's, plus CAUSE and LATENCY_US)."""
+        return cls(event, name, pid, slot, exit_code=fields.get("EXIT_CODE"), signal=fields.get("SIGNAL"),
+                   core_dumped=bool(fields.get("CORE_DUMPED")), cause=fields.get("CAUSE"),
+                   latency_us=fields.get("LATENCY_US"), **more)
 
     def env(self):
         """The ``PROCWATCH_*`` variables of this event, all strings."""
@@ -107,13 +104,6 @@ class HookEvent:
         }
 
 
-def _signal_name(signum):
-    try:
-        return _signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
-
-
 @_dc.dataclass(frozen=True)
 class HookResult:
     """How one hook run ended.  ``ok`` means it ran and exited 0 in time."""
@@ -136,7 +126,7 @@ class HookResult:
         if self.timed_out:
             return f"killed after its {self.duration:.1f} s timeout"
         if self.returncode < 0:
-            return f"killed by {_signal_name(-self.returncode)} after {self.duration:.3f} s"
+            return f"killed by {_signal_name(-self.returncode, '{}')} after {self.duration:.3f} s"
         return f"exit status {self.returncode} after {self.duration:.3f} s"
 
 

@@ -26,6 +26,8 @@ import select as _select
 import sys as _sys
 import time as _time
 
+from .status import format_status, status_snapshot
+
 __all__ = ("run", "render")
 
 # State -> terminfo colour number (setaf): curses.COLOR_* values.
@@ -40,11 +42,10 @@ def render(snap, key, interval, width, height, now=None, keys=True):
     ``style`` is a slot state name for a table row, ``header`` for the column
     titles, ``service-up``/``service-down`` for the service line, else None.
 
-    ``snap`` is :func:`procwatch.cli.status_snapshot` or None (no table).
+    ``snap`` is :func:`procwatch.status.status_snapshot` or None (no table).
     Lines are cut to ``width``; rows beyond ``height`` are cut with a note.
     ``keys``: say that q quits (not when nobody can type).
     """
-    from .cli import format_status
     now = _time.time() if now is None else now
     title = (f"procwatch status  key {key:#010x}  every {interval:g} s  "
              f"{_time.strftime('%H:%M:%S', _time.localtime(now))}" + ("  (q quits)" if keys else ""))
@@ -179,7 +180,6 @@ def _size(out):
 
 def run(key, interval=1.0, count=None, out=None, inp=None):
     """The live view; returns the exit status (0) when quit or after ``count`` refreshes."""
-    from .cli import status_snapshot
     out = out or _sys.stdout
     inp = inp or _sys.stdin
     screen = _Screen.open(out) if out.isatty() else None

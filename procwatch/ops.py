@@ -137,10 +137,7 @@ class Operations:
         argv = getattr(rule.hooks, "on_" + kind) if rule is not None else None
         if argv is None:
             return
-        ev = HookEvent(kind, w.name, w.pid, w.slot,
-                       exit_code=fields.get("EXIT_CODE"), signal=fields.get("SIGNAL"),
-                       core_dumped=bool(fields.get("CORE_DUMPED")), cause=fields.get("CAUSE"),
-                       latency_us=fields.get("LATENCY_US"), key=self.key)
+        ev = HookEvent.from_fields(kind, w.name, w.pid, w.slot, fields, key=self.key)
         runner.submit(argv, ev, rule.hooks.timeout or cfg.hooks.timeout)
 
     def publishable(self, name):

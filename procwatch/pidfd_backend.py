@@ -232,7 +232,7 @@ class PidfdSet:
         reused) between being listed and being added.  A closed pidfd has
         already left the epoll set by itself (nothing else holds its file).
         """
-        with watch._lock:
+        with watch.lock:
             self.dirty = False
             want = {w.pidfd: w for w in watch.entries() if w.pidfd is not None}
             for fd, w in list(self.members.items()):
@@ -279,7 +279,7 @@ class PidfdDetector(DetectorThread):
         wake_fd = pidfds.wake_fd
         members = pidfds.members
         watch = self.reporter.watch
-        lock = watch._lock
+        lock = watch.lock
         report_exit = self.reporter.report_exit
         stats = self.reporter.stats
         monotonic = _time.monotonic

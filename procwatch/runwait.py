@@ -28,6 +28,7 @@ import sys as _sys
 import time as _time
 
 from . import abi as _abi
+from . import argtypes as _argtypes
 
 # Exit statuses of 'run' for its own failures, as timeout(1), env(1) and the shell use them.
 EXIT_RUN_FAILED = 125       # procwatch could not register: CMD was not started
@@ -39,20 +40,9 @@ EXIT_ENDED, EXIT_FAILURE, EXIT_NO_SUCH_NAME, EXIT_TIMEOUT = 0, 1, 2, 124
 RECORD_WAIT = 1.0           # s 'wait' gives the service to record an end it has signalled
 
 
-def _seconds(allow_zero):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise _argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not (v >= 0 if allow_zero else v > 0) or v > 86400 * 49:
-            raise _argparse.ArgumentTypeError(f"{text} s is out of range")
-        return v
-    return parse
-
-
-def add_parsers(sub, formatter, key_type, key_help):
+def add_parser(sub):
     """Add the 'run' and 'wait' subcommands to ``sub`` (cli.build_parser)."""
+    formatter, key_type, key_help = _argtypes.FORMATTER, _argtypes.key, _argtypes.KEY_HELP
     r = sub.add_parser(
         "run", formatter_class=formatter, help="register, then exec a command (same PID)",
         usage="procwatch run [-h] [--name NAME] [--heartbeat S] [--key KEY] -- CMD [ARGS...]",
@@ -66,7 +56,7 @@ def add_parsers(sub, formatter, key_type, key_help):
                "example:\n"
                "  procwatch run --name dataplane -- /usr/sbin/dataplane --port 9000")
     r.add_argument("--name", help="slot name, 1..31 bytes of UTF-8 (default: CMD's file name)")
-    r.add_argument("--heartbeat", type=_seconds(True), default=0, metavar="S",
+    r.add_argument("--heartbeat", type=_argtypes.seconds(49 * _argtypes.DAY, zero=True), default=0, metavar="S",
                    help="expect a beat every S seconds (default 0: no hang detection); "
                         "only for a CMD that beats its slot")
     r.add_argument("--key", type=key_type, help=key_help)
@@ -87,7 +77,7 @@ def add_parsers(sub, formatter, key_type, key_help):
                "  procwatch wait dataplane --timeout 30 || echo 'still running'\n"
                "  procwatch wait dp-host-2/dataplane --etcd http://etcd-1:2379")
     w.add_argument("name", metavar="NAME", help="the registered name")
-    w.add_argument("--timeout", type=_seconds(True), metavar="S",
+    w.add_argument("--timeout", type=_argtypes.seconds(49 * _argtypes.DAY, zero=True), metavar="S",
                    help="give up after S seconds (exit 124); 0 only checks (default: wait for ever)")
     w.add_argument("--key", type=key_type, help=key_help)
     w.add_argument("--etcd", nargs="?", const="", metavar="URLS",
@@ -95,6 +85,12 @@ def add_parsers(sub, formatter, key_type, key_help):
                         "(comma-separated client URLs; alone: the config file's [etcd] endpoints)")
     from . import fleetcmd
     fleetcmd.add_arguments(w)
+    r.set_defaults(run=run)
+    w.set_defaults(run=run)
+
+
+def run(args):
+    return cmd_run(args) if args.command == "run" else cmd_wait(args)
 
 
 # -- run ------------------------------------------------------------------------
@@ -168,7 +164,7 @@ def describe_end(slot, name, pid):
     None when the slot does not say yet (the service zeroes the word first
     and records the end right after).
     """
-    from .detector import describe_status
+    from .signals import describe_status
     who = f"{name} (pid {pid})" if pid else name
     if slot.raw_name != name.encode("utf-8"):
         return f"{who} is gone; its slot has been given to another name since"
@@ -197,12 +193,15 @@ def cmd_wait(args):
         from . import fleetcmd
         return fleetcmd.wait(args)
     from . import client
-    from .errors import NameNotFound
+    from .errors import NameNotFound, UsageError
+    key = _argtypes.table_key(args.key)
     try:
-        peer = client.Peer(args.name, key=args.key)
+        peer = client.Peer(args.name, key=key)
     except NameNotFound as e:
         _say("wait", str(e))
         return EXIT_NO_SUCH_NAME
+    except ValueError as e:             # a NAME no slot can carry (too long, a control character)
+        raise UsageError(str(e)) from None
     with peer:
         pid = peer.pid
         if pid and not client.monitor_alive(peer.table.key):

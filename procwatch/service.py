@@ -2,7 +2,7 @@
 
     table (segment)  <-  clients register, peers read
        ^
-    Reporter / Watchlist (detector.py)  <-  detector thread (connector events, or
+    Reporter / Watchlist (watch.py)     <-  detector thread (connector events, or
                                             pidfds in epoll: pidfd_backend.py)
        ^
     Service main loop: respawn detectors, reconcile, service heartbeat,
@@ -27,12 +27,13 @@ import traceback as _traceback
 
 from . import abi as _abi
 from . import procfs as _procfs
-from .detector import ConnectorDetector, Reporter
+from .detector import ConnectorDetector
 from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
 from .guard import TableGuard, recover_pending_ends
 from .journal import Event, emit, notify, watchdog_interval
 from .segment import Table
 from .stats import Stats
+from .watch import Reporter
 
 log = _logging.getLogger("procwatch")
 _STOP = "stop"
@@ -49,26 +50,24 @@ DETECTOR_STALE = 2.0
 
 
 class Service:
-    """``procwatch serve``: create or adopt the table and watch it until stopped."""
+    """``procwatch serve``: create or adopt the table and watch it until stopped.
 
-    def __init__(self, key=None, slots=_abi.DEFAULT_SLOTS, backend="auto",
-                 rcvbuf=None, reconcile_interval=1.0, group=None, mode=0o660,
-                 heartbeat_period=1.0, hang_action=_abi.HangAction.KILL,
-                 hang_signal=_signal.SIGKILL, max_misses=3, config=None, load_config=None):
-        from .config import Config, HangSettings
-        from .segment import resolve_key
-        self.key = resolve_key(key)
-        self.slots = slots
-        self.backend = backend
-        self.rcvbuf = rcvbuf
-        self.reconcile_interval = reconcile_interval
-        self.heartbeat_period = heartbeat_period
-        self.hang_action = hang_action
-        self.hang_signal = hang_signal
-        self.max_misses = max_misses
+    ``config`` is a :class:`procwatch.config.Config` (None: the built-in
+    defaults); ``load_config()`` returns a fresh one for SIGHUP.
+    """
+
+    heartbeat_period = 1.0          # s between service heartbeats and WATCHDOG=1
+    mode = 0o660                    # of the table and its semaphore; the group decides who may use it
+
+    def __init__(self, config=None, load_config=None):
+        if config is None:
+            from .config import Config
+            config = Config()
+        self.config = config
+        self._load_config = load_config
+        self.key = config.key
+        self.reconcile_interval = config.reconcile_interval
         self.checker = None            # heartbeat.HeartbeatChecker: hang detection, its own thread
-        self.group = group
-        self.mode = mode
         self.stats = Stats()
         self.table = None
         self.connector = None
@@ -82,15 +81,6 @@ class Service:
         self._generation = 0
         self._stopping = False
         self._registrations = None
-        # The configuration in effect (rules, hooks, metrics); built from the
-        # arguments when none is given.  load_config() re-reads it on SIGHUP.
-        if config is None:
-            config = Config(key=self.key, slots=slots, backend=backend, rcvbuf=rcvbuf,
-                            reconcile_interval=reconcile_interval, group=group,
-                            hang=HangSettings(_abi.HangAction(hang_action).name.lower(),
-                                              _signal.Signals(hang_signal), max_misses))
-        self.config = config
-        self._load_config = load_config
         self.ops = None
         self._guard = None
 
@@ -114,27 +104,29 @@ class Service:
 
     def _gid(self):
         import grp
-        if self.group is None:
+        group = self.config.group
+        if group is None:
             try:
                 return grp.getgrnam(DEFAULT_GROUP).gr_gid
             except KeyError:
                 return None
         try:
-            return grp.getgrnam(self.group).gr_gid
+            return grp.getgrnam(group).gr_gid
         except KeyError:
-            raise ProcwatchError(f"group {self.group!r} does not exist: create it "
-                                 f"(groupadd --system {self.group}) or pass another --group") from None
+            raise ProcwatchError(f"group {group!r} does not exist: create it "
+                                 f"(groupadd --system {group}) or pass another --group") from None
 
     def _open_table(self):
-        self.table, adopted = Table.create_or_adopt(self.key, self.slots, self.mode, self._gid())
+        slots = self.config.slots
+        self.table, adopted = Table.create_or_adopt(self.key, slots, self.mode, self._gid())
         t = self.table
         pid, start = t.service()
         if pid and pid != _os.getpid() and _procfs.valid_pid(pid) and \
                 _procfs.start_time(pid) == start:
             raise ServiceRunning(self.key, pid)
-        if adopted and t.slot_count != self.slots:
+        if adopted and t.slot_count != slots:
             log.warning("adopted table key %#010x has %d slots; --slots %d applies only to a new table",
-                        self.key, t.slot_count, self.slots)
+                        self.key, t.slot_count, slots)
         t.set_service(_os.getpid(), _procfs.start_time(_os.getpid()), int(self.heartbeat_period * 1000))
         return adopted
 
@@ -145,18 +137,19 @@ class Service:
         ECONNREFUSED outside the initial network namespace, no ack outside the
         initial PID namespace, EPERM without CAP_NET_ADMIN.
         """
-        if self.backend not in ("auto", "connector", "pidfd"):
-            raise ProcwatchError(f"backend {self.backend!r} is unknown: use auto, connector or pidfd")
-        if self.backend in ("auto", "connector"):
+        backend = self.config.backend
+        if backend not in ("auto", "connector", "pidfd"):
+            raise ProcwatchError(f"backend {backend!r} is unknown: use auto, connector or pidfd")
+        if backend in ("auto", "connector"):
             from .connector import DEFAULT_RCVBUF, ProcConnector
             try:
-                self.connector = ProcConnector(self.rcvbuf or DEFAULT_RCVBUF)
+                self.connector = ProcConnector(self.config.rcvbuf or DEFAULT_RCVBUF)
                 self.backend_name = "connector"
-                self.backend_reason = f"{self.backend}, {self.connector.mode}"
+                self.backend_reason = f"{backend}, {self.connector.mode}"
                 self.table.set_backend(_abi.Backend.CONNECTOR)
                 return
             except ConnectorUnavailable as e:
-                if self.backend == "connector":
+                if backend == "connector":
                     raise
                 self.backend_reason = f"auto: {e.why}"
         else:
@@ -187,9 +180,10 @@ class Service:
                                                 name="procwatch-registrations", daemon=True)
         self._registrations.start()
         from .heartbeat import HeartbeatChecker
-        self.checker = HeartbeatChecker(self.table, self.hang_action, self.hang_signal, self.max_misses,
-                                        policy=self.ops.hang_policy, on_event=self.ops.on_end,
-                                        stats=self.stats)
+        hang = self.config.hang
+        self.checker = HeartbeatChecker(self.table, _abi.HangAction[hang.action.upper()], int(hang.signal),
+                                        hang.max_misses, policy=self.ops.hang_policy,
+                                        on_event=self.ops.on_end, stats=self.stats)
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
              "with the %s backend (%s)", "adopted" if adopted else "created", self.key,
@@ -321,22 +315,7 @@ class Service:
                  f" ({', '.join(names[:20])}{', ...' if len(names) > 20 else ''})" if names else "",
                  KEY=f"{self.key:#010x}", PROBLEM="segment removed", level=_logging.ERROR)
         notify("RELOADING=1", "STATUS=slot table removed; recreating it")
-        self._stopping = True
-        if self.ops is not None:
-            self.ops.close()
-        if self.checker is not None:
-            self.checker.stop()
-        if self._registrations is not None:
-            self._registrations.join(1.0)
-        self.detector.stop_requested = True
-        self.detector.join(1.0)
-        if self.connector is not None:
-            self.connector.close()
-        if self.pidfds is not None:
-            self.pidfds.close()
-        t.clear_service(_os.getpid())       # old mappings: nobody watches this one now
-        t.detach()
-        self._instance_sock.close()
+        self._teardown()                    # old mappings: nobody watches this one now
         for handler in log.handlers:
             handler.flush()
         _sys.stderr.flush()
@@ -396,13 +375,30 @@ class Service:
     def stop(self):
         """A clean stop: the table stays, so clients keep their slots."""
         notify("STOPPING=1")
+        had_table = self.table is not None
+        self._teardown()
+        if had_table:
+            st = self.stats
+            emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients "
+                 "(%d exit events read, %d overflows)", self.key, st.events, st.overflows,
+                 KEY=f"{self.key:#010x}", EVENTS=st.events, EXITS=st.exits, FOUND_DEAD=st.found_dead,
+                 OVERFLOWS=st.overflows)
+
+    def _teardown(self):
+        """Stop every thread, close every socket and descriptor, leave the table (stop and restart).
+
+        The threads stop before the table is detached: their passes read its
+        memory.  The header stops naming this service (PID 0, backend NONE),
+        so clients and ``procwatch status`` see nobody watching until the next
+        one starts.
+        """
         self._stopping = True
         if self.ops is not None:
             self.ops.close()
         if self._registrations is not None:
             self._registrations.join(1.0)
         if self.checker is not None:
-            self.checker.stop()          # before detach: its pass reads the table
+            self.checker.stop()
         if self.detector is not None:
             self.detector.stop_requested = True
             self.detector.join(1.0)
@@ -412,15 +408,11 @@ class Service:
             self.pidfds.close()
         if self.table is not None:
             self.table.clear_service(_os.getpid(), backend=True)
-            st = self.stats
-            emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients "
-                 "(%d exit events read, %d overflows)", self.key, st.events, st.overflows,
-                 KEY=f"{self.key:#010x}", EVENTS=st.events, EXITS=st.exits, FOUND_DEAD=st.found_dead,
-                 OVERFLOWS=st.overflows)
             self.table.detach()
             self.table = None
         if self._instance_sock is not None:
             self._instance_sock.close()
+            self._instance_sock = None
 
 
 def _raise_nofile_limit():

@@ -48,7 +48,7 @@ def parse_native(data):
 CHILD = r"""
 import logging, signal, sys
 from procwatch import abi, journal
-from procwatch.detector import describe_status
+from procwatch.signals import describe_status
 from procwatch.journal import Event, emit
 assert journal.setup("journal", logging.DEBUG) == "journal"
 text, fields = describe_status(signal.SIGKILL)

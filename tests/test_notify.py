@@ -17,6 +17,7 @@ import pytest
 from conftest import require_root, wait_until
 from procwatch import abi
 from procwatch import service as service_mod
+from procwatch.config import Config
 from procwatch.segment import Table
 
 pytestmark = [require_root()]
@@ -104,7 +105,7 @@ def test_a_silent_detector_stops_the_watchdog(key, notify_socket, monkeypatch):
     WATCHDOG=1 from the main loop's tick, and STATUS says why."""
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
     monkeypatch.setattr(service_mod, "DETECTOR_STALE", 0.5)
-    svc = service_mod.Service(key=key)
+    svc = service_mod.Service(Config(key=key))
     try:
         svc.start()
         notify_socket.wait_for("READY", "1")

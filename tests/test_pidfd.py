@@ -262,7 +262,7 @@ def test_exit_status_sources_against_real_processes():
     """pidfd_backend.exit_status() directly: a zombie, then the same process reaped."""
     p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(5)"],
                          stdin=subprocess.PIPE)
-    from procwatch.detector import Watched
+    from procwatch.watch import Watched
     fd = os.pidfd_open(p.pid)
     try:
         w = Watched(0, p.pid, procfs.start_time(p.pid), "x", fd)
@@ -287,7 +287,8 @@ def test_exit_status_sources_against_real_processes():
 
 def test_pidfd_set_follows_the_watchlist(key):
     """PidfdSet.resync(): exactly the open pidfds of the watch list, old numbers dropped."""
-    from procwatch.detector import Reporter, Stats
+    from procwatch.stats import Stats
+    from procwatch.watch import Reporter
     t, _ = Table.create_or_adopt(key, 4)
     sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
     pidfds = pidfd_backend.PidfdSet()
@@ -327,7 +328,8 @@ def test_a_detector_that_ends_still_adds_the_registrations_it_was_woken_for(key)
     import queue
 
     import procwatch
-    from procwatch.detector import Reporter, Stats
+    from procwatch.stats import Stats
+    from procwatch.watch import Reporter
     t, _ = Table.create_or_adopt(key, 4)
     a, b = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
     pidfds = pidfd_backend.PidfdSet()

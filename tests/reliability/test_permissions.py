@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PY, ROOT, require_root, wait_until
 from procwatch import procfs, service as service_mod
+from procwatch.config import Config
 from pwrel import MadeUsers, attached, sysv_info
 
 pytestmark = [require_root()]
@@ -59,9 +60,9 @@ def test_default_group_is_procwatch_when_it_exists(key, service, users, monkeypa
     assert int(sysv_info("shm", key)["gid"]) == expected
     # Both branches of the choice, with the name pointed at our test group:
     monkeypatch.setattr(service_mod, "DEFAULT_GROUP", users.group)
-    assert service_mod.Service(key=key)._gid() == users.gid
+    assert service_mod.Service(Config(key=key))._gid() == users.gid
     monkeypatch.setattr(service_mod, "DEFAULT_GROUP", users.group + "-none")
-    assert service_mod.Service(key=key)._gid() is None
+    assert service_mod.Service(Config(key=key))._gid() is None
 
 
 OUTSIDER = """

@@ -1,0 +1,126 @@
+"""The service and the table as ``procwatch status`` shows them: data for machines, text for people.
+
+:func:`status_snapshot` reads the table once into plain data (the ``--json``
+schema: :func:`slot_json` per used slot); :func:`format_status` renders
+that for a terminal, and the live view (liveview.py) redraws it in place.
+Reading never writes the table.  The command itself is statuscmd.py.
+"""
+
+import time as _time
+
+from . import abi as _abi
+from .errors import SegmentMissing
+from .signals import decode_status, signal_name
+
+
+def slot_json(s, now_ns):
+    """One row of ``status --json``'s "slots" for Slot ``s``."""
+    status = s.exit_status if s.exit_status != _abi.EXIT_STATUS_UNKNOWN and s.state in (
+        _abi.State.EXITED,) else None
+    code, signum, core = decode_status(status)
+    sig = signal_name(signum, "{}") if signum is not None else None
+    ended = s.state in (_abi.State.EXITED, _abi.State.FOUND_DEAD, _abi.State.UNREGISTERED)
+    return {
+        "slot": s.index, "name": s.name, "pid": s.pid, "state": s.state_name,
+        "since": (s.exit_time_ns if ended else s.registered_ns) / 1e9 or None,
+        "cause": s.cause_name if ended else None,
+        "exit_status": status, "exit_code": code, "signal": sig, "core_dumped": core,
+        "latency_us": None if s.latency_us == _abi.LATENCY_UNKNOWN else s.latency_us,
+        "heartbeat_ms": s.heartbeat_ms,
+        "misses": s.misses,
+        "last_beat_age_s": round((now_ns - s.last_beat_ns) / 1e9, 3) if s.heartbeat_ms and s.last_beat_ns else None,
+        "hang_action": _hang_action_name(s.heartbeat_action),
+        "hang_signal": signal_name(s.heartbeat_signal, "{}") if s.heartbeat_signal else None,
+        "kill_sent": s.state == _abi.State.HUNG and s.cause == _abi.Cause.KILLED_HUNG,
+    }
+
+
+def _hang_action_name(value):
+    """The slot's own hang action, or None for the service's default."""
+    try:
+        action = _abi.HangAction(value)
+    except ValueError:
+        return f"invalid({value})"
+    return None if action == _abi.HangAction.DEFAULT else action.name.lower()
+
+
+def _age(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} d ago"
+
+
+def status_snapshot(key=None):
+    """The data of ``procwatch status --json`` (None when no table exists)."""
+    from . import client
+    from .segment import Table
+    try:
+        table = Table.attach(key)
+    except SegmentMissing:
+        return None
+    try:
+        h = table.header()
+        now_ns = _time.time_ns()
+        alive = client.monitor_alive(table.key)
+        try:
+            backend = _abi.Backend(h["backend"]).name.lower()
+        except ValueError:
+            backend = f"invalid({h['backend']})"
+        return {
+            "key": f"{table.key:#010x}",
+            "service": {"pid": h["service_pid"] or None, "alive": alive,
+                        "backend": backend if alive else None, "heartbeat": h["service_heartbeat"]},
+            "slot_count": table.slot_count,
+            "exits": h["exits"],
+            "slots": [slot_json(s, now_ns) for s in table.used_slots()],
+        }
+    finally:
+        table.detach()
+
+
+def format_status(snap):
+    svc = snap["service"]
+    if svc["alive"]:
+        head = f"procwatch: running, PID {svc['pid']}, {svc['backend']} backend"
+    else:
+        head = "procwatch: NOT running" + (f" (last PID {svc['pid']})" if svc["pid"] else "")
+    used = snap["slots"]
+    live = sum(1 for s in used if s["state"] in ("alive", "hung"))
+    lines = [head, f"table {snap['key']}: {live} live, {len(used)} used of {snap['slot_count']} slots, "
+                   f"{snap['exits']} exits", ""]
+    now = _time.time()
+    rows = [("SLOT", "NAME", "PID", "STATE", "SINCE", "LAST EXIT", "BEAT")]
+    for s in used:
+        if s["signal"]:
+            last = f"killed by {s['signal']}" + (" (core)" if s["core_dumped"] else "")
+        elif s["exit_code"] is not None:
+            last = f"exit code {s['exit_code']}"
+        elif s["cause"]:
+            last = s["cause"].replace("_", " ")
+        else:
+            last = "-"
+        if s["cause"] == "killed_hung":
+            last += ", hung"
+        beat = "-"
+        if s["heartbeat_ms"]:
+            age = s["last_beat_age_s"]
+            age = f"{age:.1f} s ago" if age is not None and age < 10 else _age(age)
+            beat = f"{s['heartbeat_ms'] / 1000:g}s/{age}/{s['misses']} missed"
+            if s["hang_action"] or s["hang_signal"]:
+                beat += f" ({s['hang_action'] or 'kill'}" + (f" {s['hang_signal']})" if s["hang_signal"] else ")")
+            if s["kill_sent"]:
+                beat += ", kill sent"
+        rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), s["state"],
+                     _age(now - s["since"]) if s["since"] else "-", last, beat))
+    if len(rows) == 1:
+        lines.append("no registered processes")
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)

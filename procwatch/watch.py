@@ -1,0 +1,340 @@
+"""The watch list and the reporter: what the detector threads of every backend share.
+
+:class:`Watchlist` mirrors the table's PID words as {tgid: Watched}, rebuilt
+when the header's generation moves, so a detector's lookup is one dict get.
+Each Watched holds a pidfd opened at registration: its readability is the
+cheap "is the whole thread group gone?" check (cn_proc.h: the kernel sends an
+exit event for every thread).
+
+:class:`Reporter` ends slots in the order peers need: zero the word and
+wake first (Table.clear_pid), then record the status, measure, log, and run
+the hooks.  A record that finds the table's lock taken by a client goes to
+the :class:`Recorder` thread, so no detector ever waits for a client.
+
+``reconcile()`` catches what events cannot: exits while the service was
+down, and events the kernel dropped (ENOBUFS).  A slot whose process is
+gone, or whose PID now belongs to another process (start time changed), is
+ended as "found dead" with an unknown latency.
+"""
+
+import logging as _logging
+import os as _os
+import queue as _queue
+import threading as _threading
+import time as _time
+
+from . import abi as _abi
+from . import procfs as _procfs
+from .journal import Event, emit
+from .signals import describe_status
+
+log = _logging.getLogger("procwatch")
+FOUND_DEAD_GRACE = 1.0   # s a slot must stay gone before a periodic reconcile ends it (an exit event
+                         # delayed behind a respawn under load must still win: it carries the status)
+OVERFLOW_QUIET = 1.0     # s without ENOBUFS that end an overflow burst (one log line each)
+
+
+class Watched:
+    """One registered process the detector watches."""
+    __slots__ = ("slot", "pid", "start_time", "name", "pidfd", "gone_since", "reused")
+
+    def __init__(self, slot, pid, start_time, name, pidfd, reused=False):
+        self.slot, self.pid, self.start_time, self.name = slot, pid, start_time, name
+        self.pidfd = pidfd
+        self.gone_since = None if pidfd is not None else _time.monotonic()
+        self.reused = reused
+
+    def gone(self):
+        return self.pidfd is None or _procfs.pidfd_exited(self.pidfd)
+
+
+class Watchlist:
+    """Registered processes by PID, rebuilt from the table when its generation moves.
+
+    ``by_pid`` maps a tgid to a tuple of :class:`Watched` (a hostile or odd
+    table may hold one PID in two slots).  The detector reads it without a
+    lock: a dict lookup is atomic, and a rebuild swaps the whole dict.
+    """
+
+    def __init__(self, table, reporter):
+        self.table = table
+        self.reporter = reporter
+        self.by_pid = {}
+        self.generation = None
+        self.on_change = None       # callback() after a sync added or dropped a process
+        self.lock = _threading.RLock()   # held while pidfds are closed: hold it to use one
+
+    def entries(self):
+        return [w for ws in self.by_pid.values() for w in ws]
+
+    def sync(self, force=False):
+        """Bring ``by_pid`` in line with the table's PID words."""
+        t = self.table
+        if not force and t.generation == self.generation:
+            return
+        with self.lock:
+            # The generation is read before the scan and published after the new
+            # dict: the detector treats "generation unchanged" as "by_pid is
+            # current", so publishing it early would let an exit slip through.
+            generation = t.generation
+            old = {(w.slot, w.pid): w for w in self.entries()}
+            new, fresh = {}, []
+            for slot, pid in enumerate(t.pid_words()):
+                if pid == 0:
+                    continue
+                start = t.start_time(slot)
+                w = old.pop((slot, pid), None)
+                if w is None or w.start_time != start:
+                    if w is not None:
+                        _close(w)
+                    w = self._adopt(slot, pid, start)
+                    if w is None:
+                        continue
+                    fresh.append(w)
+                new.setdefault(pid, []).append(w)
+            for w in old.values():          # unregistered, or ended by us
+                _close(w)
+            self.by_pid = {pid: tuple(ws) for pid, ws in new.items()}
+            self.generation = generation
+            if (fresh or old) and self.on_change:
+                self.on_change()
+        # Logged once published, and outside the lock: "registered" means the
+        # detector sees it, and no exit waits for a log line (issue 7).
+        for w in fresh:
+            if w.pidfd is not None:
+                emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, w.pid, w.slot,
+                     NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None)
+        for w in old.values():
+            if t.state(w.slot) == _abi.State.UNREGISTERED:
+                emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
+                     NAME=w.name, PID=w.pid, SLOT=w.slot)
+
+    def _adopt(self, slot, pid, start):
+        """A Watched for a newly seen PID word, or None if the slot is corrupt."""
+        t = self.table
+        raw = t.read_slot(slot)
+        state = raw.state
+        problem = None
+        if not _procfs.valid_pid(pid):
+            problem = f"PID word {pid} is not a valid PID (pid_max {_procfs.pid_max()})"
+        elif state not in (_abi.State.ALIVE, _abi.State.HUNG):
+            problem = f"PID word {pid} with state {raw.state_name}"
+        else:
+            try:
+                raw.raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                problem = f"name {raw.raw_name!r} is not UTF-8"
+        if problem:
+            self.reporter.clear_corrupt(slot, pid, problem)
+            return None
+        # A zombie keeps its pidfd (readable at once): its exit is then reported
+        # with its status, not found dead by a later reconcile.
+        pidfd = _procfs.open_verified(pid, start, exited_ok=True)
+        # Reused only if another start time sits there now: an unreaped zombie
+        # still shows the registered one (it died; its PID is not reused yet).
+        reused = pidfd is None and _procfs.start_time(pid) not in (None, start)
+        return Watched(slot, pid, start, raw.name, pidfd, reused)
+
+    def forget(self, w):
+        """Drop ``w`` after its end was reported."""
+        with self.lock:
+            ws = self.by_pid.get(w.pid, ())
+            rest = tuple(x for x in ws if x is not w)
+            by_pid = dict(self.by_pid)
+            if rest:
+                by_pid[w.pid] = rest
+            else:
+                by_pid.pop(w.pid, None)
+            self.by_pid = by_pid
+            _close(w)
+
+
+def _close(w):
+    if w.pidfd is not None:
+        _os.close(w.pidfd)
+        w.pidfd = None
+
+
+class Reporter:
+    """Ends slots: zero the word and wake first, then record and log."""
+
+    def __init__(self, table, stats, on_end=None, on_overflow=None):
+        self.table = table
+        self.stats = stats
+        self.watch = Watchlist(table, self)
+        self.on_end = on_end            # callback(event, watched, fields): hooks, metrics
+        self.on_overflow = on_overflow  # callback(): the service reconciles at once
+        self.overflow_pending = False
+        self._last_overflow = None
+        self.recorder = Recorder(table)
+
+    def overflow(self):
+        """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile.
+
+        A storm that outruns the socket fails recv() again and again; a burst
+        is a run of overflows less than OVERFLOW_QUIET s apart, and gets one
+        line.  Every overflow asks for a reconcile unless one is queued: the
+        service clears ``overflow_pending`` *before* it reconciles, so an
+        overflow during a reconcile (after it checked a slot) queues the next.
+        """
+        self.stats.record_overflow()
+        now = _time.monotonic()
+        last, self._last_overflow = self._last_overflow, now
+        if last is None or now - last > OVERFLOW_QUIET:
+            emit(Event.OVERFLOW, "the kernel dropped exit events (socket receive buffer overflow, "
+                 "%d so far); reconciling the table now", self.stats.overflows,
+                 OVERFLOWS=self.stats.overflows)
+        if self.overflow_pending:
+            return
+        self.overflow_pending = True
+        if self.on_overflow:
+            self.on_overflow()
+
+    def report_exit(self, w, status, kernel_ts_ns):
+        """The kernel said ``w`` exited; False if somebody else already ended it.
+
+        ``status`` is a wait(2) status, or a callable returning ``(status,
+        source, note)``, called only once the word is zeroed: the pidfd
+        backend has to look the status up, and peers must not wait for that.
+        ``kernel_ts_ns`` None: the exit time is unknown (LATENCY_UNKNOWN).
+        """
+        t = self.table
+        zeroed_ns = _time.monotonic_ns()    # before the store: FUTEX_WAKE's own cost is not the slot's latency
+        if not t.clear_pid(w.slot, w.pid, pend=True):
+            self.watch.forget(w)
+            return False
+        source = note = None
+        if callable(status):
+            status, source, note = status()
+        latency_us = (zeroed_ns - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
+        # Killed by procwatch: HUNG, and the heartbeat checker marked the cause before its signal.
+        hung = t.killed_hung(w.slot)
+        cause = _abi.Cause.KILLED_HUNG if hung else _abi.Cause.EXITED
+        self._record(w, _abi.State.EXITED, cause, status, latency_us)
+        self.watch.forget(w)
+        text, fields = describe_status(status)
+        self.stats.record_exit(cause, latency_us)
+        self.stats.record_end(w.name, text)
+        how = "killed: hung, " if hung else ""
+        if latency_us != _abi.LATENCY_UNKNOWN:
+            detected = f"detected in {latency_us} µs" + (f"; {note}" if note else "")
+        else:
+            detected = note or "detection latency unknown"
+        emit(Event.EXIT, "%s (pid %d) %s%s; %s", w.name, w.pid, how, text, detected,
+             NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
+             CAUSE=_abi.Cause(cause).name.lower(), STATUS_SOURCE=source, **fields)
+        t.end_logged(w.slot, w.pid)
+        if self.on_end:
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower(),
+                                            LATENCY_US=latency_us))
+        return True
+
+    def report_found_dead(self, w, cause=_abi.Cause.FOUND_DEAD):
+        t = self.table
+        if not t.clear_pid(w.slot, w.pid, pend=True):
+            self.watch.forget(w)
+            return False
+        if w.reused:
+            cause = _abi.Cause.PID_REUSED
+        self._record(w, _abi.State.FOUND_DEAD, cause)
+        self.watch.forget(w)
+        self.stats.record_exit(cause)
+        why = {_abi.Cause.PID_REUSED: "its PID now belongs to another process",
+               _abi.Cause.FOUND_DEAD_OVERFLOW: "its exit event was lost in an overflow",
+               }.get(cause, "it exited while no event reached procwatch")
+        self.stats.record_end(w.name, "found dead")
+        emit(Event.FOUND_DEAD, "%s (pid %d) found dead: %s; exit status unknown", w.name, w.pid, why,
+             NAME=w.name, PID=w.pid, SLOT=w.slot, CAUSE=_abi.Cause(cause).name.lower())
+        t.end_logged(w.slot, w.pid)
+        if self.on_end:
+            self.on_end(Event.FOUND_DEAD, w, {"CAUSE": _abi.Cause(cause).name.lower()})
+        return True
+
+    def _record(self, w, state, cause, status=_abi.EXIT_STATUS_UNKNOWN, latency_us=_abi.LATENCY_UNKNOWN):
+        """record_end() under the table's lock, never making the caller wait for a client.
+
+        The lock is free most of the time; when a client holds it (registering,
+        perhaps into this very slot), the record goes to the recorder thread.
+        """
+        args = (w.slot, state, cause, status, latency_us, _time.time_ns(), w.start_time)
+        if self.table.record_end(*args, lock_timeout=0) is None:
+            self.recorder.put(args)
+
+    def clear_corrupt(self, slot, pid, problem):
+        """A slot no client could have written: clear it, say so, go on."""
+        t = self.table
+        if t.clear_pid(slot, pid):
+            t.reset(slot)
+        self.stats.record_corrupt()
+        emit(Event.CORRUPT, "slot %d is corrupt (%s); cleared", slot, problem,
+             SLOT=slot, PROBLEM=problem, level=_logging.ERROR)
+
+    def reconcile(self, immediate=False, cause=_abi.Cause.FOUND_DEAD):
+        """End every watched slot whose process is gone.
+
+        ``immediate`` (start-up, after an overflow): end them now.  Otherwise
+        a slot must have been seen gone for FOUND_DEAD_GRACE first, so that an
+        exit event still on its way wins and reports the real status.
+        """
+        self.watch.sync(force=True)
+        now = _time.monotonic()
+        ended = 0
+        for w in self.watch.entries():
+            if not w.gone():
+                w.gone_since = None
+                continue
+            if w.gone_since is None:
+                w.gone_since = now
+            if immediate or now - w.gone_since >= FOUND_DEAD_GRACE:
+                ended += self.report_found_dead(w, cause)
+        self._clear_stale_claims()
+        return ended
+
+    def _clear_stale_claims(self):
+        """CLAIMING slots left by a client killed mid-registration.
+
+        Under the lock no client is mid-claim, so a CLAIMING slot is stale.
+        (ALIVE with a zero PID word is not: that is this service between
+        clear_pid() and record_end().)
+        """
+        for i in self.table.clear_stale_claims():
+            log.info("slot %d: cleared a registration its client never finished", i)
+
+
+class Recorder:
+    """Writes the ends whose record found the table lock taken, off the detector thread.
+
+    A detector (or the main loop, whose respawns the detectors wait for) must
+    never wait for a client's lock: under a registration storm the lock is
+    busy half the time.  One thread, started on first use, writes what has
+    queued up under one hold of the lock.
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self.queue = _queue.SimpleQueue()
+        self._thread = None
+        self._start_lock = _threading.Lock()
+
+    def put(self, args):
+        self.queue.put(args)
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = _threading.Thread(target=self._run, name="procwatch-recorder",
+                                                     daemon=True)
+                    self._thread.start()
+
+    def _run(self):
+        t = self.table
+        while True:
+            batch = [self.queue.get()]
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except _queue.Empty:
+                    break
+            try:
+                t.record_ends(batch)
+            except ValueError:          # the table was detached: the service is stopping
+                return
