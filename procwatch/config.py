@@ -15,7 +15,7 @@ worst outcome on a fleet).  Layout, all tables and keys optional::
     [hang]      action signal max_misses          (service-wide defaults)
     [metrics]   address                           ("off" or "HOST:PORT")
     [hooks]     workers queue timeout             (the hook worker pool)
-    [etcd]      endpoints prefix ttl host ended_ttl queue ca_cert cert key user password_file
+    [etcd]      endpoints prefix ttl host ended_ttl queue sync_interval ca_cert cert key user password_file
     [[rule]]    name heartbeat action signal max_misses publish
     [rule.hooks] on_exit on_found_dead on_hung timeout
 
@@ -137,6 +137,7 @@ class EtcdSettings:
     host: str | None = None            # None: socket.gethostname()
     ended_ttl: int = 600               # s an ended/ record stays
     queue: int = 4096                  # updates waiting for etcd at most; beyond that dropped, counted
+    sync_interval: float = 1.0         # s between full compares of the table with etcd
     ca_cert: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -357,6 +358,7 @@ _ETCD = {
     "host": _etcd_host,
     "ended_ttl": _integer(1, 30 * 86400, "a number of whole seconds from 1 to 2592000"),
     "queue": _integer(1, 1_000_000),
+    "sync_interval": _seconds(0.1, 3600),
     "ca_cert": _path,
     "cert": _path,
     "key": _path,

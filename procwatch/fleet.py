@@ -33,7 +33,7 @@ thread owns the etcd client and does everything else:
   the live processes are (re)put, keys of processes the table no longer
   holds are deleted, with their ended record when the slot still says how
   the process ended.  A dropped update is made up the same way by the sync
-  that runs every second: a drop delays a delete by up to a second and can
+  that runs every ``sync_interval`` (1 s): a drop delays a delete by up to that and can
   lose an ended record (when the slot was reused meanwhile), never leave a
   stale live key;
 * while etcd is unreachable it logs once, keeps nothing but the lease id,
@@ -67,7 +67,6 @@ log = _logging.getLogger("procwatch")
 
 RPC_TIMEOUT = 2.0            # s for one etcd call before the endpoint counts as down
 RETRY_MIN, RETRY_MAX = 0.1, 2.0     # s between reconnect attempts (doubling)
-SYNC_INTERVAL = 1.0          # s between compares of the table with what is published
 # gRPC's own reconnect backoff grows to 120 s by default: a restarted etcd
 # would then be used again minutes late.  Ours is the retry above.
 _GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
@@ -454,7 +453,7 @@ class Publisher:
                     continue
                 delay = RETRY_MIN
                 now = _time.monotonic()
-                next_keepalive, next_sync = now + self.settings.ttl / 3, now + SYNC_INTERVAL
+                next_keepalive, next_sync = now + self.settings.ttl / 3, now + self.settings.sync_interval
             item, self._retry = self._retry, None
             if item is None:
                 wait = max(0.0, min(next_keepalive, next_sync) - _time.monotonic())
@@ -478,7 +477,7 @@ class Publisher:
                 if now >= next_sync:
                     self._sync()
                     self._rotate_ended_lease()
-                    next_sync = now + SYNC_INTERVAL
+                    next_sync = now + self.settings.sync_interval
             except Exception as e:      # noqa: BLE001  (only the etcd client's errors are handled)
                 err = self._etcd_error(e)
                 if err is None:         # a bug: keep its traceback, and say publishing stopped
@@ -512,7 +511,7 @@ class Publisher:
         if n and not self._drops_logged:
             self._drops_logged = True
             log.warning("etcd: dropping updates: more than %d waiting for etcd (%d dropped so far); "
-                        "the sync every second makes them up from the table (an ended record is lost "
+                        "the periodic sync makes them up from the table (an ended record is lost "
                         "if its slot was reused meanwhile); raise [etcd] queue", self.settings.queue, self.stats.etcd_dropped,
                         extra={"PROCWATCH_EVENT": "etcd_dropped"})
 

@@ -133,6 +133,18 @@ def test_exit_code_and_unregister(etcd, key, tmp_path, service, clients):
     assert (rec["event"], rec["exit_code"], rec["signal"]) == ("exit", 3, None)
 
 
+def test_deaths_are_sent_at_once_not_by_the_periodic_sync(etcd, key, tmp_path, service, clients):
+    """With the periodic compare an hour away, only the immediate path can delete the key,
+    publish a newcomer, or write the ended record: a regression to sync-only publishing fails here."""
+    path, prefix = write_config(tmp_path, etcd, key, extra_etcd="sync_interval = 3600")
+    start(service, path)
+    c = clients(key, "prompt")
+    wait_until(lambda: "prompt" in live(etcd, prefix), what="prompt published on registration")
+    c.kill()
+    wait_until(lambda: "prompt" not in live(etcd, prefix), what="prompt deleted on SIGKILL")
+    assert ended(etcd, prefix)["prompt"]["signal"] == "SIGKILL"
+
+
 def test_publish_false_stays_local(etcd, key, tmp_path, service, clients):
     path, prefix = write_config(tmp_path, etcd, key, rules='[[rule]]\nname = "local-*"\npublish = false\n')
     start(service, path)
