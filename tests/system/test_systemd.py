@@ -238,3 +238,28 @@ def test_4_reload_then_a_clean_stop_that_leaves_the_table(ct):
     assert rc == 3 and snap["service"]["alive"] is False         # 3: not running
     assert (slot_of(snap, "kept")["state"], slot_of(snap, "kept")["pid"]) == ("alive", kept)
     ct.exec("kill", "-KILL", str(kept))
+
+
+def test_5_metrics_configured_under_the_unit_are_served(ct):
+    """The unit's sandbox lets a configured [metrics] listener open its TCP socket.
+
+    Before AF_INET was in RestrictAddressFamilies=, such a service failed at
+    start-up with EAFNOSUPPORT; the metrics are then scraped inside the
+    container, from loopback, with the service still watching the table.
+    """
+    port = 9464
+    conf = f'[metrics]\naddress = "127.0.0.1:{port}"\n'
+    ct.exec("install", "-d", "-m", "0755", "/etc/procwatch", check=True)
+    ct.exec("sh", "-c", f"printf '%s' '{conf}' > /etc/procwatch/procwatch.toml", check=True)
+    try:
+        r = ct.systemctl("start", UNIT, timeout=60)
+        require(r.returncode == 0, f"{UNIT} with [metrics] did not start: {r.stderr.strip()}", ct)
+        scrape = (f"import urllib.request; print(urllib.request.urlopen("
+                  f"'http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
+        text = require(wait_until(lambda: ct.exec(PY, "-c", scrape).stdout, 15, 0.2),
+                       "no metrics scraped from the unit's service", ct)
+        assert "procwatch_registered_processes" in text, text[:500]
+        assert ct.show(UNIT, "ActiveState") == "active"
+    finally:
+        ct.systemctl("stop", UNIT, timeout=60)
+        ct.exec("rm", "-f", "/etc/procwatch/procwatch.toml")
