@@ -156,18 +156,6 @@ def slot_offset(index):
     return HEADER_SIZE + index * SLOT_SIZE
 
 
-def u32_index(byte_offset):
-    """Index of an aligned u32 in a ``memoryview.cast('I')`` of the segment."""
-    assert byte_offset % 4 == 0, byte_offset
-    return byte_offset // 4
-
-
-def u64_index(byte_offset):
-    """Index of an aligned u64 in a ``memoryview.cast('Q')`` of the segment."""
-    assert byte_offset % 8 == 0, byte_offset
-    return byte_offset // 8
-
-
 def encode_name(name):
     """UTF-8 bytes of a slot name, or ValueError saying why not."""
     if not isinstance(name, str):

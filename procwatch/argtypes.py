@@ -62,10 +62,18 @@ def seconds(hi=3600, zero=False, least=None):
     return parse
 
 
+def checked(parse):
+    """An argument type from ``parse``, whose ValueError message becomes argparse's usage line."""
+    def arg(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise _argparse.ArgumentTypeError(str(e)) from None
+    arg.__name__ = parse.__name__
+    return arg
+
+
 def hang_signal(text):
     """A hang signal's number: one whose default action ends the process (signals.py)."""
     from .signals import hang_signal_value
-    try:
-        return hang_signal_value(text)
-    except ValueError as e:
-        raise _argparse.ArgumentTypeError(str(e)) from None
+    return checked(hang_signal_value)(text)

@@ -30,7 +30,11 @@ _ENDED = (_abi.State.EXITED, _abi.State.FOUND_DEAD, _abi.State.UNREGISTERED)
 
 def _name_bytes(name, pid):
     if name is None:
-        comm = open(f"/proc/{pid}/comm", "rb").read().strip() if _os.path.exists(f"/proc/{pid}/comm") else b"pid"
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().strip()
+        except OSError:                 # no /proc, or the process is gone
+            comm = b"pid"
         name = f"{comm.decode('utf-8', 'replace')}-{pid}"
     elif isinstance(name, (bytes, bytearray)):
         try:
@@ -128,6 +132,9 @@ class Registration:
                 t.release(self.slot, self.pid)
         except SegmentMissing:
             pass                      # the table went away: nothing left to clean
+        except _UNUSABLE as e:        # lock held for seconds, or taken from us: never the client's problem
+            log.error("procwatch: cannot unregister %s (%s); the service reports it ended "
+                      "when the process exits", self.name, e)
         finally:
             t.detach()
 
@@ -356,11 +363,15 @@ def monitor_alive(key=None):
     """Whether a live procwatch service is watching the table at ``key``.
 
     True when the header names a service PID whose start time matches and
-    that is not stopped.  A client works the same either way.
+    that is not stopped.  A client works the same either way, so a table it
+    may not read or cannot trust is False too (logged), never an exception.
     """
     try:
         table = _Table.attach(key)
     except SegmentMissing:
+        return False
+    except _UNUSABLE as e:
+        log.error("procwatch: %s; cannot tell whether a service watches it", e)
         return False
     try:
         pid, start = table.service()

@@ -54,6 +54,7 @@ BACKENDS = ("auto", "connector", "pidfd")
 HANG_ACTIONS = ("kill", "log")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EVENTS = ("exit", "found_dead", "hung")     # hook events; PROCWATCH_EVENT values
+DEFAULT_MAX_MISSES = 3                      # heartbeat checks in a row without progress: hung
 
 
 class ConfigError(ProcwatchError):
@@ -92,7 +93,7 @@ class HangSettings:
     """Service-wide hang handling; a rule may override each field."""
     action: str = "kill"
     signal: _signal.Signals = _signal.SIGKILL
-    max_misses: int = 3
+    max_misses: int = DEFAULT_MAX_MISSES
 
 
 @_dc.dataclass(frozen=True)
@@ -175,10 +176,6 @@ class Policy:
     on_exit: tuple | None = None
     on_found_dead: tuple | None = None
     on_hung: tuple | None = None
-
-    def hook(self, event):
-        """The argv to run for ``event`` (one of :data:`EVENTS`), or None."""
-        return getattr(self, "on_" + event)
 
 
 # -- value checks ---------------------------------------------------------------
@@ -300,6 +297,15 @@ def _etcd_prefix(v):
     if isinstance(v, str) and v.startswith("/") and v.endswith("/") and "\0" not in v and len(v) <= 200:
         return v
     raise _Invalid("a key prefix that starts and ends with '/', such as '/procwatch/'")
+
+
+def command_line(option, check, value):
+    """``value`` of a command-line ``option`` checked as the file's key is (``check``: "endpoints"
+    or "prefix"); ConfigError in the file's one-line form if it is bad."""
+    try:
+        return {"endpoints": _endpoints, "prefix": _etcd_prefix}[check](value)
+    except _Invalid as e:
+        raise ConfigError("<command line>", None, option, f"expected {e}") from None
 
 
 def _etcd_host(v):

@@ -35,7 +35,6 @@ thread, and ``exit_code`` is a wait(2) status (``task->exit_code``).
 
 import errno as _errno
 import os as _os
-import platform as _platform
 import select as _select
 import socket as _socket
 import struct as _struct
@@ -74,7 +73,7 @@ class Overflow(Exception):
 
 def kernel_has_filter(release=None):
     """Whether the kernel takes the exit-only filter (proc_input; kernel >= 6.6)."""
-    release = release or _platform.release()
+    release = release or _os.uname().release
     try:
         major, minor = (int(x) for x in release.split(".")[:2])
     except ValueError:

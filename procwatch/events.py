@@ -76,20 +76,14 @@ def parse_since(text, now=None):
     return when
 
 
-def _since_arg(text):
-    import argparse
-    try:
-        return parse_since(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub):
     """The ``events`` subcommand (cli.build_parser calls this)."""
-    import argparse
+    from . import argtypes as _argtypes
     kinds = [e.kind for e in Event]
     p = sub.add_parser(
-        "events", formatter_class=argparse.RawDescriptionHelpFormatter, help="show the service's events from journald",
+        "events", formatter_class=_argtypes.FORMATTER, help="show the service's events from journald",
         description="Show procwatch's events (registered, exit, found_dead, hung, killed, ...)\n"
                     "from journald, selected by MESSAGE_ID and PROCWATCH_* fields.\n"
                     "The system journal needs root or the group systemd-journal.",
@@ -110,7 +104,7 @@ def add_parser(sub):
                    help="only events about this process (OBJECT_PID; repeatable)")
     p.add_argument("--event", action="append", choices=kinds, metavar="KIND",
                    help=f"only this kind (repeatable): {', '.join(kinds)}")
-    p.add_argument("--since", type=_since_arg, metavar="TIME",
+    p.add_argument("--since", type=_argtypes.checked(parse_since), metavar="TIME",
                    help=f"only events at or after TIME: {SINCE_FORMATS}")
     p.add_argument("--json", action="store_true", help="one JSON object per line (stable schema)")
     p.add_argument("-D", "--directory", metavar="DIR",

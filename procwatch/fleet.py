@@ -54,11 +54,11 @@ import socket as _socket
 import threading as _threading
 import time as _time
 
-import signal as _signal
-
 from . import abi as _abi
 from .errors import ProcwatchError
 from .journal import Event as _Event
+from .signals import decode_status as _decode_status
+from .signals import signal_name as _signal_name
 
 __all__ = ("EtcdUnavailable", "EtcdAuthFailed", "EtcdCredentials", "Publisher", "connect",
            "live_key", "ended_key", "host_of", "check_files")
@@ -160,14 +160,9 @@ def ended_value(pid, start_time, event, cause, status=None, time_ns=None, latenc
                 exit_code=None, signal=None, core_dumped=False):
     """The JSON value of an ended record; ``status`` is a wait(2) status (-1/None: unknown)."""
     if status is not None and status >= 0:
-        if _os.WIFSIGNALED(status):
-            try:
-                signal = _signal.Signals(_os.WTERMSIG(status)).name
-            except ValueError:
-                signal = str(_os.WTERMSIG(status))
-            core_dumped = bool(_os.WCOREDUMP(status))
-        else:
-            exit_code = _os.WEXITSTATUS(status)
+        exit_code, signum, core = _decode_status(status)
+        if signum is not None:
+            signal, core_dumped = _signal_name(signum, "{}"), core
     if latency_us == _abi.LATENCY_UNKNOWN:
         latency_us = None
     return {"pid": pid, "start_time": start_time, "event": event, "cause": cause,

@@ -34,9 +34,9 @@ def add_arguments(p):
 
 
 def add_parser(sub):
-    import argparse
+    from .argtypes import FORMATTER
     f = sub.add_parser(
-        "fleet", formatter_class=argparse.RawDescriptionHelpFormatter, help="list every host's processes from etcd",
+        "fleet", formatter_class=FORMATTER, help="list every host's processes from etcd",
         description="List the processes the procwatch services of every host publish to etcd\n"
                     "(alive or hung), then those that ended recently and how.",
         epilog="exit status:\n  0 listed (even if empty), 1 etcd unreachable or refused us\n\n"
@@ -62,20 +62,15 @@ def settings_from(args):
     base = cfg.etcd
     urls = getattr(args, "etcd", None)
     if urls:
-        try:
-            endpoints = _config._endpoints([u.strip() for u in urls.split(",") if u.strip()])
-        except _config._Invalid as e:
-            raise _config.ConfigError("<command line>", None, "--etcd", f"expected {e}") from None
+        endpoints = _config.command_line("--etcd", "endpoints",
+                                         [u.strip() for u in urls.split(",") if u.strip()])
         base = _config.EtcdSettings(endpoints=endpoints) if base is None else \
             _config.EtcdSettings(**{**base.__dict__, "endpoints": endpoints})
     if base is None:
         raise _config.ConfigError(cfg.path or _config.DEFAULT_PATH, None, None,
                                   "no [etcd] table: pass --etcd http://HOST:2379 or add the table")
     if args.prefix:
-        try:
-            prefix = _config._etcd_prefix(args.prefix)
-        except _config._Invalid as e:
-            raise _config.ConfigError("<command line>", None, "--prefix", f"expected {e}") from None
+        prefix = _config.command_line("--prefix", "prefix", args.prefix)
         base = _config.EtcdSettings(**{**base.__dict__, "prefix": prefix})
     return base
 
@@ -102,16 +97,8 @@ def snapshot(client, settings):
 
 
 def _age(t, now):
-    if not t:
-        return "-"
-    s = max(0.0, now - t)
-    if s < 120:
-        return f"{s:.0f} s ago"
-    if s < 7200:
-        return f"{s / 60:.0f} min ago"
-    if s < 172800:
-        return f"{s / 3600:.0f} h ago"
-    return f"{s / 86400:.0f} d ago"
+    from .status import age_text
+    return age_text(max(0.0, now - t)) if t else "-"
 
 
 def _columns(rows):

@@ -14,23 +14,29 @@ about a microsecond more than C.  See futex(2).
 import ctypes as _ctypes
 import errno as _errno
 import os as _os
-import platform as _platform
 import time as _time
 
-# asm/unistd.h: __NR_futex
+# asm/unistd.h: __NR_futex (os.uname(), not platform: a client pays for every import)
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "i686": 240, "armv7l": 240,
-              "ppc64le": 221, "s390x": 238, "riscv64": 98}[_platform.machine()]
+              "ppc64le": 221, "s390x": 238, "riscv64": 98}[_os.uname().machine]
 FUTEX_WAIT = 0
 FUTEX_WAKE = 1
 INT_MAX = 0x7FFFFFFF
 
-_libc = _ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
+# The C library, for the calls Python has no binding for (futex(2) here,
+# semtimedop(2) in segment.py): one handle for the package.
+libc = _ctypes.CDLL(None, use_errno=True)
+_syscall = libc.syscall
 _syscall.restype = _ctypes.c_long
 
 
-class _timespec(_ctypes.Structure):
+class timespec(_ctypes.Structure):
+    """struct timespec (time.h), for the timeouts of futex(2) and semtimedop(2)."""
     _fields_ = [("tv_sec", _ctypes.c_long), ("tv_nsec", _ctypes.c_long)]
+
+    @classmethod
+    def of(cls, seconds):
+        return cls(int(seconds), int(seconds % 1 * 1e9))
 
 
 def wait(address, expected, timeout=None):
@@ -48,7 +54,7 @@ def wait(address, expected, timeout=None):
             left = deadline - _time.monotonic()
             if left <= 0:
                 return False
-            ts = _ctypes.byref(_timespec(int(left), int((left % 1) * 1e9)))
+            ts = _ctypes.byref(timespec.of(left))
         rc = _syscall(_SYS_FUTEX, _ctypes.c_void_p(address), FUTEX_WAIT,
                       _ctypes.c_uint32(expected & 0xFFFFFFFF), ts, None, 0)
         if rc == 0:

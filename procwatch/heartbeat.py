@@ -70,6 +70,7 @@ import time as _time
 
 from . import abi as _abi
 from . import procfs as _procfs
+from .config import DEFAULT_MAX_MISSES
 from .journal import Event, emit
 from .signals import HANG_SIGNAL_HINT, signal_name
 from .signals import ends_process as _ends_process
@@ -78,7 +79,6 @@ log = _logging.getLogger("procwatch")
 
 GRANULARITY = 0.01       # s: passes never come closer than this
 DISCOVERY_PERIOD = 0.1   # s: longest sleep, so a new registration is seen soon
-DEFAULT_MAX_MISSES = 3
 
 _ALIVE = int(_abi.State.ALIVE)
 _HUNG = int(_abi.State.HUNG)

@@ -178,7 +178,7 @@ class JournalFallbackHandler(_logging.Handler):
         self.queue_size = queue_size
         self._queue = _queue.Queue(queue_size)
         self._down = None                    # why journald is unreachable, or None
-        self._down_lock = _threading.Lock()
+        self._down_lock = _threading.Lock()   # also guards ``dropped``: emit() and the writer both count
         self._writer = _threading.Thread(target=self._write_loop, name="procwatch-journal", daemon=True)
         self._writer.start()
 
@@ -216,11 +216,12 @@ class JournalFallbackHandler(_logging.Handler):
                 was, self._down = self._down, None
             if was is not None:
                 self._notice(_logging.INFO, "journald is reachable again; events go to the journal")
-                if self.dropped:
-                    self._sendv([f"MESSAGE=journald did not take {self.dropped} procwatch records "
+                with self._down_lock:
+                    dropped, self.dropped = self.dropped, 0
+                if dropped:
+                    self._sendv([f"MESSAGE=journald did not take {dropped} procwatch records "
                                  f"while it was unreachable ({was}); they were dropped",
                                  "PRIORITY=4", "SYSLOG_IDENTIFIER=procwatch"])
-                    self.dropped = 0
 
     def _journal_failed(self, record):
         err = _sys.exc_info()[1]
@@ -234,7 +235,8 @@ class JournalFallbackHandler(_logging.Handler):
                 self._notice(_logging.WARNING, f"journald is unreachable ({why}); "
                              "events go to stderr until it is back")
         if self.stderr_is_journal:
-            self.dropped += 1
+            with self._down_lock:
+                self.dropped += 1
             return
         self.fallback.handle(record)
 

@@ -145,10 +145,6 @@ class Operations:
         rule = _config.rule_for(self.config, name)
         return rule is None or rule.publish
 
-    def policy(self, name):
-        """The :class:`procwatch.config.Policy` for registered ``name`` (rule over [hang])."""
-        return _config.policy_for(self.config, name)
-
     def hang_policy(self, name):
         """(HangAction, signal number, max_misses) for ``name``: the heartbeat checker's policy."""
         p = _config.policy_for(self.config, name)

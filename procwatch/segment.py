@@ -16,9 +16,9 @@ Two hazards shape it:
   undoes its decrement at exit (semop(2)).
 """
 
+import collections as _collections
 import contextlib as _contextlib
 import ctypes as _ctypes
-import dataclasses as _dataclasses
 import errno as _errno
 import os as _os
 import threading as _threading
@@ -40,15 +40,10 @@ _PID_STATES = (_abi.State.ALIVE, _abi.State.HUNG)      # the only states a set P
 # forever), and a stuck holder must be an error, not a hang.
 SEM_UNDO = 0x1000
 IPC_NOWAIT = 0o4000
-_libc = _ctypes.CDLL(None, use_errno=True)
 
 
 class _sembuf(_ctypes.Structure):
     _fields_ = [("sem_num", _ctypes.c_ushort), ("sem_op", _ctypes.c_short), ("sem_flg", _ctypes.c_short)]
-
-
-class _timespec(_ctypes.Structure):
-    _fields_ = [("tv_sec", _ctypes.c_long), ("tv_nsec", _ctypes.c_long)]
 
 
 def _semop(semid, op, timeout):
@@ -60,8 +55,8 @@ def _semop(semid, op, timeout):
         ts = None
         if deadline is not None:
             left = max(0.0, deadline - _time.monotonic())
-            ts = _ctypes.byref(_timespec(int(left), int(left % 1 * 1e9)))
-        if _libc.semtimedop(semid, _ctypes.byref(buf), 1, ts) == 0:
+            ts = _ctypes.byref(_futex.timespec.of(left))
+        if _futex.libc.semtimedop(semid, _ctypes.byref(buf), 1, ts) == 0:
             return True
         err = _ctypes.get_errno()
         if err == _errno.EINTR:
@@ -87,27 +82,17 @@ def resolve_key(key=None):
     return key
 
 
-@_dataclasses.dataclass(frozen=True)
-class Slot:
+# A named tuple, not a dataclass: ``import dataclasses`` alone cost a client
+# ~9 ms of its start-up (issue 12).
+_SlotFields = _collections.namedtuple(
+    "Slot", "index pid state start_time name heartbeat_seq heartbeat_ms misses exit_status cause "
+            "exit_time_ns registered_ns latency_us owner_uid last_beat_ns heartbeat_action "
+            "heartbeat_signal raw_name", defaults=(b"",))
+
+
+class Slot(_SlotFields):
     """A snapshot of one slot (not atomic across fields: for display and checks)."""
-    index: int
-    pid: int
-    state: int
-    start_time: int
-    name: str
-    heartbeat_seq: int
-    heartbeat_ms: int
-    misses: int
-    exit_status: int
-    cause: int
-    exit_time_ns: int
-    registered_ns: int
-    latency_us: int
-    owner_uid: int
-    last_beat_ns: int
-    heartbeat_action: int
-    heartbeat_signal: int
-    raw_name: bytes = b""
+    __slots__ = ()
 
     @property
     def state_name(self):

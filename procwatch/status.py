@@ -44,7 +44,8 @@ def _hang_action_name(value):
     return None if action == _abi.HangAction.DEFAULT else action.name.lower()
 
 
-def _age(seconds):
+def age_text(seconds):
+    """'12 s ago', '5 min ago', '3 h ago', '2 d ago'; '-' for None."""
     if seconds is None:
         return "-"
     if seconds < 120:
@@ -110,14 +111,14 @@ def format_status(snap):
         beat = "-"
         if s["heartbeat_ms"]:
             age = s["last_beat_age_s"]
-            age = f"{age:.1f} s ago" if age is not None and age < 10 else _age(age)
+            age = f"{age:.1f} s ago" if age is not None and age < 10 else age_text(age)
             beat = f"{s['heartbeat_ms'] / 1000:g}s/{age}/{s['misses']} missed"
             if s["hang_action"] or s["hang_signal"]:
                 beat += f" ({s['hang_action'] or 'kill'}" + (f" {s['hang_signal']})" if s["hang_signal"] else ")")
             if s["kill_sent"]:
                 beat += ", kill sent"
         rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), s["state"],
-                     _age(now - s["since"]) if s["since"] else "-", last, beat))
+                     age_text(now - s["since"]) if s["since"] else "-", last, beat))
     if len(rows) == 1:
         lines.append("no registered processes")
     else:

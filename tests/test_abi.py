@@ -192,7 +192,7 @@ def _dump_source():
     lines.append('    { size_t i; for (i = 0; i < sizeof PROCWATCH_MAGIC; i++) printf(" %02x", '
                  '(unsigned)(unsigned char)PROCWATCH_MAGIC[i]); }')
     lines.append('    printf("\\n");')
-    for enum in (abi.State, abi.Cause, abi.Backend):
+    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction):
         for m in enum:
             cname = f"PROCWATCH_{enum.__name__.upper()}_{m.name}"
             lines.append(f'    printf("enum {enum.__name__}.{m.name} %d\\n", (int){cname});')
@@ -229,7 +229,7 @@ def test_c_layout_matches_abi(tmp_path):
         assert int(seen[("const", c)][0]) == getattr(abi, c), c
     magic = seen[("const", "MAGIC")]
     assert int(magic[0]) == len(abi.MAGIC) and bytes.fromhex("".join(magic[1:])) == abi.MAGIC
-    for enum in (abi.State, abi.Cause, abi.Backend):
+    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction):
         for m in enum:
             assert int(seen[("enum", f"{enum.__name__}.{m.name}")][0]) == m.value
 
@@ -455,7 +455,7 @@ class Table:
         """What the service does on an exit: clear the PID word, then FUTEX_WAKE.
 
         Returns how many waiters the wake woke."""
-        self.u32[abi.u32_index(abi.slot_offset(i) + abi.S_PID)] = 0
+        self.u32[(abi.slot_offset(i) + abi.S_PID) // 4] = 0
         return _libc.syscall(self.sys_futex, ctypes.c_void_p(self.pid_address(i)), FUTEX_WAKE,
                              INT_MAX, None, None, 0)
 
@@ -609,7 +609,7 @@ def test_unregister_clears_first_and_records(pwtest, clients, table):
 def test_unregister_leaves_a_slot_it_no_longer_holds(pwtest, clients, table):
     c = register(clients, table, "evicted")
     table.zero_and_wake(c.slot)                    # the service ended it
-    table.u32[abi.u32_index(abi.slot_offset(c.slot) + abi.S_STATE)] = abi.State.EXITED
+    table.u32[(abi.slot_offset(c.slot) + abi.S_STATE) // 4] = abi.State.EXITED
     assert c.send("unreg") == -errno.ESRCH
     assert table.field(c.slot, "state") == abi.State.EXITED
 

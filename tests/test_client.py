@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
+import sysv_ipc
 
 import procwatch
 from conftest import wait_until
@@ -252,6 +254,48 @@ def test_import_procwatch_loads_no_pyroute2_or_systemd():
     code = "import sys, procwatch; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'systemd')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_import_procwatch_is_cheap():
+    """A client pays for every module at start-up: no dataclasses (~9 ms, once only for
+    segment.Slot), no platform, no logging.handlers, no argparse (issue 12)."""
+    heavy = ("dataclasses", "platform", "argparse", "logging.handlers", "tomllib")
+    code = f"import sys, procwatch; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_monitor_alive_never_raises_for_a_table_it_cannot_trust(key, caplog):
+    """A foreign segment at the key (SegmentCorrupt) is False and one logged line, not an exception."""
+    shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=4096, init_character=b"x")
+    try:
+        with caplog.at_level(logging.ERROR, logger="procwatch.client"):
+            assert procwatch.monitor_alive(key) is False
+        assert any("cannot tell whether a service watches it" in r.getMessage() for r in caplog.records)
+    finally:
+        shm.detach()
+        shm.remove()
+
+
+def test_unregister_never_raises_when_the_lock_stays_taken(table, caplog):
+    """TableBusy inside Registration.__exit__ is logged: a client never crashes because of procwatch."""
+    reg = procwatch.register_pid("busy", key=table.key)
+    assert table.try_lock()                 # held by "another client" for longer than the lock timeout
+    try:
+        with caplog.at_level(logging.ERROR, logger="procwatch.client"):
+            reg.__exit__(None, None, None)
+    finally:
+        table.unlock()
+    assert any("cannot unregister busy" in r.getMessage() for r in caplog.records)
+    assert table.pid(reg.slot) == os.getpid()   # still registered: the service ends it at exit
+
+
+def test_default_name_reads_comm_and_closes_it(table):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = procwatch.register_pid(key=table.key)
+        reg.unregister()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
 
 def test_control_characters_are_refused_and_escaped(table):

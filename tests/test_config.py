@@ -282,10 +282,10 @@ def test_policy_merges_rule_over_defaults():
     cfg = config.parse(RULES, "f")
     p1 = config.policy_for(cfg, "dp-1")
     assert (p1.action, p1.signal, p1.max_misses, p1.heartbeat) == ("log", signal.SIGTERM, 3, None)
-    assert p1.hook("exit") is None and p1.hook_timeout == 7.0
+    assert p1.on_exit is None and p1.hook_timeout == 7.0
     p2 = config.policy_for(cfg, "dp-2")
     assert (p2.action, p2.signal, p2.heartbeat) == ("kill", signal.SIGABRT, 0.5)
-    assert p2.hook("exit") == ("true",) and p2.hook("hung") is None
+    assert p2.on_exit == ("true",) and p2.on_hung is None
     none = config.policy_for(cfg, "x")
     assert none.rule is None and none.signal == signal.SIGTERM
 

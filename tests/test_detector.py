@@ -269,3 +269,58 @@ def test_a_closed_pidfd_never_reads_as_exited():
     finally:
         p.kill()
         p.wait()
+
+
+def test_hot_decode_needs_a_whole_exit_event(key):
+    """The detector's inlined decode uses connector's own sizes: a 60-byte message is not an
+    exit event (it needs 64), so it ends nothing; the whole event ends the slot with its status.
+
+    The messages come over a datagram socket pair, so the detector runs its real loop on
+    them; the process whose exit they report really is dead (killed and reaped).
+    """
+    import socket
+    import struct
+    import threading
+    import types
+
+    from procwatch.connector import EXIT_EVENT, EXIT_OFFSET, MIN_EXIT_LEN, PROC_EVENT_EXIT
+    from procwatch.detector import ConnectorDetector
+    from procwatch.stats import Stats
+    from procwatch.watch import Reporter
+
+    assert MIN_EXIT_LEN == 64
+    t, _ = Table.create_or_adopt(key, 4)
+    victim = subprocess.Popen(["sleep", "1000"])
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 100_000))
+    detector = reg = None
+    try:
+        reg = procwatch.register_pid("decoded", pid=victim.pid, key=key)
+        reporter = Reporter(t, Stats())
+        reporter.watch.sync()
+        victim.kill()
+        victim.wait()
+        ended = threading.Event()
+        detector = ConnectorDetector(types.SimpleNamespace(sock=b), reporter, lambda d: ended.set(), 1)
+        detector.start()
+        msg = bytes(EXIT_OFFSET) + EXIT_EVENT.pack(PROC_EVENT_EXIT, 0, time.monotonic_ns(), victim.pid,
+                                                   victim.pid, signal.SIGKILL)
+        a.send(msg[:60])                    # a truncated event: everything but exit_code
+        assert not ended.wait(1.0), "a 60-byte message ended the slot"
+        assert t.pid(reg.slot) == victim.pid
+        a.send(msg)
+        assert ended.wait(10.0) and detector.error is None, detector.error
+        s = t.read_slot(reg.slot)
+        assert (s.pid, s.state, s.exit_status) == (0, abi.State.EXITED, signal.SIGKILL)
+    finally:
+        if detector is not None:
+            detector.stop_requested = True
+            detector.join(5)
+        a.close()
+        b.close()
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+        if reg is not None:
+            reg.table.detach()
+        t.detach()

@@ -154,3 +154,40 @@ def test_watchdog_interval_follows_sd_watchdog_enabled(monkeypatch):
 def test_notify_without_notify_socket_is_false(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert journal.notify("READY=1") is False
+
+
+def test_drops_are_counted_exactly_from_both_threads(tmp_path, monkeypatch):
+    """With stderr = journald's stream and journald away, every record is dropped and counted:
+    by emit() when the queue is full, by the writer when the send fails; no path loses one.
+
+    (The lock around the counter guards the writer's read-and-reset when journald comes back,
+    which spans a send that releases the GIL; CPython's ``+=`` alone did not lose counts here.)"""
+    import logging
+    import sys
+    import threading
+    stream = open(tmp_path / "stderr", "w")
+    st = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    h = journal.JournalFallbackHandler(stream=stream, socket_path=str(tmp_path / "no-journald"),
+                                       queue_size=1)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)             # switch threads as often as CPython can
+    try:
+        assert h.stderr_is_journal
+        record = logging.LogRecord("procwatch", logging.INFO, __file__, 0, "x", None, None)
+        per_thread, threads = 5000, 4
+
+        def spam():
+            for _ in range(per_thread):
+                h.emit(record)
+        ts = [threading.Thread(target=spam) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        h.flush(timeout=30)
+        assert h.dropped == per_thread * threads
+    finally:
+        sys.setswitchinterval(old)
+        h.close()
+        stream.close()

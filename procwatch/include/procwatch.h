@@ -70,6 +70,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/types.h>
@@ -156,6 +157,13 @@ enum procwatch_backend {
     PROCWATCH_BACKEND_NONE = 0,
     PROCWATCH_BACKEND_CONNECTOR = 1,
     PROCWATCH_BACKEND_PIDFD = 2
+};
+
+/* What the service does to a hung process (slot field heartbeat_action). */
+enum procwatch_hangaction {
+    PROCWATCH_HANGACTION_DEFAULT = 0,   /* the service's --hang-action */
+    PROCWATCH_HANGACTION_KILL = 1,      /* send heartbeat_signal (0: the service's --hang-signal) */
+    PROCWATCH_HANGACTION_LOG = 2        /* log only */
 };
 
 /* The table header, at offset 0 of the segment. */
@@ -749,6 +757,55 @@ static inline int procwatch_set_heartbeat(struct procwatch_reg *reg, unsigned ms
         return -ESRCH;
     __atomic_store_n(&s->heartbeat_ms, (uint32_t)ms, __ATOMIC_RELEASE);
     __atomic_store_n(&s->last_beat_ns, procwatch__clock_ns(CLOCK_REALTIME), __ATOMIC_RELEASE);
+    return 0;
+}
+
+/*
+ * procwatch_hang_signal_ok - whether sig may be a hang signal: a signal whose
+ * default action ends the process.  signal(7) gives SIGCHLD, SIGURG and
+ * SIGWINCH the action Ign, SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU Stop, and
+ * SIGCONT Cont: sent to a hung process, each leaves it hung.  The Python
+ * client, the service and its configuration refuse the same ones
+ * (procwatch/signals.py; tests/test_cheader.py compares the two lists).
+ */
+static inline int procwatch_hang_signal_ok(int sig)
+{
+    if (sig < 1 || sig > SIGRTMAX || (sig > 31 && sig < SIGRTMIN))   /* glibc keeps 32, 33 */
+        return 0;
+    switch (sig) {
+    case SIGCHLD: case SIGCONT: case SIGSTOP: case SIGTSTP: case SIGTTIN: case SIGTTOU:
+#ifdef SIGURG
+    case SIGURG:
+#endif
+#ifdef SIGWINCH
+    case SIGWINCH:
+#endif
+        return 0;
+    default:
+        return 1;
+    }
+}
+
+/*
+ * procwatch_set_hang_action - what the service does when this process hangs.
+ * @action: PROCWATCH_HANGACTION_DEFAULT (the service's), _KILL or _LOG.
+ * @sig:    the signal for _KILL, e.g. SIGABRT for a core dump; 0 for the
+ *          service's --hang-signal.  It must end the process by its default
+ *          action (procwatch_hang_signal_ok()).
+ *
+ * Returns 0, -EINVAL for an unknown action, a signal that would not end the
+ * process, or reg not registered; -ESRCH when its slot no longer holds this PID.
+ */
+static inline int procwatch_set_hang_action(struct procwatch_reg *reg, int action, int sig)
+{
+    struct procwatch_slot *s = reg->slot;
+    if (action < PROCWATCH_HANGACTION_DEFAULT || action > PROCWATCH_HANGACTION_LOG
+        || (sig != 0 && !procwatch_hang_signal_ok(sig)) || s == NULL)
+        return -EINVAL;
+    if (procwatch__load32(&s->pid) != (uint32_t)reg->pid)
+        return -ESRCH;
+    __atomic_store_n(&s->heartbeat_action, (uint32_t)action, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->heartbeat_signal, (uint32_t)sig, __ATOMIC_RELEASE);
     return 0;
 }
 
