@@ -603,26 +603,32 @@ class Table:
     def note_checks(self, beats, misses, now_ns):
         """One heartbeat pass's results, stored only where the slot still holds the PID.
 
-        ``beats``: [(slot, pid)] that made progress (last_beat_ns = now_ns);
-        ``misses``: [(slot, pid, count)].  Returns the two lists filtered to
-        the slots that still hold their PID (else re-registered: the next
-        pass re-tracks them).  One call per pass, not per slot.
+        ``beats`` and ``misses`` hold the checker's tracks (anything with
+        ``i``, the slot, and ``pid``; a miss also ``misses``, the count):
+        a beat sets last_beat_ns to ``now_ns``, a miss stores the count.  A
+        slot that no longer holds the PID is left alone and its track is
+        returned (in a list, usually empty): it was re-registered.  One call
+        per pass, not per slot: this is the checker's hot loop.
         """
         u32, u64 = self.u32, self.u64
-        base32, step32 = _abi.HEADER_SIZE >> 2, _abi.SLOT_SIZE >> 2
-        beat_at, miss_at = _abi.S_LAST_BEAT_NS >> 3, _abi.S_MISSES >> 2
-        step64 = _abi.SLOT_SIZE >> 3
-        base64 = _abi.HEADER_SIZE >> 3
-        beaten, missed = [], []
-        for i, pid in beats:
-            if u32[base32 + i * step32] == pid:
-                u64[base64 + i * step64 + beat_at] = now_ns
-                beaten.append((i, pid))
-        for i, pid, count in misses:
-            if u32[base32 + i * step32] == pid:
-                u32[base32 + i * step32 + miss_at] = min(count, 0xFFFFFFFF)
-                missed.append((i, pid, count))
-        return beaten, missed
+        step32, step64 = _abi.SLOT_SIZE >> 2, _abi.SLOT_SIZE >> 3
+        pid_at = _abi.HEADER_SIZE >> 2
+        beat_at = (_abi.HEADER_SIZE + _abi.S_LAST_BEAT_NS) >> 3
+        miss_at = (_abi.HEADER_SIZE + _abi.S_MISSES) >> 2
+        stale = []
+        for tr in beats:
+            i = tr.i
+            if u32[pid_at + i * step32] == tr.pid:
+                u64[beat_at + i * step64] = now_ns
+            else:
+                stale.append(tr)
+        for tr in misses:
+            i = tr.i
+            if u32[pid_at + i * step32] == tr.pid:
+                u32[miss_at + i * step32] = min(tr.misses, 0xFFFFFFFF)
+            else:
+                stale.append(tr)
+        return stale
 
     def set_rule_heartbeat(self, i, pid, ms):
         """A configuration rule's heartbeat for slot ``i``, if it still holds ``pid``.
