@@ -266,3 +266,22 @@ def test_service_end_clears_the_pid_word_first(recorded):
     s = t.peer.read_slot(0)
     assert (s.pid, s.state, s.exit_status, s.latency_us) == (0, abi.State.EXITED, 3 << 8, 12)
     assert t.take_pending_ends() == [(0, 4242)]     # noted before the word was zeroed, never logged
+
+
+def test_note_checks_stores_only_where_the_pid_still_is(key):
+    """The heartbeat pass's stores: a slot re-registered since the pass read it is left alone."""
+    import types
+    t, _ = Table.create_or_adopt(key, 4)
+    try:
+        for i, pid in ((0, 100), (1, 101)):
+            t.claim(i)
+            t.publish(i, pid, 1, b"n%d" % i, now_ns=5)
+        beat = [types.SimpleNamespace(i=0, pid=100), types.SimpleNamespace(i=1, pid=999)]
+        miss = [types.SimpleNamespace(i=0, pid=100, misses=2), types.SimpleNamespace(i=1, pid=999, misses=7)]
+        stale = t.note_checks(beat, miss, 12345)
+        assert stale == [beat[1], miss[1]]
+        s0, s1 = t.read_slot(0), t.read_slot(1)
+        assert (s0.last_beat_ns, s0.misses) == (12345, 2)
+        assert (s1.last_beat_ns, s1.misses) == (5, 0)          # untouched: not its PID
+    finally:
+        t.detach()
