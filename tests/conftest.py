@@ -7,8 +7,8 @@ are removed afterwards.  Processes a test starts are ended by PID at
 teardown, never by name.
 """
 
-import itertools
 import os
+import random
 import select
 import signal
 import subprocess
@@ -22,12 +22,39 @@ import sysv_ipc
 ROOT = Path(__file__).resolve().parent.parent
 PROGS = Path(__file__).resolve().parent / "progs"
 PY = sys.executable
-_serial = itertools.count(1)
+
+
+_issued = set()
 
 
 def fresh_key():
-    """A key no other test run uses: 0x7e, then 12 bits of our PID, then a counter."""
-    return 0x7E000000 | ((os.getpid() & 0xFFF) << 12) | (next(_serial) & 0xFFF)
+    """A key no other test run uses: 0x7e, then 24 random bits, at which no segment or semaphore exists.
+
+    Several test runs may share a machine (two checkouts, CI beside a developer):
+    a key built from a few bits of the PID collided between them, and two
+    services then shared one table.  A random key that is free at the time,
+    and never handed out twice by this run, keeps runs apart.
+    """
+    while True:
+        key = 0x7E000000 | random.getrandbits(24)
+        if key in _issued or key <= 0x7E000000:
+            continue
+        if _ipc_exists(key):
+            continue
+        _issued.add(key)
+        return key
+
+
+def _ipc_exists(key):
+    for cls in (sysv_ipc.SharedMemory, sysv_ipc.Semaphore):
+        try:
+            cls(key)
+            return True
+        except sysv_ipc.ExistentialError:
+            pass
+        except sysv_ipc.PermissionsError:
+            return True
+    return False
 
 
 def remove_ipc(key):
