@@ -51,12 +51,17 @@ class TableGuard:
         """Whether the segment and semaphore at the key are still ours (not ``ipcrm``-ed)."""
         return self.table.still_present() and self.table.semaphore_present()
 
-    def check(self):
-        """One pass over the table.  False when the segment or its semaphore is gone."""
+    def check(self, states=True):
+        """One pass over the table.  False when the segment or its semaphore is gone.
+
+        ``states``: also check every slot's state word (a big table's service
+        does that every few periods: see service.SCAN_RATE).
+        """
         if not self.present():
             return False
         self._check_header()
-        self._check_states()
+        if states:
+            self._check_states()
         return True
 
     def _corrupt(self, message, *args, **fields):

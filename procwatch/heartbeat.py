@@ -79,6 +79,9 @@ log = _logging.getLogger("procwatch")
 
 GRANULARITY = 0.01       # s: passes never come closer than this
 DISCOVERY_PERIOD = 0.1   # s: longest sleep, so a new registration is seen soon
+IDLE_DISCOVERY = 5.0     # s: longest sleep while no slot asks for beats.  Clients bump the
+                         # generation on registration and set_heartbeat(), which wakes the
+                         # checker at once; this bound covers writers that do not (issue 16).
 
 _ALIVE = int(_abi.State.ALIVE)
 _HUNG = int(_abi.State.HUNG)
@@ -126,14 +129,21 @@ class HeartbeatChecker(_threading.Thread):
         self._tracks = {}               # slot index -> _Track, slots with an interval and a PID
         self._seen = (None, None, None)  # interval, PID and registration-time words of the last pass
         self._next_due = 0.0
+        self._fingerprint = None        # of the columns _seen holds, while nothing is tracked
         self._stop_event = _threading.Event()
         self._self_pid = _os.getpid()
 
     # -- the thread ------------------------------------------------------------
     def run(self):
+        from . import futex
+        generation = self.table.generation_address
         while not self._stop_event.is_set():
+            seen = self.table.generation        # before the pass: a change after it wakes us
             try:
                 wait = self.check()
+                if not self._tracks:
+                    futex.wait(generation, seen, IDLE_DISCOVERY)
+                    continue
             except Exception:
                 # A bug, not a kernel condition: say so loudly, keep hang detection going.
                 self.errors += 1
@@ -146,8 +156,11 @@ class HeartbeatChecker(_threading.Thread):
     def stop(self, timeout=1.0):
         """Stop and join (before the table is detached: the pass reads its memory)."""
         self._stop_event.set()
-        if self.is_alive():
-            self.join(timeout)
+        from . import futex
+        deadline = _time.monotonic() + timeout
+        while self.is_alive() and _time.monotonic() < deadline:
+            futex.wake(self.table.generation_address)     # it may sleep there
+            self.join(0.05)
 
     def refresh_policy(self):
         """The policy changed (SIGHUP): re-read every tracked slot's max_misses next pass."""
@@ -165,7 +178,23 @@ class HeartbeatChecker(_threading.Thread):
         if self._repolicy:
             self._repolicy = False
             self._seen = (None, None, None)     # every slot re-tracked with the new policy
-        column = self.table.column
+            self._fingerprint = None
+        t = self.table
+        if not self._tracks:
+            # Nothing tracked: one C pass says whether any registered slot asks for beats,
+            # another whether any interval, PID or registration time moved since the last
+            # pass; only then are the columns copied and compared (issue 16).
+            if t.any_heartbeat() is False:
+                self._seen = (None, None, None)
+                self._fingerprint = None
+                return DISCOVERY_PERIOD
+            fp = t.hang_fingerprint()
+            if fp is not None and fp == self._fingerprint:
+                return DISCOVERY_PERIOD
+            self._fingerprint = fp
+        else:
+            self._fingerprint = None
+        column = t.column
         seen = (column("heartbeat_ms"), column("pid"), column("registered_ns"))
         mono = _time.monotonic()
         if seen != self._seen:          # compared in C: a registration came, went or changed

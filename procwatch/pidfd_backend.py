@@ -268,8 +268,8 @@ class PidfdDetector(DetectorThread):
 
     POLL_TIMEOUT = 0.25         # s: how often it notices a stop request, and proves it lives
 
-    def __init__(self, pidfds, reporter, done, generation):
-        super().__init__(f"procwatch-pidfd-{generation}", reporter, done)
+    def __init__(self, pidfds, reporter, done, generation, parked=False):
+        super().__init__(f"procwatch-pidfd-{generation}", reporter, done, parked)
         self.pidfds = pidfds
         pidfds.attach(reporter.watch)
 

@@ -27,7 +27,8 @@ import traceback as _traceback
 
 from . import abi as _abi
 from . import procfs as _procfs
-from .detector import ConnectorDetector
+from . import native as _native
+from .detector import ConnectorDetector, NativeConnectorDetector
 from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
 from .guard import TableGuard, recover_pending_ends
 from .journal import Event, emit, notify, watchdog_interval
@@ -47,6 +48,12 @@ DEFAULT_GROUP = "procwatch"
 # and stamps ``alive_at``; 2 s leaves room for a busy machine and stays below
 # WatchdogSec=5 of systemd/procwatch.service.
 DETECTOR_STALE = 2.0
+# Slots a second the periodic whole-table checks read (the watch list's look at slots that
+# changed without a generation bump, the stale-claims sweep, the guard's state check): each
+# is one strided C pass, ~0.5 ms at 65536 slots, so a big table is checked every
+# slots / SCAN_RATE reconcile periods instead of every one, and an idle service costs the same
+# at any size (issue 16).  Registrations and exits never wait for these checks.
+SCAN_RATE = 16384
 
 
 class Service:
@@ -173,7 +180,9 @@ class Service:
         self._guard = TableGuard(self.table, self.stats)
         self.reporter = Reporter(self.table, self.stats, on_end=self.ops.on_end,
                                  on_overflow=lambda: self._queue.put(_OVERFLOW))
-        found = self.reporter.reconcile(immediate=True)
+        if self.connector is not None and self.reporter.watch.hot is not None:
+            self.reporter.watch.hot.set_socket(self.connector.fileno())
+        found = self.reporter.reconcile(immediate=True, full=True, sweep=True)
         self.ops.apply_rules(self.reporter.watch)
         self._spawn_detector()
         self._registrations = _threading.Thread(target=self._watch_registrations,
@@ -186,10 +195,10 @@ class Service:
                                         on_event=self.ops.on_end, stats=self.stats)
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
-             "with the %s backend (%s)", "adopted" if adopted else "created", self.key,
+             "with the %s backend (%s), %s", "adopted" if adopted else "created", self.key,
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
-             self.backend_reason,
-             KEY=f"{self.key:#010x}", BACKEND=self.backend_name)
+             self.backend_reason, _native.describe(),
+             KEY=f"{self.key:#010x}", BACKEND=self.backend_name, HOT_STEP="c" if _native.AVAILABLE else "python")
         wd = watchdog_interval()
         if wd is not None and wd < self.heartbeat_period:
             log.warning("WatchdogSec= is %g s but WATCHDOG=1 goes every %g s: set WatchdogSec=%g or more",
@@ -208,21 +217,42 @@ class Service:
         while not self._stopping:
             seen = self.reporter.watch.generation
             if seen is None or self.table.generation == seen:
-                futex.wait(address, seen or 0, 0.5)
+                # No timeout: an idle service sleeps (issue 16); _teardown() wakes this word.
+                futex.wait(address, seen or 0, None if _native.AVAILABLE else 0.5)
             if self._stopping:
                 return
             self.reporter.watch.sync()
             self.ops.apply_rules(self.reporter.watch)
 
-    def _spawn_detector(self):
+    def _new_detector(self, parked):
         self._generation += 1
         if self.pidfds is not None:
             from .pidfd_backend import PidfdDetector
-            self.detector = PidfdDetector(self.pidfds, self.reporter, self._queue.put, self._generation)
+            return PidfdDetector(self.pidfds, self.reporter, self._queue.put, self._generation, parked)
+        if self.reporter.watch.hot is not None:
+            return NativeConnectorDetector(self.connector, self.reporter, self._queue.put,
+                                           self._generation, parked)
+        return ConnectorDetector(self.connector, self.reporter, self._queue.put, self._generation, parked)
+
+    def _spawn_detector(self, previous=None):
+        """Make the next detector current: the one ``previous`` released, else a new one.
+
+        Then park a successor behind it, started now, so that the thread
+        start is paid here, after the wake, not between an exit and the next
+        read (issue 16).
+        """
+        nxt = previous.successor if previous is not None else None
+        if nxt is not None and nxt.released() and not nxt.stop_requested:
+            self.detector = nxt
         else:
-            self.detector = ConnectorDetector(self.connector, self.reporter, self._queue.put,
-                                              self._generation)
-        self.detector.start()
+            if nxt is not None:         # never released (previous failed): let it end
+                nxt.request_stop()
+            self.detector = self._new_detector(parked=False)
+            self.detector.start()
+        if not self._stopping:
+            successor = self._new_detector(parked=True)
+            successor.start()
+            self.detector.successor = successor
 
     # -- running ------------------------------------------------------------------
     def status_line(self):
@@ -258,6 +288,8 @@ class Service:
         self.start()
         next_tick = _time.monotonic()
         next_reconcile = _time.monotonic() + self.reconcile_interval
+        scan_every = max(1, -(-self.table.slot_count // SCAN_RATE))
+        periods = 0
         removed = False
         try:
             while True:
@@ -272,7 +304,7 @@ class Service:
                     self.reload()
                 elif msg == _OVERFLOW:
                     self.reporter.overflow_pending = False     # first: see Reporter.overflow()
-                    self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW)
+                    self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW, full=True)
                 elif msg is not None:
                     self._detector_ended(msg)
                 now = _time.monotonic()
@@ -280,9 +312,11 @@ class Service:
                     self._tick()
                     next_tick = now + self.heartbeat_period
                 if now >= next_reconcile:
-                    self.reporter.reconcile()
+                    periods += 1
+                    scan = periods % scan_every == 0
+                    self.reporter.reconcile(sweep=scan)
                     next_reconcile = now + self.reconcile_interval
-                    if not self._guard.check():
+                    if not self._guard.check(states=scan):
                         removed = True
                         break
         finally:
@@ -333,10 +367,12 @@ class Service:
             if isinstance(detector.error, OSError) and self.connector is not None \
                     and not self.connector.healthy():
                 self._reopen_connector()
-        else:
+        self._spawn_detector(detector)
+        if detector.error is None and log.isEnabledFor(_logging.DEBUG):
             emit(Event.RESPAWN, "detector thread ended after pid %s exited; starting a new one",
                  detector.ended_pid, RESPAWNS=self.stats.respawns, level=_logging.DEBUG)
-        self._spawn_detector()
+        # Only the watched entries (their pidfds, one epoll_wait with the C extension): no
+        # table scan, no stale-claims sweep here; the periodic reconcile does those (issue 16).
         self.reporter.reconcile()
 
     def _reopen_connector(self):
@@ -348,11 +384,15 @@ class Service:
         self.connector = ProcConnector(self.connector.rcvbuf)
         log.warning("the connector socket was lost under the detector; subscribed again on a new "
                     "one (%s) and reconciling the table", self.connector.mode)
-        self.reporter.reconcile(immediate=True)
+        if self.reporter.watch.hot is not None:
+            self.reporter.watch.hot.set_socket(self.connector.fileno())
+        self.reporter.reconcile(immediate=True, full=True)
 
     def _tick(self):
         """Every heartbeat period: prove the service lives, check the table."""
         self.table.beat_service()
+        if self.connector is not None and self.reporter.watch.hot is not None:
+            self.stats.events = self.reporter.watch.hot.events     # counted by the C step
         self._notify_watchdog()
 
     def _notify_watchdog(self):
@@ -365,7 +405,7 @@ class Service:
         Restart=on-failure), which re-adopts the table and reconciles.  No
         timer pings on its own.
         """
-        stalled = _time.monotonic() - self.detector.alive_at
+        stalled = self.detector.stalled_for(_time.monotonic())
         if stalled < DETECTOR_STALE:
             notify("WATCHDOG=1", f"STATUS={self.status_line()}")
         else:
@@ -384,6 +424,18 @@ class Service:
                  KEY=f"{self.key:#010x}", EVENTS=st.events, EXITS=st.exits, FOUND_DEAD=st.found_dead,
                  OVERFLOWS=st.overflows)
 
+    def _stop_detectors(self):
+        """Stop the current detector and its parked successor, and wait for them."""
+        d = self.detector
+        threads = [t for t in (d, d.successor) if t is not None]
+        for t in threads:
+            t.request_stop()
+        for t in threads:
+            if t.is_alive():
+                t.join(1.0)
+        if self.reporter is not None:
+            self.reporter.watch.close()
+
     def _teardown(self):
         """Stop every thread, close every socket and descriptor, leave the table (stop and restart).
 
@@ -395,13 +447,15 @@ class Service:
         self._stopping = True
         if self.ops is not None:
             self.ops.close()
+        if self.table is not None:
+            from . import futex
+            futex.wake(self.table.generation_address)     # the registrations thread sleeps there
         if self._registrations is not None:
             self._registrations.join(1.0)
         if self.checker is not None:
             self.checker.stop()
         if self.detector is not None:
-            self.detector.stop_requested = True
-            self.detector.join(1.0)
+            self._stop_detectors()
         if self.connector is not None:
             self.connector.close()
         if self.pidfds is not None:

@@ -73,10 +73,16 @@ def status_snapshot(key=None):
             backend = _abi.Backend(h["backend"]).name.lower()
         except ValueError:
             backend = f"invalid({h['backend']})"
+        hot_step = None
+        if alive:
+            from . import native
+            loaded = native.loaded_in(h["service_pid"])
+            hot_step = None if loaded is None else "c" if loaded else "python"
         return {
             "key": f"{table.key:#010x}",
             "service": {"pid": h["service_pid"] or None, "alive": alive,
-                        "backend": backend if alive else None, "heartbeat": h["service_heartbeat"]},
+                        "backend": backend if alive else None, "heartbeat": h["service_heartbeat"],
+                        "hot_step": hot_step},
             "slot_count": table.slot_count,
             "exits": h["exits"],
             "slots": [slot_json(s, now_ns) for s in table.used_slots()],
@@ -89,6 +95,10 @@ def format_status(snap):
     svc = snap["service"]
     if svc["alive"]:
         head = f"procwatch: running, PID {svc['pid']}, {svc['backend']} backend"
+        if svc.get("hot_step") == "c":
+            head += ", native hot step"
+        elif svc.get("hot_step") == "python":
+            head += ", pure-Python hot step (the C extension is not loaded)"
     else:
         head = "procwatch: NOT running" + (f" (last PID {svc['pid']})" if svc["pid"] else "")
     used = snap["slots"]

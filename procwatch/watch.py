@@ -1,7 +1,10 @@
 """The watch list and the reporter: what the detector threads of every backend share.
 
-:class:`Watchlist` mirrors the table's PID words as {tgid: Watched}, rebuilt
-when the header's generation moves, so a detector's lookup is one dict get.
+:class:`Watchlist` mirrors the table's PID words as {tgid: Watched}, brought
+up to date when the header's generation moves, so a detector's lookup is one
+dict get.  With the C extension it also keeps the hot step's own map (its own
+pidfd copies, an epoll set of them) and looks only at the slots whose (PID,
+start time) moved since the last sync (issue 16), not at every slot.
 Each Watched holds a pidfd opened at registration: its readability is the
 cheap "is the whole thread group gone?" check (cn_proc.h: the kernel sends an
 exit event for every thread).
@@ -32,6 +35,10 @@ log = _logging.getLogger("procwatch")
 FOUND_DEAD_GRACE = 1.0   # s a slot must stay gone before a periodic reconcile ends it (an exit event
                          # delayed behind a respawn under load must still win: it carries the status)
 OVERFLOW_QUIET = 1.0     # s without ENOBUFS that end an overflow burst (one log line each)
+STALE_CLAIM_SWEEP = 10.0  # s between sweeps for stale CLAIMING slots (periodic reconcile only)
+
+
+_CAUSE_NAMES = {c: c.name.lower() for c in _abi.Cause}
 
 
 class Watched:
@@ -62,20 +69,117 @@ class Watchlist:
         self.by_pid = {}
         self.generation = None
         self.on_change = None       # callback() after a sync added or dropped a process
-        self.lock = _threading.RLock()   # held while pidfds are closed: hold it to use one
+        self.lock = _threading.RLock()
+        # With the C extension: the hot step's own map (its own pidfd copies, an epoll set of
+        # them for gone()), and the last (PID, start time) seen per slot, so that a sync
+        # handles only the slots that changed (issue 16).
+        self.hot = table.hot_step()     # None without the C extension
+        self._changes = None
+        self._fdless = set()        # entries without a pidfd (gone at adoption)
+        self._by_slot = {}          # slot -> Watched (C path)
 
     def entries(self):
         return [w for ws in self.by_pid.values() for w in ws]
 
-    def sync(self, force=False):
-        """Bring ``by_pid`` in line with the table's PID words."""
+    def lookup(self, slot, pid):
+        """The Watched of (slot, pid), waiting for a sync in progress; None if unknown."""
+        for attempt in (0, 1):
+            for w in self.by_pid.get(pid, ()):
+                if w.slot == slot:
+                    return w
+            if attempt == 0:
+                with self.lock:        # a sync adds to the hot map before it publishes by_pid
+                    pass
+        return None
+
+    def sync(self, force=False, scan=False):
+        """Bring ``by_pid`` in line with the table's PID words.
+
+        ``force``: look at every slot (start-up, after an overflow); else,
+        with the C extension, only at the slots whose (PID, start time)
+        changed since the last sync.  ``scan``: look even if the generation
+        did not move (a writer that did not bump it: the periodic reconcile).
+        """
         t = self.table
-        if not force and t.generation == self.generation:
+        if not force and not scan and t.generation == self.generation:
             return
+        if self.hot is None:
+            return self._sync_full()
         with self.lock:
             # The generation is read before the scan and published after the new
             # dict: the detector treats "generation unchanged" as "by_pid is
             # current", so publishing it early would let an exit slip through.
+            generation = t.generation
+            if force or self._changes is None:
+                self._changes = t.slot_changes()
+            changes = self._changes.diff(t.address)
+            by_slot = self._by_slot
+            if force:
+                seen = {slot for slot, _pid, _start in changes}
+                changes += [(slot, 0, 0) for slot in by_slot if slot not in seen]
+            by_pid = dict(self.by_pid)
+            fresh, dropped = [], []
+            for slot, pid, start in changes:
+                w = by_slot.get(slot)
+                if w is not None:
+                    if w.pid == pid and w.start_time == start:
+                        continue
+                    self._drop(by_pid, w)
+                    dropped.append(w)
+                if pid == 0:
+                    continue
+                w = self._adopt(slot, pid, start)
+                if w is None:               # corrupt: cleared, or looked at again next sync
+                    self._changes.forget(slot)
+                    continue
+                fresh.append(w)
+                by_pid[pid] = by_pid.get(pid, ()) + (w,)
+                by_slot[slot] = w
+                self._watch(w)
+            self.by_pid = by_pid
+            self.generation = generation
+            self.hot.synced_generation = generation
+            if (fresh or dropped) and self.on_change:
+                self.on_change()
+        self._log_changes(fresh, dropped)
+
+    def _watch(self, w):
+        if w.pidfd is None:
+            self._fdless.add(w)
+        self.hot.add(w.slot, w.pid, -1 if w.pidfd is None else w.pidfd)
+
+    def _drop(self, by_pid, w):
+        rest = tuple(x for x in by_pid.get(w.pid, ()) if x is not w)
+        if rest:
+            by_pid[w.pid] = rest
+        else:
+            by_pid.pop(w.pid, None)
+        if self.hot is not None:
+            self.hot.remove(w.slot, w.pid)
+            self._fdless.discard(w)
+            if self._by_slot.get(w.slot) is w:
+                del self._by_slot[w.slot]
+                if self._changes is not None:
+                    # The diff's memory follows the watch list: whatever the slot holds
+                    # next (even the same PID and start time again) is looked at again.
+                    self._changes.forget(w.slot)
+        _close(w)
+
+    def gone_candidates(self):
+        """The entries that may be gone: with the C extension only those whose pidfd is
+        readable (one epoll_wait) or that had none; else every entry."""
+        if self.hot is None:
+            return self.entries()
+        out = list(self._fdless)
+        for slot, pid in self.hot.exited():
+            for w in self.by_pid.get(pid, ()):
+                if w.slot == slot:
+                    out.append(w)
+        return out
+
+    def _sync_full(self):
+        t = self.table
+        with self.lock:
             generation = t.generation
             old = {(w.slot, w.pid): w for w in self.entries()}
             new, fresh = {}, []
@@ -98,13 +202,17 @@ class Watchlist:
             self.generation = generation
             if (fresh or old) and self.on_change:
                 self.on_change()
+        self._log_changes(fresh, list(old.values()))
+
+    def _log_changes(self, fresh, dropped):
         # Logged once published, and outside the lock: "registered" means the
         # detector sees it, and no exit waits for a log line (issue 7).
+        t = self.table
         for w in fresh:
             if w.pidfd is not None:
                 emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, w.pid, w.slot,
                      NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None)
-        for w in old.values():
+        for w in dropped:
             if t.state(w.slot) == _abi.State.UNREGISTERED:
                 emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
                      NAME=w.name, PID=w.pid, SLOT=w.slot)
@@ -138,15 +246,17 @@ class Watchlist:
     def forget(self, w):
         """Drop ``w`` after its end was reported."""
         with self.lock:
-            ws = self.by_pid.get(w.pid, ())
-            rest = tuple(x for x in ws if x is not w)
             by_pid = dict(self.by_pid)
-            if rest:
-                by_pid[w.pid] = rest
-            else:
-                by_pid.pop(w.pid, None)
+            self._drop(by_pid, w)
             self.by_pid = by_pid
-            _close(w)
+
+    def close(self):
+        """Close every pidfd (ours and the hot step's copies)."""
+        with self.lock:
+            by_pid = dict(self.by_pid)
+            for w in self.entries():
+                self._drop(by_pid, w)
+            self.by_pid = {}
 
 
 def _close(w):
@@ -166,6 +276,7 @@ class Reporter:
         self.on_overflow = on_overflow  # callback(): the service reconciles at once
         self.overflow_pending = False
         self._last_overflow = None
+        self._last_sweep = -STALE_CLAIM_SWEEP
         self.recorder = Recorder(table)
 
     def overflow(self):
@@ -198,11 +309,23 @@ class Reporter:
         backend has to look the status up, and peers must not wait for that.
         ``kernel_ts_ns`` None: the exit time is unknown (LATENCY_UNKNOWN).
         """
-        t = self.table
         zeroed_ns = _time.monotonic_ns()    # before the store: FUTEX_WAKE's own cost is not the slot's latency
-        if not t.clear_pid(w.slot, w.pid, pend=True):
+        if not self.table.clear_pid(w.slot, w.pid, pend=True):
             self.watch.forget(w)
             return False
+        self.report_ended(w, status, kernel_ts_ns, zeroed_ns)
+        return True
+
+    def report_ended(self, w, status, kernel_ts_ns, zeroed_ns, pending=None):
+        """Record, log and count an exit whose PID word is already zeroed and woken.
+
+        The hot step (C) zeroes the word itself and hands over (slot, pid,
+        pending-ends index); report_exit() zeroes it in Python.  Everything
+        here runs after the peers were woken.
+        """
+        t = self.table
+        if pending is not None:
+            t.adopt_pending(w.slot, w.pid, pending)
         source = note = None
         if callable(status):
             status, source, note = status()
@@ -220,14 +343,13 @@ class Reporter:
             detected = f"detected in {latency_us} µs" + (f"; {note}" if note else "")
         else:
             detected = note or "detection latency unknown"
+        cause_name = _CAUSE_NAMES[cause]
         emit(Event.EXIT, "%s (pid %d) %s%s; %s", w.name, w.pid, how, text, detected,
              NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
-             CAUSE=_abi.Cause(cause).name.lower(), STATUS_SOURCE=source, **fields)
+             CAUSE=cause_name, STATUS_SOURCE=source, **fields)
         t.end_logged(w.slot, w.pid)
         if self.on_end:
-            self.on_end(Event.EXIT, w, dict(fields, CAUSE=_abi.Cause(cause).name.lower(),
-                                            LATENCY_US=latency_us))
-        return True
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us))
 
     def report_found_dead(self, w, cause=_abi.Cause.FOUND_DEAD):
         t = self.table
@@ -269,17 +391,23 @@ class Reporter:
         emit(Event.CORRUPT, "slot %d is corrupt (%s); cleared", slot, problem,
              SLOT=slot, PROBLEM=problem, level=_logging.ERROR)
 
-    def reconcile(self, immediate=False, cause=_abi.Cause.FOUND_DEAD):
+    def reconcile(self, immediate=False, cause=_abi.Cause.FOUND_DEAD, full=False, sweep=False):
         """End every watched slot whose process is gone.
 
         ``immediate`` (start-up, after an overflow): end them now.  Otherwise
         a slot must have been seen gone for FOUND_DEAD_GRACE first, so that an
         exit event still on its way wins and reports the real status.
+
+        ``full``: sync with every slot of the table (start-up, overflow), not
+        only the ones that changed.  ``sweep``: also clear stale claims (the
+        periodic reconcile only, at most every STALE_CLAIM_SWEEP s).  Neither
+        runs after a respawn: the peer just woken needs the CPU (issue 16).
         """
-        self.watch.sync(force=True)
+        self.watch.sync(force=full, scan=sweep)
         now = _time.monotonic()
         ended = 0
-        for w in self.watch.entries():
+        candidates = self.watch.gone_candidates()
+        for w in candidates:
             if not w.gone():
                 w.gone_since = None
                 continue
@@ -287,7 +415,9 @@ class Reporter:
                 w.gone_since = now
             if immediate or now - w.gone_since >= FOUND_DEAD_GRACE:
                 ended += self.report_found_dead(w, cause)
-        self._clear_stale_claims()
+        if sweep and now - self._last_sweep >= STALE_CLAIM_SWEEP:
+            self._last_sweep = now
+            self._clear_stale_claims()
         return ended
 
     def _clear_stale_claims(self):

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import time
 import subprocess
 import sys
 import threading
@@ -136,6 +137,21 @@ def test_beat_and_set_heartbeat(table):
         assert table.read_slot(reg.slot).heartbeat_ms == 2000
         with pytest.raises(ValueError):
             reg.set_heartbeat(-1)
+
+
+def test_set_heartbeat_wakes_the_generation(table):
+    """An idle hang checker sleeps on the generation (issue 16): set_heartbeat() must bump and wake it."""
+    import threading
+    from procwatch import futex
+    with procwatch.register_pid("late-beater", key=table.key) as reg:
+        seen = table.generation
+        woken = []
+        sleeper = threading.Thread(target=lambda: woken.append(futex.wait(table.generation_address, seen, 10)))
+        sleeper.start()
+        time.sleep(0.05)                # let it sleep there
+        reg.set_heartbeat(1)
+        sleeper.join(10)
+        assert table.generation == seen + 1 and woken == [True]
 
 
 def test_peer_unknown_name(table):

@@ -112,7 +112,7 @@ def test_a_silent_detector_stops_the_watchdog(key, notify_socket, monkeypatch):
         svc._tick()
         assert notify_socket.poll(5.0)[-1][1].get("WATCHDOG") == "1"
         detector = svc.detector
-        detector.stop_requested = True          # it ends within one SO_RCVTIMEO (0.25 s)
+        detector.request_stop()                 # wakes it (the C step sleeps in poll with no timeout)
         detector.join(5.0)
         assert not detector.is_alive()
 

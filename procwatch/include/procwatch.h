@@ -757,6 +757,8 @@ static inline int procwatch_set_heartbeat(struct procwatch_reg *reg, unsigned ms
         return -ESRCH;
     __atomic_store_n(&s->heartbeat_ms, (uint32_t)ms, __ATOMIC_RELEASE);
     __atomic_store_n(&s->last_beat_ns, procwatch__clock_ns(CLOCK_REALTIME), __ATOMIC_RELEASE);
+    /* The service's hang checker sleeps on the generation while no slot asks for beats. */
+    procwatch__bump_generation(reg->table);
     return 0;
 }
 

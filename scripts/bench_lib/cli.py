@@ -13,13 +13,17 @@ import time as _time
 from . import build as _build
 from . import etcdfleet as _etcdfleet
 from . import latency as _latency
+from . import pictures as _pictures
 from . import procs as _procs
 from . import pwsuite as _pwsuite
 from . import report as _report
 
 ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 HELPERS = ("cnlisten", "observer", "forker", "target", "pwwait", "cnrelay")
-BASELINES = ("cn", "cn-default", "cn-py", "relay", "pidfd", "procpoll")
+BASELINES = ("cn", "cn-default", "cn-py", "relay", "relay-py", "pidfd", "procpoll")
+# The "random" condition: kills 5-100 ms after the peer sleeps (issue 16), for these only.
+RANDOM_OBSERVERS = ("cn", "relay", "relay-py", "pw-futex", "pw-peer")
+RANDOM_DELAY = (0.005, 0.100)
 PROCWATCH = ("pw-futex", "pw-peer", "pw-pidfd")
 
 
@@ -61,14 +65,18 @@ def get_psr():
     psr.add_argument("--kills", type=int, default=None, help="kills per observer and condition (1000; --quick 500)")
     psr.add_argument("--observers", default=",".join(BASELINES + PROCWATCH),
                      help="observers of the kill rows (baselines and procwatch's)")
-    psr.add_argument("--conditions", default="idle,storm", help="idle and/or storm")
+    psr.add_argument("--conditions", default="idle,random,storm",
+                     help="idle (kill once the peer and the service sleep), random (kill 5-100 ms later: at "
+                          "random moments of a quiet machine) and/or storm")
+    psr.add_argument("--random-kills", type=int, default=None,
+                     help="kills per observer in the random condition (300; --quick 120)")
     psr.add_argument("--rounds", type=int, default=None,
                      help="rounds the kills of each row are split into, the rows taking turns (5; --quick 3)")
     psr.add_argument("--storm-rate", type=int, default=0, help="storm exits/s; 0 = as fast as it goes")
     psr.add_argument("--storm-workers", type=int, default=cores, help="forking processes in the storm")
     psr.add_argument("--rcvbuf", type=int, default=8 << 20, help="SO_RCVBUFFORCE of the bare listener 'cn'")
     psr.add_argument("--poll-interval-ms", type=int, default=100, help="period of the /proc poller")
-    psr.add_argument("--max-seconds", type=float, default=None, help="budget of the whole run (300; --quick 150)")
+    psr.add_argument("--max-seconds", type=float, default=None, help="budget of the whole run (600; --quick 300)")
     psr.add_argument("--etcd-kills", type=int, default=None,
                      help="kills of the etcd row (issue 17; 500; --quick 200; 0 leaves the etcd rows out)")
     psr.add_argument("--etcd-lease-samples", type=int, default=20,
@@ -101,10 +109,15 @@ def _kill_row(obs, condition, res, stats, storm):
     events = stats.get("events") or stats.get("seen") or 0
     row = {"observer": obs.label, "key": obs.key, "condition": condition,
            "kills": res["attempted"], "lost": len(res["lost"]), **lat,
-           "storm_rate": storm.get("rate"), "cpu_us_per_event": None,
+           "storm_rate": storm.get("rate"), "cpu_us_per_event": None, "cpu_us_per_kill": None,
+           "samples_us": [round((t1 - t0) / 1000, 1) for _, t0, t1, _ in res["samples"]],
            "enobufs": stats.get("enobufs"), "found_dead": stats.get("found_dead"), "observer_stats": stats}
     if events and stats.get("cpu_us") is not None:
         row["cpu_us_per_event"] = round((stats["cpu_us"] - stats.get("cpu_us_at_ready", 0)) / events, 2)
+    if res["attempted"] and stats.get("cpu_us") is not None:
+        # Every kill is one cycle: for procwatch a register_pid() and a kill; the
+        # observer's CPU over the cycles, unrelated exits in between included.
+        row["cpu_us_per_kill"] = round((stats["cpu_us"] - stats.get("cpu_us_at_ready", 0)) / res["attempted"], 1)
     if obs.has_kernel_ts:
         ks = [(t0, t1, k) for _, t0, t1, k in res["samples"] if k]
         row["kill_to_kernel"] = _report.summarize_ns([k - t0 for t0, _, k in ks])
@@ -123,26 +136,28 @@ def measure_kills(ctx, observers):
     """
     args = ctx.args
     conditions = args.conditions.split(",")
-    rounds = max(1, min(args.rounds, args.kills))
-    per_round = -(-args.kills // rounds)
     rows, by_row = [], {}
     for ci, condition in enumerate(conditions):
+        kills = args.random_kills if condition == "random" else args.kills
+        rounds = max(1, min(args.rounds, kills))
+        per_round = -(-kills // rounds)
+        these = [(k, m) for k, m in observers if condition != "random" or k in RANDOM_OBSERVERS]
         budget = ctx.left() / (len(conditions) - ci)
         if budget < 5:
             print(f"bench: budget spent, skipping the {condition} rows", file=_sys.stderr)
             continue
         end = _time.monotonic() + budget
-        acc = {key: {"samples": [], "lost": [], "attempted": 0, "stats": [], "obs": []} for key, _ in observers}
+        acc = {key: {"samples": [], "lost": [], "attempted": 0, "stats": [], "obs": []} for key, _ in these}
         storm = ctx.storm(budget + 5) if condition == "storm" else _procs.null_storm()
         print(f"bench: {condition}: {rounds} rounds of {per_round} kills per observer", file=_sys.stderr)
         with storm:
-            slots = rounds * len(observers)
+            slots = rounds * len(these)
             for r in range(rounds):
-                for oi, (key, make) in enumerate(observers):
+                for oi, (key, make) in enumerate(these):
                     left = end - _time.monotonic()
                     if left < 1:
                         break
-                    per = left / (slots - r * len(observers) - oi)
+                    per = left / (slots - r * len(these) - oi)
                     a = acc[key]
                     if a.get("error"):
                         continue
@@ -150,7 +165,8 @@ def measure_kills(ctx, observers):
                     try:
                         obs.start()
                         try:
-                            res = _latency.measure(obs, ctx.bins["target"], per_round, _time.monotonic() + per)
+                            res = _latency.measure(obs, ctx.bins["target"], per_round, _time.monotonic() + per,
+                                                   seed=7 + r, delay=RANDOM_DELAY if condition == "random" else None)
                         finally:
                             stats = obs.stop()
                     except _procs.HelperDied as err:     # a row lost, not the run
@@ -162,7 +178,7 @@ def measure_kills(ctx, observers):
                     a["attempted"] += res["attempted"]
                     a["stats"].append(stats)
                     a["obs"].append(obs)
-        for key, _ in observers:
+        for key, _ in these:
             a = acc[key]
             if not a["obs"]:
                 continue
@@ -192,6 +208,9 @@ def _observers(ctx):
             key="cn-py", label=f"bare connector listener (Python, rcvbuf {args.rcvbuf >> 20} MiB)"),
         "relay": lambda: _latency.RelayObserver(bins["cnrelay"], bins["pwwait"], _pwsuite.private_key(),
                                                 rcvbuf=args.rcvbuf),
+        "relay-py": lambda: _latency.RelayObserver(
+            bins["cnrelay"], [_sys.executable, _os.path.join(_os.path.dirname(__file__), "pywait.py")],
+            _pwsuite.private_key(), rcvbuf=args.rcvbuf, python_waiter=True),
         "pidfd": lambda: _latency.WatchObserver(bins["observer"], "pidfd"),
         "procpoll": lambda: _latency.WatchObserver(bins["observer"], "procpoll", args.poll_interval_ms),
         **_pwsuite.observers(ctx),
@@ -216,6 +235,7 @@ def latency_sections(ctx, rows):
         "columns": [["observer", "observer"], ["condition", "condition"], ["kills", "kills"], ["lost", "lost"],
                     ["p50_us", "p50"], ["p99_us", "p99"], ["max_us", "max"], ["p50_vs_cn", "p50 / cn"],
                     ["storm_rate", "storm exits/s"], ["cpu_us_per_event", "observer CPU µs/event"],
+                    ["cpu_us_per_kill", "observer CPU µs/kill"],
                     ["enobufs", "ENOBUFS"], ["found_dead", "found dead"]],
         "rows": rows,
         "notes": [f"{ctx.args.kills} kills per row in {ctx.args.rounds} rounds: each round runs every observer in turn, "
@@ -225,6 +245,13 @@ def latency_sections(ctx, rows):
                   "when its receive buffer overflows (ENOBUFS)",
                   "observer CPU µs/event: the observer's utime+stime after start-up over the events it received "
                   "(for connector listeners: every exit of the storm, each an unrelated exit)",
+                  "observer CPU µs/kill: the same CPU over the kills; for procwatch each kill is one register_pid() "
+                  "+ kill cycle (the registration, its sync and log line, the exit, its record, log line and "
+                  "respawn), plus the unrelated exits of the machine meanwhile",
+                  f"random: {ctx.args.random_kills} kills per row, each {RANDOM_DELAY[0] * 1000:g}-"
+                  f"{RANDOM_DELAY[1] * 1000:g} ms (uniform) after the peer sleeps, so the kill falls at a random "
+                  "moment of the observer's life; relay-py is the relay with a Python futex waiter, the baseline "
+                  "of pw-peer",
                   *_pwsuite.notes_for_latency(ctx),
                   *[f"{r['key']} {r['condition']}: rounds stopped early: {r['error']}" for r in rows if r.get("error")]],
     }
@@ -260,17 +287,19 @@ def main(argv=None):
     args = psr.parse_args(argv)
     if args.kills is None:
         args.kills = 500 if args.quick else 1000
+    if args.random_kills is None:
+        args.random_kills = 120 if args.quick else 300
     if args.rounds is None:
         args.rounds = 3 if args.quick else 5
     if args.etcd_kills is None:
         args.etcd_kills = 200 if args.quick else 500
     if args.max_seconds is None:
-        args.max_seconds = 150.0 if args.quick else 300.0
+        args.max_seconds = 300.0 if args.quick else 600.0
     if args.kills < 1 or args.rounds < 1 or args.storm_workers < 1 or args.storm_workers > 64:
         psr.error("--kills and --rounds must be >= 1 and --storm-workers in 1..64")
     args.conditions = ",".join(c.strip() for c in args.conditions.split(",") if c.strip())
-    if not args.conditions or set(args.conditions.split(",")) - {"idle", "storm"}:
-        psr.error("--conditions takes idle, storm or idle,storm")
+    if not args.conditions or set(args.conditions.split(",")) - {"idle", "random", "storm"}:
+        psr.error("--conditions takes idle, random and/or storm, comma separated")
     if _os.geteuid() != 0:
         print("bench: not root: the proc connector needs CAP_NET_ADMIN; connector rows will fail", file=_sys.stderr)
     _procs.install_cleanup()
@@ -300,6 +329,9 @@ def main(argv=None):
               "args": vars(args), "sections": sections}
     json_path = args.json or _os.path.join(args.out, "bench.json")
     md_path = args.markdown or _os.path.join(args.out, "BENCHMARKS.md")
+    result["pictures"] = _pictures.draw(result, rows, _os.path.dirname(_os.path.abspath(md_path)))
+    for r in rows:
+        r.pop("samples_us", None)       # drawn; the JSON keeps the summaries
     _report.write_json(result, json_path)
     _report.write_markdown(result, md_path)
     print(f"bench: wrote {json_path} and {md_path}", file=_sys.stderr)

@@ -195,11 +195,12 @@ def wait_asleep(pid, timeout=1.0):
 class RelayObserver(_LineObserver):
     """csrc/cnrelay.c zeroes a word of a private SysV segment; csrc/pwwait.c sleeps on it."""
 
-    def __init__(self, relay_exe, waiter_exe, key, rcvbuf=0):
+    def __init__(self, relay_exe, waiter_exe, key, rcvbuf=0, python_waiter=False):
         super().__init__()
         self.relay_exe, self.waiter_exe, self.shm_key, self.rcvbuf = relay_exe, waiter_exe, key, rcvbuf
-        self.key = "relay"
-        self.label = "minimal relay (C: listen, zero the word, wake) + C futex waiter"
+        self.key = "relay-py" if python_waiter else "relay"
+        self.label = ("minimal relay (C: listen, zero the word, wake) + "
+                      + ("Python futex waiter (pywait.py)" if python_waiter else "C futex waiter"))
         self.not_asleep = 0
 
     def start(self):
@@ -211,7 +212,8 @@ class RelayObserver(_LineObserver):
         self.relay = _procs.LineProc(argv, name="cnrelay", stdin=False)
         kv = _procs.parse_kv(self.relay.expect("ready", timeout=5.0))
         self.info = {"cpu_us_at_ready": kv.get("cpu_us", 0)}
-        self.proc = _procs.LineProc([self.waiter_exe, hex(self.shm_key)], name="pwwait-relay")
+        waiter = self.waiter_exe if isinstance(self.waiter_exe, list) else [self.waiter_exe]
+        self.proc = _procs.LineProc([*waiter, hex(self.shm_key)], name=f"waiter-{self.key}")
         self.proc.expect("ready", timeout=5.0)
 
     def prepare(self, pid):
@@ -237,9 +239,13 @@ class RelayObserver(_LineObserver):
         return {**self.info, **stats, "not_asleep": self.not_asleep}
 
 
-def measure(observer, target_exe, kills, deadline, seed=7):
+def measure(observer, target_exe, kills, deadline, seed=7, delay=None):
     """Kill ``kills`` targets (fewer if ``deadline``, a monotonic time, passes)
     and return {'samples': [(pid, t0, t1, kernel_ts)], 'lost': [pid], 'attempted': n}.
+
+    ``delay`` (lo, hi) in s: once the observer watches, wait a random time in
+    that range before the kill, so that kills fall at random moments of the
+    observer's life, not right after a registration settled.
 
     A kill is lost when the observer has not reported it ``observer.timeout_s``
     after t0.  Every target is reaped here, after its report or its timeout.
@@ -278,6 +284,8 @@ def measure(observer, target_exe, kills, deadline, seed=7):
         pid = _procs.spawn_target(target_exe)
         observer.prepare(pid)
         observer.watch(pid)
+        if delay:
+            _time.sleep(rng.uniform(*delay))
         t0 = _time.monotonic_ns()
         _os.kill(pid, _signal.SIGKILL)
         pending[pid] = t0

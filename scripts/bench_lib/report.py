@@ -123,6 +123,13 @@ def markdown(result):
            f"- run started {result['started']}, took {result['seconds']:.0f} s; load average at the end "
            f"{' '.join(m.get('loadavg_end') or ['?'])}",
            "", "Reproduce with:", "", "```", result["command"], "```"]
+    pics = result.get("pictures") or {}
+    if pics.get("files") or pics.get("note"):
+        out += ["", "## Pictures", ""]
+        for title, name in pics.get("files", []):
+            out += [f"![{title}]({name})", ""]
+        if pics.get("note"):
+            out.append(f"- {pics['note']}")
     for sec in result["sections"]:
         out += ["", f"## {sec['title']}", ""]
         heads, rows = _grid(sec)

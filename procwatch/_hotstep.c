@@ -1,0 +1,1185 @@
+/* procwatch._hotstep: the detector's hot step and the peer's word reads, in C (issue 16).
+ *
+ * Why C: between the kernel queuing an exit event and the FUTEX_WAKE that
+ * lets a peer run, the Python detector spent ~50 µs of its own (GIL retake,
+ * decode, a fresh select.poll object for the pidfd check, lock + compare,
+ * ctypes marshalling around the wake); a bare C listener spends ~5.  Here the
+ * whole step -- recv, decode, open-addressing lookup by tgid, pidfd poll,
+ * compare-and-swap of the PID word to 0, FUTEX_WAKE -- runs with the GIL
+ * released, and only then hands the end back to Python, which records, logs
+ * and ends the detector thread (the service respawns it: the user's design).
+ *
+ * Three rules keep it honest:
+ *
+ * - The watch map holds its *own* duplicates of the pidfds, added and removed
+ *   under the map's mutex, so a watch-list sync in Python can never close a
+ *   descriptor under the step (Python closes only its own copies).
+ * - The PID word is cleared only by compare-and-swap (cas32), here and in
+ *   Python (segment.Table.clear_pid uses this module's cas32 when it loads),
+ *   so two paths can never both report one end: exactly one CAS wins.
+ * - The pending-ends note (header H_PENDING_ENDS, see docs/ABI.md) is taken
+ *   by CAS on a free u64 entry before the PID word is cleared, the same way
+ *   Python takes it, so a service killed between the clear and its log line
+ *   still finds the end at restart (guard.recover_pending_ends).
+ *
+ * PeerWord is the C base of client.Peer: `pid` and `alive` read the aligned
+ * word with one atomic load and return, ~15-25 ns against ~70 for a Python
+ * property over a memoryview.  Any change of the word the peer did not expect
+ * goes to the Python subclass's _follow(), which owns the name-following
+ * rules.  word_gone() is the one place a further word check (the death word
+ * of issue 14) is added.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+/* Table layout: procwatch/abi.py owns it; these mirror it and
+ * tests/test_hotstep.py holds them to abi.py (layout()). */
+#define HEADER_SIZE 128
+#define SLOT_SIZE 128
+#define H_GENERATION 28
+#define S_PID 0
+#define S_STATE 4
+#define S_START_TIME 8
+#define S_NAME 16
+#define NAME_SIZE 32
+#define STATE_EMPTY 0
+#define STATE_CLAIMING 1
+
+/* include/uapi/linux/cn_proc.h, connector.h, netlink.h */
+#define EXIT_OFFSET 36          /* 16 (nlmsghdr) + 20 (cn_msg) */
+#define MIN_EXIT_LEN 60
+#define PROC_EVENT_EXIT 0x80000000u
+
+static inline uint32_t load32(uintptr_t a) { return __atomic_load_n((uint32_t *)a, __ATOMIC_ACQUIRE); }
+static inline uint64_t load64(uintptr_t a) { return __atomic_load_n((uint64_t *)a, __ATOMIC_ACQUIRE); }
+
+static inline int cas32_raw(uintptr_t a, uint32_t expected, uint32_t desired)
+{
+    return __atomic_compare_exchange_n((uint32_t *)a, &expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+static inline int cas64_raw(uintptr_t a, uint64_t expected, uint64_t desired)
+{
+    return __atomic_compare_exchange_n((uint64_t *)a, &expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+static inline long futex_wake_raw(uintptr_t a)
+{
+    return syscall(SYS_futex, (uint32_t *)a, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static inline uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Note (slot, pid) in a free pending-ends entry; its index, or -1 if the list is full
+ * (only the note is lost then, as in Python). */
+static int pend_raw(uintptr_t pending, int count, uint32_t slot, uint32_t pid)
+{
+    uint64_t v = ((uint64_t)pid << 32) | (uint64_t)(slot + 1);
+    for (int k = 0; k < count; k++) {
+        uintptr_t a = pending + 8 * (uintptr_t)k;
+        if (load64(a) == 0 && cas64_raw(a, 0, v))
+            return k;
+    }
+    return -1;
+}
+
+/* The end of (word at `word`, pid): note it pending, CAS the word pid -> 0, wake.
+ * Returns the pending index (>= -1) when this call ended it, -2 when another did. */
+static int end_word(uintptr_t word, uint32_t pid, uintptr_t pending, int npending, uint32_t slot)
+{
+    int k = pending ? pend_raw(pending, npending, slot, pid) : -1;
+    if (!cas32_raw(word, pid, 0)) {
+        if (k >= 0)
+            __atomic_store_n((uint64_t *)(pending + 8 * (uintptr_t)k), 0, __ATOMIC_RELEASE);
+        return -2;
+    }
+    futex_wake_raw(word);
+    return k;
+}
+
+/* ---- module-level functions --------------------------------------------------------- */
+
+static PyObject *py_cas32(PyObject *self, PyObject *args)
+{
+    unsigned long long a;
+    unsigned int expected, desired;
+    if (!PyArg_ParseTuple(args, "KII", &a, &expected, &desired))
+        return NULL;
+    return PyBool_FromLong(cas32_raw((uintptr_t)a, expected, desired));
+}
+
+static PyObject *py_cas64(PyObject *self, PyObject *args)
+{
+    unsigned long long a, expected, desired;
+    if (!PyArg_ParseTuple(args, "KKK", &a, &expected, &desired))
+        return NULL;
+    return PyBool_FromLong(cas64_raw((uintptr_t)a, expected, desired));
+}
+
+static PyObject *py_clear_pid(PyObject *self, PyObject *args)
+{
+    /* clear_pid(word_address, pid, pending_address, pending_count, slot) -> pending index, or
+     * None when the word no longer held pid (someone else ended it). */
+    unsigned long long word, pending;
+    unsigned int pid, slot;
+    int npending;
+    if (!PyArg_ParseTuple(args, "KIKiI", &word, &pid, &pending, &npending, &slot))
+        return NULL;
+    int k = end_word((uintptr_t)word, pid, (uintptr_t)pending, npending, slot);
+    if (k == -2)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(k);
+}
+
+static PyObject *py_wake(PyObject *self, PyObject *args)
+{
+    unsigned long long a;
+    int count = INT_MAX;
+    if (!PyArg_ParseTuple(args, "K|i", &a, &count))
+        return NULL;
+    long rc = syscall(SYS_futex, (uint32_t *)(uintptr_t)a, FUTEX_WAKE, count, NULL, NULL, 0);
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *py_wait(PyObject *self, PyObject *args)
+{
+    /* wait(address, expected, timeout=None) -> False on timeout, else True (woken, or the
+     * word already differs).  Spurious wake-ups possible: callers re-read and loop. */
+    unsigned long long a;
+    unsigned int expected;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTuple(args, "KI|O", &a, &expected, &timeout))
+        return NULL;
+    double left = -1;
+    if (timeout != Py_None) {
+        left = PyFloat_AsDouble(timeout);
+        if (left == -1 && PyErr_Occurred())
+            return NULL;
+        if (left <= 0)
+            return PyBool_FromLong(load32((uintptr_t)a) != expected);
+    }
+    uint64_t deadline = left < 0 ? 0 : mono_ns() + (uint64_t)(left * 1e9);
+    long rc;
+    int err;
+    for (;;) {
+        struct timespec ts, *tsp = NULL;
+        if (deadline) {
+            uint64_t now = mono_ns();
+            if (now >= deadline)
+                Py_RETURN_FALSE;
+            uint64_t d = deadline - now;
+            ts.tv_sec = d / 1000000000u;
+            ts.tv_nsec = d % 1000000000u;
+            tsp = &ts;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = syscall(SYS_futex, (uint32_t *)(uintptr_t)a, FUTEX_WAIT, expected, tsp, NULL, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc == 0 || err == EAGAIN)
+            Py_RETURN_TRUE;
+        if (err == ETIMEDOUT)
+            Py_RETURN_FALSE;
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            continue;
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
+static PyObject *py_find_name(PyObject *self, PyObject *args)
+{
+    /* find_name(table_address, slot_count, raw) -> (same, first_empty): the first non-EMPTY
+     * slot carrying name `raw` and the first EMPTY slot, -1 for none.  One strided pass in C
+     * (state and name share a cache line), so register_pid() does not grow ~0.5 µs a slot. */
+    unsigned long long base;
+    unsigned int count;
+    const char *raw;
+    Py_ssize_t rawlen;
+    if (!PyArg_ParseTuple(args, "KIy#", &base, &count, &raw, &rawlen))
+        return NULL;
+    if (rawlen >= NAME_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "name longer than the slot's name field");
+        return NULL;
+    }
+    char want[NAME_SIZE];
+    memset(want, 0, sizeof want);
+    memcpy(want, raw, (size_t)rawlen);
+    long same = -1, empty = -1;
+    Py_BEGIN_ALLOW_THREADS
+    /* A fresh attachment faults its pages in one by one as the scan first touches them (~8 ms
+     * for 65536 slots); MADV_POPULATE_READ (Linux 5.14) maps them in one call.  Older kernels
+     * say EINVAL and the scan faults them in as before. */
+    if (count >= 4096)
+        madvise((void *)(uintptr_t)base, HEADER_SIZE + (size_t)count * SLOT_SIZE, 22 /* MADV_POPULATE_READ */);
+    for (unsigned int i = 0; i < count; i++) {
+        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+        if (load32(s + S_STATE) == STATE_EMPTY) {
+            if (empty < 0)
+                empty = i;
+            continue;
+        }
+        if (memcmp((const void *)(s + S_NAME), want, NAME_SIZE) == 0) {
+            same = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("ll", same, empty);
+}
+
+static PyObject *py_stale_claims(PyObject *self, PyObject *args)
+{
+    /* stale_claims(table_address, slot_count) -> [slot]: PID word 0 and state CLAIMING. */
+    unsigned long long base;
+    unsigned int count;
+    if (!PyArg_ParseTuple(args, "KI", &base, &count))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    for (unsigned int i = 0; i < count; i++) {
+        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+        if (load32(s + S_STATE) == STATE_CLAIMING && load32(s + S_PID) == 0) {
+            PyObject *n = PyLong_FromUnsignedLong(i);
+            if (!n || PyList_Append(out, n) < 0) {
+                Py_XDECREF(n);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(n);
+        }
+    }
+    return out;
+}
+
+static PyObject *py_bad_states(PyObject *self, PyObject *args)
+{
+    /* bad_states(table_address, slot_count, max_state, alive, hung) -> [slot]: a set PID word
+     * with a state other than ALIVE/HUNG, or a state above max_state (guard.py).  The state is
+     * read before the PID word, in the order the service's own ending writes them. */
+    unsigned long long base;
+    unsigned int count, max_state, alive, hung;
+    if (!PyArg_ParseTuple(args, "KIIII", &base, &count, &max_state, &alive, &hung))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    for (unsigned int i = 0; i < count; i++) {
+        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+        uint32_t state = load32(s + S_STATE);
+        uint32_t pid = load32(s + S_PID);
+        if (pid ? (state != alive && state != hung) : state > max_state) {
+            PyObject *n = PyLong_FromUnsignedLong(i);
+            if (!n || PyList_Append(out, n) < 0) {
+                Py_XDECREF(n);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(n);
+        }
+    }
+    return out;
+}
+
+static PyObject *py_fingerprint(PyObject *self, PyObject *args)
+{
+    /* fingerprint(table_address, slot_count, off32_a, off32_b, off64) -> int: a 64-bit hash of
+     * two u32 fields and one u64 field of every slot.  The hang checker compares it pass to
+     * pass instead of copying three columns into Python lists (issue 16: ~8 ms at 65536). */
+    unsigned long long base;
+    unsigned int count, a, b, c;
+    if (!PyArg_ParseTuple(args, "KIIII", &base, &count, &a, &b, &c))
+        return NULL;
+    uint64_t h = 1469598103934665603ull;
+    for (unsigned int i = 0; i < count; i++) {
+        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+        uint64_t v = ((uint64_t)load32(s + a) << 32 | load32(s + b)) ^ (load64(s + c) * 0x9E3779B97F4A7C15ull);
+        h = (h ^ v ^ i) * 1099511628211ull;
+        h ^= h >> 29;
+    }
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyObject *py_any_set(PyObject *self, PyObject *args)
+{
+    /* any_set(table_address, slot_count, off32) -> bool: whether some slot with a PID has a
+     * non-zero u32 at `off32` (the hang checker: does any registered slot ask for beats?). */
+    unsigned long long base;
+    unsigned int count, off;
+    if (!PyArg_ParseTuple(args, "KII", &base, &count, &off))
+        return NULL;
+    for (unsigned int i = 0; i < count; i++) {
+        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+        if (load32(s + off) && load32(s + S_PID))
+            Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *py_layout(PyObject *self, PyObject *noargs)
+{
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:I}",
+                         "HEADER_SIZE", HEADER_SIZE, "SLOT_SIZE", SLOT_SIZE,
+                         "H_GENERATION", H_GENERATION, "S_PID", S_PID, "S_STATE", S_STATE,
+                         "S_START_TIME", S_START_TIME, "S_NAME", S_NAME, "NAME_SIZE", NAME_SIZE,
+                         "EMPTY", STATE_EMPTY, "CLAIMING", STATE_CLAIMING,
+                         "EXIT_OFFSET", EXIT_OFFSET, "PROC_EVENT_EXIT", PROC_EVENT_EXIT);
+}
+
+/* ---- Changes: which slots' (PID, start time) moved since the last look ------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t *pids;
+    uint64_t *starts;
+    unsigned int count;
+} Changes;
+
+static int Changes_init(Changes *self, PyObject *args, PyObject *kw)
+{
+    unsigned int count;
+    if (!PyArg_ParseTuple(args, "I", &count))
+        return -1;
+    PyMem_Free(self->pids);
+    PyMem_Free(self->starts);
+    self->pids = PyMem_Calloc(count ? count : 1, sizeof(uint32_t));
+    self->starts = PyMem_Calloc(count ? count : 1, sizeof(uint64_t));
+    self->count = count;
+    if (!self->pids || !self->starts) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void Changes_dealloc(Changes *self)
+{
+    PyMem_Free(self->pids);
+    PyMem_Free(self->starts);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Changes_diff(Changes *self, PyObject *args)
+{
+    /* diff(table_address) -> [(slot, pid, start_time)] of the slots whose PID word or start time
+     * differ from the last diff (all-zero at first), and remember the new values. */
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "K", &base))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    for (unsigned int i = 0; i < self->count; i++) {
+        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+        uint32_t pid = load32(s + S_PID);
+        uint64_t start = pid ? load64(s + S_START_TIME) : 0;
+        if (pid == self->pids[i] && start == self->starts[i])
+            continue;
+        self->pids[i] = pid;
+        self->starts[i] = start;
+        PyObject *t = Py_BuildValue("IIK", i, pid, (unsigned long long)start);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+static PyObject *Changes_forget(Changes *self, PyObject *args)
+{
+    /* forget(slot): the next diff reports `slot` again (its watcher was dropped). */
+    unsigned int i;
+    if (!PyArg_ParseTuple(args, "I", &i))
+        return NULL;
+    if (i < self->count) {
+        self->pids[i] = 0;
+        self->starts[i] = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Changes_methods[] = {
+    {"diff", (PyCFunction)Changes_diff, METH_VARARGS, NULL},
+    {"forget", (PyCFunction)Changes_forget, METH_VARARGS, NULL},
+    {NULL},
+};
+
+static PyTypeObject ChangesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procwatch._hotstep.Changes",
+    .tp_basicsize = sizeof(Changes),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Changes(slot_count): the slots whose (PID word, start time) moved since the last diff().",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Changes_init,
+    .tp_dealloc = (destructor)Changes_dealloc,
+    .tp_methods = Changes_methods,
+};
+
+
+/* ---- ServiceLock: the table's service-side lock, shared by Python and the step ------------
+ *
+ * segment.Table.service_lock orders the service's own writes to a slot (the end of a slot
+ * against the heartbeat checker's HUNG and KILLED_HUNG, the guard's repairs).  The step
+ * clears words without the GIL, so the lock is a pthread mutex both sides take: Python with
+ * `with`, the step around its compare-and-swap.  Python waits for it with the GIL released
+ * (a Python holder may need the GIL to finish). */
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+} ServiceLock;
+
+static PyObject *ServiceLock_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    ServiceLock *l = (ServiceLock *)type->tp_alloc(type, 0);
+    if (l)
+        pthread_mutex_init(&l->mu, NULL);
+    return (PyObject *)l;
+}
+
+static void ServiceLock_dealloc(ServiceLock *l)
+{
+    pthread_mutex_destroy(&l->mu);
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static PyObject *ServiceLock_acquire(ServiceLock *l, PyObject *unused)
+{
+    if (pthread_mutex_trylock(&l->mu) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&l->mu);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *ServiceLock_release(ServiceLock *l, PyObject *unused)
+{
+    pthread_mutex_unlock(&l->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ServiceLock_exit(ServiceLock *l, PyObject *args)
+{
+    pthread_mutex_unlock(&l->mu);
+    Py_RETURN_FALSE;
+}
+
+static PyMethodDef ServiceLock_methods[] = {
+    {"acquire", (PyCFunction)ServiceLock_acquire, METH_NOARGS, NULL},
+    {"release", (PyCFunction)ServiceLock_release, METH_NOARGS, NULL},
+    {"__enter__", (PyCFunction)ServiceLock_acquire, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)ServiceLock_exit, METH_VARARGS, NULL},
+    {NULL},
+};
+
+static PyTypeObject ServiceLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procwatch._hotstep.ServiceLock",
+    .tp_basicsize = sizeof(ServiceLock),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A mutex taken by Python (with) and by the hot step around its compare-and-swap.",
+    .tp_new = ServiceLock_new,
+    .tp_dealloc = (destructor)ServiceLock_dealloc,
+    .tp_methods = ServiceLock_methods,
+};
+
+/* ---- HotStep: the detector's watch map and step ----------------------------------------- */
+
+typedef struct {
+    uint32_t tgid;      /* 0: empty, TOMB: deleted */
+    uint32_t slot;
+    int fd;             /* our own dup of the pidfd, or -1 (process already unreadable) */
+} Entry;
+
+#define TOMB 0xFFFFFFFFu
+
+typedef struct {
+    PyObject_HEAD
+    int sock;
+    int evfd;           /* stop(): wakes a step parked in poll() */
+    int epfd;           /* every pidfd of the map, for exited() */
+    uintptr_t table;
+    uintptr_t pending;
+    int npending;
+    pthread_mutex_t mu;
+    ServiceLock *service_lock;      /* segment.Table.service_lock, taken around each end */
+    Entry *map;
+    uint32_t cap;       /* power of two */
+    uint32_t used;      /* live + tombstones */
+    uint32_t live;
+    uint32_t synced_generation;
+    int parked;         /* in poll() with nothing to read: idle, not stuck (watchdog) */
+    uint64_t alive_ns;  /* CLOCK_MONOTONIC ns of the last wake-up */
+    unsigned long long events;
+    unsigned char buf[1024];
+} HotStep;
+
+static inline uint32_t hash32(uint32_t x)
+{
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+
+static int map_grow(HotStep *h, uint32_t want)
+{
+    uint32_t cap = 64;
+    while (cap < want * 2)
+        cap <<= 1;
+    Entry *m = calloc(cap, sizeof(Entry));
+    if (!m)
+        return -1;
+    for (uint32_t i = 0; i < h->cap; i++) {
+        Entry *e = &h->map[i];
+        if (e->tgid == 0 || e->tgid == TOMB)
+            continue;
+        uint32_t j = hash32(e->tgid) & (cap - 1);
+        while (m[j].tgid)
+            j = (j + 1) & (cap - 1);
+        m[j] = *e;
+    }
+    free(h->map);
+    h->map = m;
+    h->cap = cap;
+    h->used = h->live;
+    return 0;
+}
+
+static void HotStep_dealloc(HotStep *h)
+{
+    if (h->map) {
+        for (uint32_t i = 0; i < h->cap; i++)
+            if (h->map[i].tgid && h->map[i].tgid != TOMB && h->map[i].fd >= 0)
+                close(h->map[i].fd);
+        free(h->map);
+    }
+    if (h->evfd >= 0)
+        close(h->evfd);
+    if (h->epfd >= 0)
+        close(h->epfd);
+    pthread_mutex_destroy(&h->mu);
+    Py_XDECREF(h->service_lock);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+static PyObject *HotStep_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    HotStep *h = (HotStep *)type->tp_alloc(type, 0);
+    if (!h)
+        return NULL;
+    h->sock = h->evfd = h->epfd = -1;
+    pthread_mutex_init(&h->mu, NULL);
+    return (PyObject *)h;
+}
+
+static int HotStep_init(HotStep *h, PyObject *args, PyObject *kw)
+{
+    /* HotStep(sock_fd, table_address, pending_address, pending_count, service_lock).  sock_fd < 0:
+     * no socket (the map and exited() only: the pidfd backend, tests). */
+    int sock, npending;
+    unsigned long long table, pending;
+    ServiceLock *lock;
+    if (!PyArg_ParseTuple(args, "iKKiO!", &sock, &table, &pending, &npending, &ServiceLockType, &lock))
+        return -1;
+    if (h->map) {
+        PyErr_SetString(PyExc_RuntimeError, "HotStep is initialised once");
+        return -1;
+    }
+    h->sock = sock;
+    h->table = (uintptr_t)table;
+    h->pending = (uintptr_t)pending;
+    h->npending = npending;
+    Py_INCREF(lock);
+    h->service_lock = lock;
+    h->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    h->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (h->evfd < 0 || h->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    h->alive_ns = mono_ns();
+    if (map_grow(h, 32) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *HotStep_add(HotStep *h, PyObject *args)
+{
+    /* add(slot, pid, pidfd): watch `pid` in `slot`; pidfd is duplicated (ours to close).
+     * pidfd -1: no descriptor (the process was already gone): its exit event ends it at once. */
+    unsigned int slot, pid;
+    int fd;
+    if (!PyArg_ParseTuple(args, "IIi", &slot, &pid, &fd))
+        return NULL;
+    if (pid == 0 || pid == TOMB) {
+        PyErr_Format(PyExc_ValueError, "pid %u cannot be watched", pid);
+        return NULL;
+    }
+    int own = -1;
+    if (fd >= 0) {
+        own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (own < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = ((uint64_t)slot << 32) | pid};
+        if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, own, &ev) < 0) {
+            int err = errno;
+            close(own);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    pthread_mutex_lock(&h->mu);
+    if ((h->used + 1) * 2 > h->cap && map_grow(h, h->live + 1) < 0) {
+        pthread_mutex_unlock(&h->mu);
+        if (own >= 0)
+            close(own);
+        return PyErr_NoMemory();
+    }
+    uint32_t j = hash32(pid) & (h->cap - 1);
+    while (h->map[j].tgid && h->map[j].tgid != TOMB)
+        j = (j + 1) & (h->cap - 1);
+    if (h->map[j].tgid == 0)
+        h->used++;
+    h->map[j] = (Entry){pid, slot, own};
+    h->live++;
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *HotStep_remove(HotStep *h, PyObject *args)
+{
+    /* remove(slot, pid) -> bool: stop watching; our pidfd copy is closed here, under the map's
+     * mutex, so a step never polls a closed descriptor. */
+    unsigned int slot, pid;
+    if (!PyArg_ParseTuple(args, "II", &slot, &pid))
+        return NULL;
+    int found = 0;
+    pthread_mutex_lock(&h->mu);
+    uint32_t j = hash32(pid) & (h->cap - 1);
+    while (h->map[j].tgid) {
+        Entry *e = &h->map[j];
+        if (e->tgid == pid && e->slot == slot) {
+            if (e->fd >= 0) {
+                epoll_ctl(h->epfd, EPOLL_CTL_DEL, e->fd, NULL);
+                close(e->fd);
+            }
+            e->tgid = TOMB;
+            e->fd = -1;
+            h->live--;
+            found = 1;
+            break;
+        }
+        j = (j + 1) & (h->cap - 1);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return PyBool_FromLong(found);
+}
+
+static inline int fd_exited(int fd)
+{
+    /* Only POLLIN means the whole thread group exited (see procfs.pidfd_exited). */
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+typedef struct {
+    uint32_t slot, pid;
+    int pend;
+} Ended;
+
+/* Look tgid up and end every slot of it whose process is wholly gone (hold no lock; takes
+ * the map's).  Returns how many were ended here (into out[], at most max). */
+static int end_tgid(HotStep *h, uint32_t tgid, Ended *out, int max, int *matched)
+{
+    int n = 0;
+    *matched = 0;
+    pthread_mutex_lock(&h->mu);
+    uint32_t j = hash32(tgid) & (h->cap - 1);
+    while (h->map[j].tgid) {
+        Entry *e = &h->map[j];
+        j = (j + 1) & (h->cap - 1);
+        if (e->tgid != tgid)
+            continue;
+        *matched = 1;
+        /* No pidfd: the process was gone (reaped) when the watch list adopted it, and this
+         * is its exit event: report it with its status, as the Python path does. */
+        if (e->fd >= 0 && !fd_exited(e->fd))
+            continue;                               /* one thread of a live process */
+        uintptr_t word = h->table + HEADER_SIZE + (uintptr_t)e->slot * SLOT_SIZE + S_PID;
+        pthread_mutex_lock(&h->service_lock->mu);
+        int k = end_word(word, tgid, h->pending, h->npending, e->slot);
+        pthread_mutex_unlock(&h->service_lock->mu);
+        if (k != -2 && n < max)
+            out[n++] = (Ended){e->slot, tgid, k};
+    }
+    pthread_mutex_unlock(&h->mu);
+    return n;
+}
+
+static PyObject *ended_tuple(Ended *out, int n, uint32_t tgid, uint32_t status, uint64_t ts,
+                             uint64_t zeroed)
+{
+    PyObject *lst = PyList_New(n);
+    if (!lst)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("IIi", out[i].slot, out[i].pid, out[i].pend);
+        if (!t) {
+            Py_DECREF(lst);
+            return NULL;
+        }
+        PyList_SET_ITEM(lst, i, t);
+    }
+    return Py_BuildValue("sIIKKN", "exit", tgid, status,
+                         (unsigned long long)ts, (unsigned long long)zeroed, lst);
+}
+
+#define MAX_ENDED 16
+
+static PyObject *HotStep_step(HotStep *h, PyObject *noargs)
+{
+    /* Read events until one ends a registered process, then return:
+     *   ("exit", tgid, status, kernel_ts_ns, zeroed_ns, [(slot, pid, pending_index)])
+     *   ("miss", tgid, status, kernel_ts_ns)   an exit of a tgid the map lacks while the table's
+     *                                          generation moved past synced_generation: sync, then end()
+     *   ("overflow",)                          recv failed with ENOBUFS
+     *   ("stop",)                              stop() was called
+     * The GIL is released from recv to the wake. */
+    if (h->sock < 0) {
+        PyErr_SetString(PyExc_ValueError, "HotStep has no socket");
+        return NULL;
+    }
+    Ended out[MAX_ENDED];
+    int n = 0, kind = 0, err = 0;
+    uint32_t tgid = 0, status = 0;
+    uint64_t ts = 0, zeroed = 0;
+    /* The thread's name in top -H, ps -L and /proc/PID/task/TID/comm: each respawned
+     * detector names itself on its first step (one prctl, after an exit, not before one). */
+    static __thread int named;
+    if (!named) {
+        prctl(PR_SET_NAME, "pw-detector", 0, 0, 0);
+        named = 1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        ssize_t r = recv(h->sock, h->buf, sizeof h->buf, MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == ENOBUFS) {
+                kind = 2;
+                break;
+            }
+            if (errno != EAGAIN) {
+                err = errno;
+                kind = -1;
+                break;
+            }
+            struct pollfd p[2] = {{.fd = h->sock, .events = POLLIN}, {.fd = h->evfd, .events = POLLIN}};
+            __atomic_store_n(&h->parked, 1, __ATOMIC_RELEASE);
+            int pr = poll(p, 2, -1);
+            __atomic_store_n(&h->parked, 0, __ATOMIC_RELEASE);
+            __atomic_store_n(&h->alive_ns, mono_ns(), __ATOMIC_RELAXED);
+            if (pr < 0 && errno != EINTR) {
+                err = errno;
+                kind = -1;
+                break;
+            }
+            if (p[1].revents & POLLIN) {
+                uint64_t v;
+                if (read(h->evfd, &v, sizeof v) < 0) { /* nothing: the flag is what counts */ }
+                kind = 3;
+                break;
+            }
+            continue;
+        }
+        if (r < MIN_EXIT_LEN)
+            continue;
+        uint32_t what;
+        memcpy(&what, h->buf + EXIT_OFFSET, 4);
+        if (what != PROC_EVENT_EXIT)
+            continue;
+        h->events++;
+        /* proc_event: what, cpu, timestamp_ns (u64), then exit: pid, tgid, exit_code */
+        memcpy(&ts, h->buf + EXIT_OFFSET + 8, 8);
+        memcpy(&tgid, h->buf + EXIT_OFFSET + 20, 4);
+        memcpy(&status, h->buf + EXIT_OFFSET + 24, 4);
+        /* The generation first, then the map: Python adds to the map before it publishes
+         * synced_generation, so a registration the map lacks shows as a moved generation. */
+        uint32_t seen = __atomic_load_n(&h->synced_generation, __ATOMIC_ACQUIRE);
+        int matched;
+        zeroed = mono_ns();
+        n = end_tgid(h, tgid, out, MAX_ENDED, &matched);
+        if (n) {
+            kind = 1;
+            break;
+        }
+        if (!matched && load32(h->table + H_GENERATION) != seen) {
+            kind = 4;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    switch (kind) {
+    case 1:
+        return ended_tuple(out, n, tgid, status, ts, zeroed);
+    case 2:
+        return Py_BuildValue("(s)", "overflow");
+    case 3:
+        return Py_BuildValue("(s)", "stop");
+    case 4:
+        return Py_BuildValue("sIIK", "miss", tgid, status, (unsigned long long)ts);
+    default:
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
+static PyObject *HotStep_end(HotStep *h, PyObject *args)
+{
+    /* end(tgid) -> [(slot, pid, pending_index)]: the step's lookup, pidfd check, CAS and wake
+     * for one tgid (after a "miss" and a sync). */
+    unsigned int tgid;
+    if (!PyArg_ParseTuple(args, "I", &tgid))
+        return NULL;
+    Ended out[MAX_ENDED];
+    int n, matched;
+    Py_BEGIN_ALLOW_THREADS
+    n = end_tgid(h, tgid, out, MAX_ENDED, &matched);
+    Py_END_ALLOW_THREADS
+    PyObject *lst = PyList_New(n);
+    if (!lst)
+        return NULL;
+    for (int i = 0; i < n; i++)
+        PyList_SET_ITEM(lst, i, Py_BuildValue("IIi", out[i].slot, out[i].pid, out[i].pend));
+    return lst;
+}
+
+static PyObject *HotStep_exited(HotStep *h, PyObject *noargs)
+{
+    /* exited() -> [(slot, pid)] whose pidfd is readable now (the whole group exited): one
+     * epoll_wait over every watched process, so a check of N watched ones costs O(gone). */
+    struct epoll_event evs[256];
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    int n = epoll_wait(h->epfd, evs, 256, 0);
+    if (n < 0) {
+        Py_DECREF(out);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int i = 0; i < n; i++) {
+        uint64_t d = evs[i].data.u64;
+        PyObject *t = Py_BuildValue("II", (unsigned int)(d >> 32), (unsigned int)d);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+static PyObject *HotStep_stop(HotStep *h, PyObject *noargs)
+{
+    uint64_t one = 1;
+    if (write(h->evfd, &one, sizeof one) < 0 && errno != EAGAIN)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *HotStep_clear_stop(HotStep *h, PyObject *noargs)
+{
+    uint64_t v;
+    if (read(h->evfd, &v, sizeof v) < 0 && errno != EAGAIN)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *HotStep_set_socket(HotStep *h, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    h->sock = fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *HotStep_get_synced(HotStep *h, void *c)
+{
+    return PyLong_FromUnsignedLong(__atomic_load_n(&h->synced_generation, __ATOMIC_ACQUIRE));
+}
+
+static int HotStep_set_synced(HotStep *h, PyObject *v, void *c)
+{
+    unsigned long g = PyLong_AsUnsignedLong(v);
+    if (g == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    __atomic_store_n(&h->synced_generation, (uint32_t)g, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static PyObject *HotStep_get_parked(HotStep *h, void *c)
+{
+    return PyBool_FromLong(__atomic_load_n(&h->parked, __ATOMIC_ACQUIRE));
+}
+
+static PyObject *HotStep_get_alive(HotStep *h, void *c)
+{
+    return PyFloat_FromDouble(__atomic_load_n(&h->alive_ns, __ATOMIC_RELAXED) / 1e9);
+}
+
+static PyObject *HotStep_get_events(HotStep *h, void *c)
+{
+    return PyLong_FromUnsignedLongLong(h->events);
+}
+
+static PyObject *HotStep_get_watched(HotStep *h, void *c)
+{
+    return PyLong_FromUnsignedLong(h->live);
+}
+
+static PyGetSetDef HotStep_getset[] = {
+    {"synced_generation", (getter)HotStep_get_synced, (setter)HotStep_set_synced,
+     "the table generation the map is in line with (set by the watch list after a sync)", NULL},
+    {"parked", (getter)HotStep_get_parked, NULL, "in poll() with nothing to read: idle, not stuck", NULL},
+    {"alive_at", (getter)HotStep_get_alive, NULL, "CLOCK_MONOTONIC s of the step's last wake-up", NULL},
+    {"events", (getter)HotStep_get_events, NULL, "exit events read", NULL},
+    {"watched", (getter)HotStep_get_watched, NULL, "processes in the map", NULL},
+    {NULL},
+};
+
+static PyMethodDef HotStep_methods[] = {
+    {"add", (PyCFunction)HotStep_add, METH_VARARGS, NULL},
+    {"remove", (PyCFunction)HotStep_remove, METH_VARARGS, NULL},
+    {"step", (PyCFunction)HotStep_step, METH_NOARGS, NULL},
+    {"end", (PyCFunction)HotStep_end, METH_VARARGS, NULL},
+    {"exited", (PyCFunction)HotStep_exited, METH_NOARGS, NULL},
+    {"stop", (PyCFunction)HotStep_stop, METH_NOARGS, NULL},
+    {"clear_stop", (PyCFunction)HotStep_clear_stop, METH_NOARGS, NULL},
+    {"set_socket", (PyCFunction)HotStep_set_socket, METH_VARARGS, NULL},
+    {NULL},
+};
+
+static PyTypeObject HotStepType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procwatch._hotstep.HotStep",
+    .tp_basicsize = sizeof(HotStep),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "HotStep(sock_fd, table_address, pending_address, pending_count): the detector's hot step.",
+    .tp_new = HotStep_new,
+    .tp_init = (initproc)HotStep_init,
+    .tp_dealloc = (destructor)HotStep_dealloc,
+    .tp_methods = HotStep_methods,
+    .tp_getset = HotStep_getset,
+};
+
+/* ---- PeerWord: the C base of client.Peer -------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *dict;
+    PyObject *weakrefs;
+    uintptr_t word;     /* address of the slot's PID word; 0 once closed */
+    uint32_t known;     /* the PID the peer expects there */
+} PeerWord;
+
+/* The target's PID as the table says it now.  One word today; a further check (issue 14's
+ * death word: "gone" although the PID word still holds the PID) is one more load here. */
+static inline uint32_t word_pid(PeerWord *p)
+{
+    return load32(p->word);
+}
+
+static PyObject *peer_closed(void)
+{
+    PyErr_SetString(PyExc_ValueError, "the Peer is closed");
+    return NULL;
+}
+
+static PyObject *PeerWord_pid(PeerWord *p, void *c)
+{
+    if (!p->word)
+        return peer_closed();
+    uint32_t v = word_pid(p);
+    if (v == p->known || v == 0)
+        return PyLong_FromUnsignedLong(v);
+    return PyObject_CallMethod((PyObject *)p, "_follow", "k", (unsigned long)v);
+}
+
+static PyObject *PeerWord_alive(PeerWord *p, void *c)
+{
+    if (!p->word)
+        return peer_closed();
+    uint32_t v = word_pid(p);
+    if (v == p->known || v == 0)
+        return PyBool_FromLong(v != 0);
+    PyObject *r = PyObject_CallMethod((PyObject *)p, "_follow", "k", (unsigned long)v);
+    if (!r)
+        return NULL;
+    int alive = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (alive < 0)
+        return NULL;
+    return PyBool_FromLong(alive);
+}
+
+static PyObject *PeerWord_get_known(PeerWord *p, void *c)
+{
+    return PyLong_FromUnsignedLong(p->known);
+}
+
+static int PeerWord_set_known(PeerWord *p, PyObject *v, void *c)
+{
+    unsigned long k = PyLong_AsUnsignedLong(v);
+    if (k == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    p->known = (uint32_t)k;
+    return 0;
+}
+
+static PyObject *PeerWord_bind(PeerWord *p, PyObject *args)
+{
+    /* _bind(address): read the PID word at `address` from now on (0: closed). */
+    unsigned long long a;
+    if (!PyArg_ParseTuple(args, "K", &a))
+        return NULL;
+    if (a % 4) {
+        PyErr_SetString(PyExc_ValueError, "a PID word is 4-byte aligned");
+        return NULL;
+    }
+    p->word = (uintptr_t)a;
+    Py_RETURN_NONE;
+}
+
+static int PeerWord_traverse(PeerWord *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->dict);
+    Py_VISIT(Py_TYPE(p));
+    return 0;
+}
+
+static int PeerWord_clear(PeerWord *p)
+{
+    Py_CLEAR(p->dict);
+    return 0;
+}
+
+static void PeerWord_dealloc(PeerWord *p)
+{
+    PyTypeObject *tp = Py_TYPE(p);
+    PyObject_GC_UnTrack(p);
+    if (p->weakrefs)
+        PyObject_ClearWeakRefs((PyObject *)p);
+    PeerWord_clear(p);
+    tp->tp_free((PyObject *)p);
+}
+
+static PyGetSetDef PeerWord_getset[] = {
+    {"pid", (getter)PeerWord_pid, NULL, "The target's PID, or 0 when it is gone (or was never started).", NULL},
+    {"alive", (getter)PeerWord_alive, NULL, "Whether the target lives (pid != 0).", NULL},
+    {"_known", (getter)PeerWord_get_known, (setter)PeerWord_set_known, NULL, NULL},
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyMethodDef PeerWord_methods[] = {
+    {"_bind", (PyCFunction)PeerWord_bind, METH_VARARGS, NULL},
+    {NULL},
+};
+
+static PyTypeObject PeerWordType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procwatch._hotstep.PeerWord",
+    .tp_basicsize = sizeof(PeerWord),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of procwatch.Peer: pid and alive read the slot's PID word.",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)PeerWord_dealloc,
+    .tp_traverse = (traverseproc)PeerWord_traverse,
+    .tp_clear = (inquiry)PeerWord_clear,
+    .tp_getset = PeerWord_getset,
+    .tp_methods = PeerWord_methods,
+    .tp_dictoffset = offsetof(PeerWord, dict),
+    .tp_weaklistoffset = offsetof(PeerWord, weakrefs),
+};
+
+/* ---- module ------------------------------------------------------------------------------- */
+
+static PyMethodDef module_methods[] = {
+    {"cas32", py_cas32, METH_VARARGS, "cas32(address, expected, new) -> bool: atomic compare-and-swap of a u32."},
+    {"cas64", py_cas64, METH_VARARGS, "cas64(address, expected, new) -> bool: atomic compare-and-swap of a u64."},
+    {"clear_pid", py_clear_pid, METH_VARARGS,
+     "clear_pid(word, pid, pending, npending, slot) -> pending index (-1: list full), or None if not ours."},
+    {"wake", py_wake, METH_VARARGS, "wake(address, count=INT_MAX) -> woken: FUTEX_WAKE on a shared word."},
+    {"wait", py_wait, METH_VARARGS, "wait(address, expected, timeout=None) -> False on timeout."},
+    {"find_name", py_find_name, METH_VARARGS, "find_name(table, count, raw) -> (same, first_empty)."},
+    {"stale_claims", py_stale_claims, METH_VARARGS, "stale_claims(table, count) -> [slot]."},
+    {"bad_states", py_bad_states, METH_VARARGS, "bad_states(table, count, max_state, alive, hung) -> [slot]."},
+    {"fingerprint", py_fingerprint, METH_VARARGS, "fingerprint(table, count, off32, off32, off64) -> int."},
+    {"any_set", py_any_set, METH_VARARGS, "any_set(table, count, off32) -> bool."},
+    {"layout", py_layout, METH_NOARGS, "The table offsets this module was compiled with."},
+    {NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "procwatch._hotstep",
+    "The detector's hot step and the peer's word reads, in C (see _hotstep.c).", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__hotstep(void)
+{
+    if (PyType_Ready(&ServiceLockType) < 0 || PyType_Ready(&HotStepType) < 0 || PyType_Ready(&PeerWordType) < 0 || PyType_Ready(&ChangesType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    Py_INCREF(&HotStepType);
+    Py_INCREF(&PeerWordType);
+    Py_INCREF(&ChangesType);
+    Py_INCREF(&ServiceLockType);
+    if (PyModule_AddObject(m, "ServiceLock", (PyObject *)&ServiceLockType) < 0 ||
+        PyModule_AddObject(m, "HotStep", (PyObject *)&HotStepType) < 0 ||
+        PyModule_AddObject(m, "PeerWord", (PyObject *)&PeerWordType) < 0 ||
+        PyModule_AddObject(m, "Changes", (PyObject *)&ChangesType) < 0)
+        return NULL;
+    return m;
+}
