@@ -289,7 +289,8 @@ def test_next_detector_is_parked_before_the_exit(key, clients):
     happens once per registered exit (the user's design).  The main loop's respawn step is
     driven by hand here (run() wants the main thread for its signal handlers)."""
     from procwatch import service as service_mod
-    svc = service_mod.Service(key=key)
+    from procwatch.config import Config
+    svc = service_mod.Service(Config(key=key))
     try:
         svc.start()
         for n in range(3):
@@ -312,7 +313,7 @@ def test_next_detector_is_parked_before_the_exit(key, clients):
 
 
 def test_stale_claims_swept_only_by_the_periodic_reconcile(table):
-    from procwatch.detector import Reporter
+    from procwatch.watch import Reporter
     from procwatch.stats import Stats
     t = table
     t.set32(4, abi.S_STATE, abi.State.CLAIMING)         # a client died mid-registration
