@@ -41,6 +41,7 @@ _PID_STATES = (_abi.State.ALIVE, _abi.State.HUNG)      # the only states a set P
 # forever), and a stuck holder must be an error, not a hang.
 SEM_UNDO = 0x1000
 IPC_NOWAIT = 0o4000
+SHM_DEST = 0o1000          # include/uapi/linux/shm.h: segment will be destroyed on last detach
 
 
 class _sembuf(_ctypes.Structure):
@@ -247,9 +248,18 @@ class Table:
                 pass
 
     def still_present(self):
-        """Whether our segment is still the one at the key (not removed with ipcrm)."""
+        """Whether our segment is still the one at the key (not removed with ipcrm).
+
+        One IPC_STAT of our own shmid: ``ipcrm -M`` marks an attached segment
+        SHM_DEST (and frees its key) until its last detach.  Never build a
+        ``sysv_ipc.SharedMemory`` here: its constructor attaches, and this runs
+        every reconcile pass (issue 13: one mapping more per pass, until the
+        kernel's map limit killed the service).
+        """
+        if self._shm is None:
+            return False
         try:
-            return _sysv_ipc.SharedMemory(self.key).id == self.shmid
+            return not self._shm.mode & SHM_DEST
         except (_sysv_ipc.ExistentialError, _sysv_ipc.PermissionsError):
             return False
 

@@ -420,9 +420,10 @@ class Service:
         if had_table:
             st = self.stats
             emit(Event.STOPPING, "procwatch stopping; table key %#010x stays for its clients "
-                 "(%d exit events read, %d overflows)", self.key, st.events, st.overflows,
+                 "(%d exit events read, %d overflows, %d reconcile passes)", self.key, st.events,
+                 st.overflows, st.reconciles,
                  KEY=f"{self.key:#010x}", EVENTS=st.events, EXITS=st.exits, FOUND_DEAD=st.found_dead,
-                 OVERFLOWS=st.overflows)
+                 OVERFLOWS=st.overflows, RECONCILES=st.reconciles)
 
     def _stop_detectors(self):
         """Stop the current detector and its parked successor, and wait for them."""

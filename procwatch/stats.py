@@ -14,9 +14,10 @@ record.  ``x += 1`` on an attribute is not atomic between threads in CPython
 Nothing here knows about PIDs: labels of unbounded cardinality do not
 belong in metrics.
 
-Two fields are plain attributes, not locked counters: ``events`` (every
+Three fields are plain attributes, not locked counters: ``events`` (every
 exit event the detector decoded, written only by the one detector thread
-alive at a time, on the hottest path) and ``last_end`` (the status line's
+alive at a time, on the hottest path), ``reconciles`` (passes of the main
+loop's reconcile, written only there) and ``last_end`` (the status line's
 "last: ..." text, replaced whole).  ``exits``, ``found_dead``,
 ``overflows``, ``respawns`` and ``corrupt`` read the locked counters, for
 the status line and log messages.
@@ -136,6 +137,7 @@ class Stats:
         self._latency = _Histogram(LATENCY_BUCKETS)
         self._checker = _Histogram(CHECKER_BUCKETS)
         self.events = 0             # exit events decoded (detector thread only)
+        self.reconciles = 0         # reconcile passes (main loop only): the long-run test's count
         self.last_end = None        # (name, text, monotonic time) of the last end
 
     # -- read by the status line and log messages ------------------------------

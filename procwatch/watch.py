@@ -403,6 +403,7 @@ class Reporter:
         periodic reconcile only, at most every STALE_CLAIM_SWEEP s).  Neither
         runs after a respawn: the peer just woken needs the CPU (issue 16).
         """
+        self.stats.reconciles += 1
         self.watch.sync(force=full, scan=sweep)
         now = _time.monotonic()
         ended = 0

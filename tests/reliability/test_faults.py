@@ -40,6 +40,10 @@ def test_segment_removed_is_recreated_and_clients_register_again(key, service, f
     assert f"slot table key {key:#010x} was removed" in e["message"] and "(before)" in e["message"]
     wait_until(lambda: len(svc.events("started")) == 2, 15, "the service to start over in place")
     assert svc.proc.poll() is None                       # same process, same PID
+    # The service keeps no mapping of the removed segment (issue 13): only its client does.
+    with open(f"/proc/{svc.pid}/maps") as f:
+        mapped = {ln.split()[4] for ln in f if "/SYSV" in ln}
+    assert old["shmid"] not in mapped, mapped
     new = sysv_info("shm", key)
     assert new is not None and new["shmid"] != old["shmid"]
     assert int(new["perms"], 8) & 0o777 == 0o660

@@ -11,6 +11,7 @@ a warm-up and again at the end, printed, and bounded:
 """
 
 import collections
+import time
 import os
 import re
 import subprocess
@@ -75,3 +76,67 @@ def test_soak_ten_thousand_register_and_die_cycles(key, tmp_path, compiled):
     assert len(per_name) == CYCLES and twice == 0, (len(per_name), twice)
     assert end["rss_kib"] - start["rss_kib"] <= RSS_GROWTH_KIB, (start, end)
     assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"], (start, end)
+
+
+# -- the long run (issue 13): nothing per reconcile pass may stay behind -------------------------
+LONG_RUN_SECONDS = 30          # of accelerated reconcile passes, after a warm-up
+LONG_RUN_INTERVAL = "0.001"    # --reconcile-interval: ~1000 passes a second when idle
+MIN_PASSES = 2000              # "many thousands": fewer means the interval did not take effect
+LONG_RSS_GROWTH_KIB = 1024
+
+
+def sysv_maps(pid, key):
+    """(mappings of the segment at ``key``, all SysV mappings) in /proc/PID/maps."""
+    tag = f"/SYSV{key:08x}"
+    with open(f"/proc/{pid}/maps") as f:
+        lines = [ln for ln in f if "/SYSV" in ln]
+    return sum(1 for ln in lines if tag in ln), len(lines)
+
+
+def long_run_figures(pid, key):
+    f = figures(pid)
+    f["maps"], f["sysv_maps"] = sysv_maps(pid, key)
+    return f
+
+
+def test_long_run_keeps_mappings_fds_threads_and_rss_flat(key, tmp_path, clients):
+    """Thousands of reconcile passes with live, beating and dying clients: no resource grows.
+
+    Issue 13: every pass attached the segment once more (``still_present()``
+    built a ``sysv_ipc.SharedMemory``), +1 mapping per pass, until the kernel's
+    map limit killed the service after months at the default interval.
+    """
+    svc = ServiceProcess(key, tmp_path / "service.log", "--slots", "32",
+                         "--reconcile-interval", LONG_RUN_INTERVAL, "--log-level", "info").wait_ready()
+    try:
+        for n in range(3):
+            clients(key, f"idle-{n}")
+        clients(key, "beating", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.05")
+        churn(key, 200, "warm")
+        wait_until(lambda: sum(1 for s in used_slots(key) if s.pid) == 4, 30, "the churn to be reported",
+                   detail=lambda: f"{[(s.name, s.pid, s.state_name) for s in used_slots(key) if s.pid]}\n{svc.log()[-1500:]}")
+        time.sleep(1.0)                        # let the warm-up's allocations settle
+        start = long_run_figures(svc.pid, key)
+        deadline = time.monotonic() + LONG_RUN_SECONDS
+        rounds = 0
+        while time.monotonic() < deadline:     # register-and-die keeps sync and reconcile busy
+            churn(key, 20, f"run{rounds}")
+            rounds += 1
+            time.sleep(0.5)
+        wait_until(lambda: sum(1 for s in used_slots(key) if s.pid) == 4, 30, "the churn to be reported",
+                   detail=lambda: f"{[(s.name, s.pid, s.state_name) for s in used_slots(key) if s.pid]}\n{svc.log()[-1500:]}")
+        time.sleep(1.0)
+        end = long_run_figures(svc.pid, key)
+        assert svc.proc.poll() is None, svc.log()[-2000:]
+    finally:
+        svc.stop()
+    stopping = [ln for ln in svc.log().splitlines() if "event=stopping" in ln]
+    passes = int(re.search(r" reconciles=(\d+)", stopping[-1]).group(1))
+    print(f"\nLONG_RUN passes={passes} churn={20 * rounds} seconds={LONG_RUN_SECONDS} "
+          f"maps={start['maps']}->{end['maps']} sysv_maps={start['sysv_maps']}->{end['sysv_maps']} "
+          f"fds={start['fds']}->{end['fds']} threads={start['threads']}->{end['threads']} "
+          f"rss_kib={start['rss_kib']}->{end['rss_kib']}")
+    assert passes >= MIN_PASSES, passes
+    assert (end["maps"], end["sysv_maps"]) == (start["maps"], start["sysv_maps"]) == (1, 1), (start, end)
+    assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"], (start, end)
+    assert end["rss_kib"] - start["rss_kib"] <= LONG_RSS_GROWTH_KIB, (start, end)
