@@ -55,24 +55,29 @@ def _slot_live(table, i, state):
             and _procfs.start_time(pid) == table.start_time(i))
 
 
-def _choose_slot(table, raw):
-    """Pick a slot for name ``raw`` (hold table.lock()).
+def _choose_slot(table, raw, pid, start):
+    """(slot, adopt) for name ``raw`` registered by (``pid``, ``start``) (hold table.lock()).
 
-    Same name first (an error if its process lives), then the first EMPTY
-    slot, then the ended or stale slot that ended longest ago.  /proc is read
-    only for the same-name slot and, when the table has no empty slot, for
-    the candidates to reuse.
+    Same name first: ``adopt`` when its slot already holds this very process
+    (same PID and start time: ``procwatch run`` registered it before exec,
+    or it registers twice), NameInUse when another live process holds it,
+    else that slot is reused.  Then the first EMPTY slot, then the ended or
+    stale slot that ended longest ago.  /proc is read only for the same-name
+    slot and, when the table has no empty slot, for the candidates to reuse.
     """
     same, first_empty = table.find_name(raw)
     if same >= 0:
         state = table.state(same)
+        if state in (_abi.State.ALIVE, _abi.State.HUNG) and \
+                table.pid(same) == pid and table.start_time(same) == start:
+            return same, True
         # A CLAIMING slot under our lock is a stale claim: its client died
         # mid-registration and SEM_UNDO released the lock.
         if state != _abi.State.CLAIMING and _slot_live(table, same, state):
             raise NameInUse(raw.decode("utf-8", "backslashreplace"), table.pid(same))
-        return same
+        return same, False
     if first_empty >= 0:
-        return first_empty
+        return first_empty, False
     # A full table (rare): every slot is a candidate to reuse.
     others = list(enumerate(table.state_words()))
     # Reported ends first, oldest first; then stale claims (never published).
@@ -82,7 +87,7 @@ def _choose_slot(table, raw):
               else (0, 0) if state == _abi.State.CLAIMING else (1, 0), i)
              for i, state in others if state == _abi.State.CLAIMING or not _slot_live(table, i, state)]
     if ended:
-        return min(ended)[1]
+        return min(ended)[1], False
     raise TableFull(table.key, table.slot_count)
 
 
@@ -175,7 +180,7 @@ def _heartbeat_ms(seconds):
     return ms
 
 
-def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None, hang_signal=None):
+def register_pid(name=None, *, pid=None, key=None, heartbeat=None, hang_action=None, hang_signal=None):
     """Claim a slot for ``pid`` (default: this process) under ``name``.
 
     Returns a :class:`Registration`, or None when no table exists (no
@@ -189,13 +194,19 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
     (kill(2)'s rule: the same user, or root), since the service may signal a
     registered process that hangs; else :class:`AccessDenied`.
 
-    A name held by a live process raises :class:`NameInUse`; a name whose
-    process is gone reuses its slot.  ``heartbeat`` > 0 asks the service to
+    A name held by another live process raises :class:`NameInUse`; a name
+    whose process is gone reuses its slot.  A name already registered for
+    this very process (same PID and start time) is *adopted*: the slot is
+    kept as it is, never cleared (peers see no end), and only the settings
+    given here change.  That is how a program started by ``procwatch run
+    --name NAME --heartbeat S`` beats the slot ``run`` registered for it.
+    ``heartbeat`` > 0 asks the service to
     declare the process hung when it does not call ``beat()`` for that many
-    seconds, ``--max-misses`` (3) checks in a row.  ``hang_action`` ('kill'
-    or 'log') and ``hang_signal`` (a name or number, e.g. 'SIGABRT' for a
-    core dump) override the service's defaults for this process; None keeps
-    them.  The kill needs the target to have the table attached (so
+    seconds, ``--max-misses`` (3) checks in a row; 0 turns that off, None
+    (the default) means 0 for a new slot and "unchanged" for an adopted one.
+    ``hang_action`` ('kill' or 'log') and ``hang_signal`` (a name or number,
+    e.g. 'SIGABRT' for a core dump) override the service's defaults for this
+    process; None keeps them (or, adopting, the slot's).  The kill needs the target to have the table attached (so
     ``pid=`` another process works only if that process attached it too).
     """
     pid = _os.getpid() if pid is None else pid
@@ -204,7 +215,7 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
     if pid != _os.getpid():
         _check_may_signal(pid)
     raw = _name_bytes(name, pid)
-    hb_ms = _heartbeat_ms(heartbeat)
+    hb_ms = None if heartbeat is None else _heartbeat_ms(heartbeat)
     action = hang_action_value(hang_action)
     sig = hang_signal_value(hang_signal)
     try:
@@ -216,9 +227,15 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=0, hang_action=None
             start = _procfs.start_time(pid)
             if start is None:
                 raise ValueError(f"no process with PID {pid}")
-            i = _choose_slot(table, raw)
+            i, adopt = _choose_slot(table, raw, pid, start)
+            if adopt:
+                # Only what this call gives changes; the PID word is never touched.
+                table.adopt(i, heartbeat_ms=hb_ms, hang_action=action if hang_action is not None else None,
+                            hang_signal=sig if hang_signal is not None else None)
+                table.bump_generation()
+                return Registration(table, i, pid, start, raw.decode("utf-8"))
             table.claim(i)
-            table.publish(i, pid, start, raw, heartbeat_ms=hb_ms, hang_action=action,
+            table.publish(i, pid, start, raw, heartbeat_ms=hb_ms or 0, hang_action=action,
                           hang_signal=sig, owner_uid=_os.getuid())
     except _UNUSABLE as e:
         table.detach()

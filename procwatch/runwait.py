@@ -16,6 +16,11 @@ own exit status or signal.  Three things make that exact:
   and "not executable" (126) never leave a slot behind; if exec still fails,
   the registration is undone.
 
+The command gets ``PROCWATCH_NAME`` and ``PROCWATCH_KEY`` in its
+environment.  A command that registers that name itself (``register_pid``,
+``procwatch_register``) adopts the slot ``run`` made for its PID, and with
+``--heartbeat S`` its beats are what keep it from being declared hung.
+
 ``wait`` sleeps in FUTEX_WAIT on the name's PID word (Peer.wait_exit: no
 polling) and prints how the process ended, from its slot.
 """
@@ -49,16 +54,24 @@ def add_parser(sub):
         description="Register this process under NAME, then exec CMD in its place: same PID,\n"
                     "same start time, so the slot follows CMD, and CMD's exit status and\n"
                     "signals reach the caller unchanged.  For programs nobody can modify.\n"
-                    "With no service running (no table), CMD runs anyway after one warning.",
+                    "With no service running (no table), CMD runs anyway after one warning.\n\n"
+                    "CMD finds NAME and the table key in $PROCWATCH_NAME and $PROCWATCH_KEY.\n"
+                    "With --heartbeat, CMD must beat: it registers NAME itself, which adopts\n"
+                    "the slot run made for its PID (the slot is kept, never cleared), then\n"
+                    "beats it.  A CMD that never beats is declared hung after --max-misses.",
         epilog="exit status:\n"
                "  CMD's own; 125 procwatch could not register (CMD not started),\n"
                "  126 CMD is not executable, 127 CMD not found, 2 usage error\n\n"
-               "example:\n"
-               "  procwatch run --name dataplane -- /usr/sbin/dataplane --port 9000")
+               "examples:\n"
+               "  procwatch run --name dataplane -- /usr/sbin/dataplane --port 9000\n\n"
+               "  procwatch run --name worker --heartbeat 2 -- python3 worker.py\n"
+               "  # worker.py: reg = procwatch.register_pid(os.environ['PROCWATCH_NAME'])\n"
+               "  #            while True: do_work(); reg.beat()\n"
+               "  # in C: procwatch_register(&reg, getenv(\"PROCWATCH_NAME\"), 0); procwatch_beat(&reg);")
     r.add_argument("--name", help="slot name, 1..31 bytes of UTF-8 (default: CMD's file name)")
     r.add_argument("--heartbeat", type=_argtypes.seconds(49 * _argtypes.DAY, zero=True), default=0, metavar="S",
                    help="expect a beat every S seconds (default 0: no hang detection); "
-                        "only for a CMD that beats its slot")
+                        "only for a CMD that registers NAME itself (adopting the slot) and beats it")
     r.add_argument("--key", type=key_type, help=key_help)
     r.add_argument("cmd", nargs=_argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the command, looked up on PATH like a shell does")
@@ -145,6 +158,9 @@ def cmd_run(args):
         return EXIT_RUN_FAILED
     for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):       # ignored by Python, not by CMD
         _signal.signal(sig, _signal.SIG_DFL)
+    if reg is not None:             # so that CMD can register the same name (adopt) and beat
+        _os.environ["PROCWATCH_NAME"] = reg.name
+        _os.environ["PROCWATCH_KEY"] = f"{reg.table.key:#010x}"
     _sys.stdout.flush()
     _sys.stderr.flush()
     try:

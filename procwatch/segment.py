@@ -616,6 +616,21 @@ class Table:
         self.set32(i, _abi.S_HEARTBEAT_MS, ms)
         self.set64(i, _abi.S_LAST_BEAT_NS, _time.time_ns() if now_ns is None else now_ns)
 
+    def adopt(self, i, heartbeat_ms=None, hang_action=None, hang_signal=None, now_ns=None):
+        """Slot ``i`` already holds the registering process: change only what is given (not None).
+
+        The PID word is never touched, so no peer sees an end (issue 13:
+        ``procwatch run --heartbeat`` registers, execs, and the program
+        registers the same name to beat it).  A new interval restarts the
+        service's clock, as set_heartbeat() does.
+        """
+        if heartbeat_ms is not None:
+            self.set_heartbeat(i, heartbeat_ms, now_ns)
+        if hang_action is not None:
+            self.set32(i, _abi.S_HEARTBEAT_ACTION, hang_action)
+        if hang_signal is not None:
+            self.set32(i, _abi.S_HEARTBEAT_SIGNAL, hang_signal)
+
     def set_hang_action(self, i, action, signal):
         self.set32(i, _abi.S_HEARTBEAT_ACTION, action)
         self.set32(i, _abi.S_HEARTBEAT_SIGNAL, signal)

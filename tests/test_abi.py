@@ -582,6 +582,33 @@ def test_beat_and_heartbeat(pwtest, clients, table):
     assert table.field(c.slot, "heartbeat_ms") == 0
 
 
+def test_register_adopts_the_slot_procwatch_run_made_for_this_process(pwtest, table):
+    """Issue 13: `procwatch run --heartbeat` registers, execs; the C program registers again.
+
+    A fresh registration would zero heartbeat_ms; an adopted slot keeps
+    run's 500 ms and its registration time, and the program's beats count.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = Client([sys.executable, "-m", "procwatch", "run", "--name", "adopted", "--key", hex(table.key),
+                "--heartbeat", "0.5", "--", pwtest["pwtest"], "register", "adopted", "0"],
+               env=dict(os.environ, PYTHONPATH=root, PROCWATCH_KEY="0x1"))   # run passes its own key
+    try:
+        m = re.fullmatch(r"rc=(-?\d+) slot=(\d+) pid=(-?\d+)", c.line())
+        assert m and int(m.group(1)) == 0, m and m.group(0)
+        slot = int(m.group(2))
+        assert int(m.group(3)) == c.pid and table.field(slot, "pid") == c.pid
+        assert table.field(slot, "heartbeat_ms") == 500
+        assert table.field(slot, "start_time") == start_time(c.pid)
+        assert c.send("beat 3") == 0
+        assert table.field(slot, "heartbeat_seq") == 3
+        assert [i for i in range(table.slots) if table.field(i, "pid")] == [slot]
+    finally:
+        os.kill(c.pid, signal.SIGKILL)
+        c.proc.wait()
+        c.proc.stdin.close()
+        c.proc.stdout.close()
+
+
 def test_unregister_clears_first_and_records(pwtest, clients, table):
     c = register(clients, table, "leaver")
     assert c.send("beat 3") == 0

@@ -88,12 +88,40 @@ def test_hostile_pids_are_refused(table, pid):
         procwatch.register_pid("h", pid=pid, key=table.key)
 
 
-def test_name_held_by_live_process_is_an_error(table):
-    with procwatch.register_pid("dup", key=table.key) as reg:
-        with pytest.raises(procwatch.NameInUse) as e:
-            procwatch.register_pid("dup", key=table.key)
-        assert str(os.getpid()) in str(e.value)
-        assert table.read_slot(reg.slot).pid == os.getpid()
+def test_name_held_by_another_live_process_is_an_error(table):
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        with procwatch.register_pid("dup", pid=p.pid, key=table.key) as reg:
+            with pytest.raises(procwatch.NameInUse) as e:
+                procwatch.register_pid("dup", key=table.key)
+            assert str(p.pid) in str(e.value)
+            assert table.read_slot(reg.slot).pid == p.pid
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_registering_a_name_this_process_holds_adopts_its_slot(table):
+    """Issue 13: what `procwatch run --heartbeat` needs.  The slot is kept, never cleared."""
+    first = procwatch.register_pid("mine", key=table.key, heartbeat=2, hang_action="log")
+    try:
+        before = table.read_slot(first.slot)
+        gen = table.generation
+        again = procwatch.register_pid("mine", key=table.key)       # nothing given: all kept
+        s = table.read_slot(again.slot)
+        assert again.slot == first.slot and s.pid == os.getpid()
+        assert (s.registered_ns, s.heartbeat_ms, s.heartbeat_action) == \
+            (before.registered_ns, 2000, abi.HangAction.LOG)
+        assert table.generation == gen + 1
+        again.beat()
+        assert table.read_slot(first.slot).heartbeat_seq == before.heartbeat_seq + 1
+        third = procwatch.register_pid("mine", key=table.key, heartbeat=0.5, hang_signal="SIGTERM")
+        s = table.read_slot(third.slot)
+        assert (s.heartbeat_ms, s.heartbeat_signal, s.registered_ns) == (500, 15, before.registered_ns)
+        third.table.detach()
+        again.table.detach()
+    finally:
+        first.unregister()
 
 
 def test_name_of_dead_process_reuses_its_slot(table):

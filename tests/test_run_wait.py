@@ -158,6 +158,38 @@ def test_run_default_name_is_the_command_and_heartbeat_is_set(table):
         p.wait()
 
 
+BEATING_PROGRAM = """
+import os, sys, time, procwatch
+reg = procwatch.register_pid(os.environ["PROCWATCH_NAME"])     # adopts the slot run made
+print(reg.slot, reg.pid == os.getpid(), os.environ["PROCWATCH_KEY"], flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    reg.beat()
+    time.sleep(0.05)
+"""
+
+
+def test_run_heartbeat_with_a_program_that_beats_just_works(key, service):
+    """Issue 13: the exec'd program adopts run's slot and its beats keep it from being hung."""
+    svc = service()
+    p = subprocess.Popen(procwatch_cmd("run", "--name", "beats", "--key", hex(key), "--heartbeat", "0.3",
+                                       "--", PY, "-c", BEATING_PROGRAM, "3"),
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        slot, own, exported = p.stdout.readline().split()
+        assert own == "True" and int(exported, 0) == key
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    e = svc.wait_event("exit", name="beats", pid=p.pid, exit_code=0)
+    assert e["slot"] == slot
+    # 3 s of beats at a 0.3 s interval: ten intervals, no miss run, so never hung.
+    assert [x for x in svc.events() if x.get("name") == "beats" and x["event"] in ("hung", "corrupt")] == []
+    assert [x["pid"] for x in svc.events("registered") if x.get("name") == "beats"] == [str(p.pid)]
+
+
 # -- wait ---------------------------------------------------------------------------
 
 def _in_futex_wait(pid):

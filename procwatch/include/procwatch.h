@@ -36,7 +36,7 @@
  *   -EPROTO   the segment at the key is not a procwatch table of this layout.
  *   -EINVAL   bad argument: name empty, longer than 31 bytes or not UTF-8;
  *             key negative; PROCWATCH_KEY not a number in 1..0x7fffffff.
- *   -EEXIST   a live process is registered under this name.
+ *   -EEXIST   another live process is registered under this name.
  *   -ENOSPC   every slot holds a live registration.
  *   -ETIMEDOUT the table's semaphore stayed taken for PROCWATCH_LOCK_TIMEOUT_MS.
  *   -ESRCH    no slot carries this name (peer functions), or this
@@ -558,11 +558,13 @@ static inline int procwatch__reusable(struct procwatch_slot *s, uint32_t state)
 }
 
 /* Step 3 of the protocol: the slot for name (NUL-padded), under the lock.
- * Same name first (-EEXIST if its process lives), then the first EMPTY slot,
+ * Same name first: 1 (adopt) when it already holds this very process (pid
+ * and start time: `procwatch run` registered it before exec), -EEXIST if
+ * another live process holds it, else that slot; then the first EMPTY slot,
  * then the reusable slot that ended longest ago (stale live-looking slots
  * count as ended at time 0).  Same order as procwatch/client.py. */
 static inline int procwatch__choose_slot(struct procwatch_header *h, const char padded[PROCWATCH_NAME_SIZE],
-                                         unsigned *out)
+                                         pid_t pid, uint64_t start, unsigned *out)
 {
     unsigned i, n = h->slot_count, first_empty = UINT_MAX, reuse = UINT_MAX;
     uint64_t reuse_key = 0;
@@ -574,9 +576,12 @@ static inline int procwatch__choose_slot(struct procwatch_header *h, const char 
             if (first_empty == UINT_MAX)
                 first_empty = i;
         } else if (memcmp(s->name, padded, PROCWATCH_NAME_SIZE) == 0) {
+            *out = i;
+            if ((state == PROCWATCH_STATE_ALIVE || state == PROCWATCH_STATE_HUNG)
+                && procwatch__load32(&s->pid) == (uint32_t)pid && s->start_time == start)
+                return 1;
             if (!procwatch__reusable(s, state))
                 return -EEXIST;
-            *out = i;
             return 0;
         }
     }
@@ -647,11 +652,15 @@ static inline int procwatch__find_slot(struct procwatch_header *h, const char pa
  * Takes the table's semaphore (SEM_UNDO), picks a slot (a name whose process
  * is gone reuses its slot), fills it in and publishes getpid() in its PID
  * word last, then bumps the header's generation and wakes the service.
+ * A name already registered for this very process (same PID and start time,
+ * e.g. by `procwatch run --name NAME --heartbeat S -- CMD` before its exec)
+ * is adopted: the slot and its heartbeat settings stay as they are, and
+ * reg can beat it.
  * The registration follows the process across exec(2) (same PID, same start
  * time); a fork(2)ed child is not registered.
  *
  * Returns 0, or -ENOENT (no service: go on without it), -EACCES, -EPROTO,
- * -EINVAL, -EEXIST (name held by a live process), -ENOSPC, -ETIMEDOUT, or
+ * -EINVAL, -EEXIST (name held by another live process), -ENOSPC, -ETIMEDOUT, or
  * -EIO when /proc/self/stat cannot be read (no /proc mounted).
  */
 static inline int procwatch_register(struct procwatch_reg *reg, const char *name, int key)
@@ -684,8 +693,10 @@ static inline int procwatch_register(struct procwatch_reg *reg, const char *name
         procwatch__detach(h);
         return rc;
     }
-    rc = procwatch__choose_slot(h, padded, &i);
-    if (rc == 0) {
+    rc = procwatch__choose_slot(h, padded, pid, start, &i);
+    if (rc == 1) {
+        rc = 0;                                                  /* adopted: untouched */
+    } else if (rc == 0) {
         s = procwatch__slot(h, i);
         now = procwatch__clock_ns(CLOCK_REALTIME);
         procwatch__store32(&s->pid, 0);                          /* cleared first */
