@@ -123,11 +123,16 @@ class TableBusy(ProcwatchError):
     """The table's semaphore could not be taken in time."""
     __module__ = "procwatch"
 
-    def __init__(self, key, holder, timeout):
-        self.key, self.holder, self.timeout = key, holder, timeout
-        super().__init__(key, holder, timeout)
+    def __init__(self, key, holder, timeout, holder_gone=False):
+        self.key, self.holder, self.timeout, self.holder_gone = key, holder, timeout, holder_gone
+        super().__init__(key, holder, timeout, holder_gone)
 
     def __str__(self):
+        if self.holder_gone:
+            # Issue 13: taken without SEM_UNDO by a process that then exited.
+            return (f"slot table key {self.key:#010x} stayed locked for {self.timeout:g} s; "
+                    f"PID {self.holder or '?'}, which took it last, has exited without giving it back: "
+                    f"a running procwatch service puts it back within a few seconds, so try again")
         return (f"slot table key {self.key:#010x} stayed locked for {self.timeout:g} s "
                 f"(last locked by PID {self.holder}): check that process; "
                 f"the lock is released when it exits")

@@ -19,12 +19,18 @@ module covers the rest:
   place (``Service._restart_in_place``);
 * ends a previous service zeroed but may not have logged, because it was
   SIGKILLed in between (:func:`recover_pending_ends`);
+* the table's semaphore wedged at 0: taken without SEM_UNDO (``s.undo =
+  False; s.acquire()``) by a member that then exited, so no later
+  registration could get it.  Held past LOCK_WEDGED_AFTER by a process
+  that is gone (or by nobody), it is put back and logged once
+  (:meth:`TableGuard._check_lock`);
 
 What a hostile group member can and cannot make the service do is written
 down in docs/RELIABILITY.md ("threat model").
 """
 
 import logging as _logging
+import time as _time
 
 from . import abi as _abi
 from . import procfs as _procfs
@@ -32,6 +38,9 @@ from .journal import Event, emit
 from .signals import describe_status
 
 log = _logging.getLogger("procwatch")
+# s the semaphore must stay taken, unchanged, before the service looks at its
+# holder: an honest client holds it for microseconds; a registration waits 5 s.
+LOCK_WEDGED_AFTER = 1.0
 _PID_STATES = (_abi.State.ALIVE, _abi.State.HUNG)      # the only states a set PID word may have
 
 
@@ -46,6 +55,8 @@ class TableGuard:
         self.table = table
         self.stats = stats
         self.header = table.header_snapshot()
+        self._held = None               # (lock_holder() tuple, monotonic time first seen)
+        self._held_reported = None      # the live hold already warned about
 
     def present(self):
         """Whether the segment and semaphore at the key are still ours (not ``ipcrm``-ed)."""
@@ -62,6 +73,7 @@ class TableGuard:
         self._check_header()
         if states:
             self._check_states()
+        self._check_lock()               # three semctl(2) calls: every pass
         return True
 
     def _corrupt(self, message, *args, **fields):
@@ -72,6 +84,43 @@ class TableGuard:
         if changed:
             self._corrupt("table header was overwritten (%s); put back", ", ".join(changed),
                           PROBLEM="header: " + ", ".join(changed))
+
+    def _check_lock(self, now=None):
+        """The semaphore taken and unchanged for LOCK_WEDGED_AFTER: who holds it?
+
+        A holder that used SEM_UNDO cannot wedge it (the kernel gives it back
+        at exit), so value 0 with its last PID gone (or a zombie, or 0: no
+        one) is a lock nobody will release: put it back, log once.  A live
+        holder is its own business (docs/RELIABILITY.md, threat model): one
+        warning per hold.  The holder's start time must precede its last
+        semop, else its PID was reused and the real holder is gone.
+        """
+        seen = self.table.lock_holder()
+        now = _time.monotonic() if now is None else now
+        if seen is None or seen[0] != 0:
+            self._held = None
+            return
+        if self._held is None or self._held[0] != seen:
+            self._held = (seen, now)
+            return
+        if now - self._held[1] < LOCK_WEDGED_AFTER:
+            return
+        _, pid, otime = seen
+        started = _procfs.start_wall_time(pid) if pid else None
+        if pid and _procfs.process_exists(pid) and (started is None or started <= otime + 1):
+            if self._held_reported != seen:
+                self._held_reported = seen
+                log.warning("the lock of slot table key %#010x has been held for %.0f s by PID %d, "
+                            "which still runs; registrations wait for it (5 s, then fail)",
+                            self.table.key, now - self._held[1], pid)
+            return
+        if not self.table.unwedge_lock(seen):
+            return
+        self._held = None
+        who = f"PID {pid}, which has exited" if pid else "no process"
+        self._corrupt("the lock of slot table key %#010x was held by %s without SEM_UNDO, so nobody "
+                      "could register; put back", self.table.key, who,
+                      PID=pid or None, PROBLEM="lock wedged")
 
     def _check_states(self):
         """Slots whose state word cannot be true (Table.repair_states says which and fixes them).

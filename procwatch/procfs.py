@@ -54,6 +54,41 @@ def stat_state(pid, procfs=PROCFS):
     return data[data.rindex(b")") + 2:data.rindex(b")") + 3].decode()
 
 
+def process_exists(pid, procfs=PROCFS):
+    """Whether ``pid`` is a process that has not exited (a zombie has; hidden counts as alive).
+
+    For "is the holder of the table's lock still there": a zombie cannot give
+    a lock back, and a /proc entry we may not read is not proof of death.
+    """
+    if not 0 < pid < pid_max(procfs):
+        return False
+    try:
+        with open(f"{procfs}/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return data[data.rindex(b")") + 2:data.rindex(b")") + 3] not in (b"Z", b"X")
+
+
+def start_wall_time(pid, procfs=PROCFS):
+    """When ``pid`` started, in Unix seconds (boot time + start ticks), or None if gone."""
+    ticks = start_time(pid, procfs)
+    if ticks is None:
+        return None
+    return _boot_time(procfs) + ticks / _os.sysconf("SC_CLK_TCK")
+
+
+@_functools.lru_cache(maxsize=None)
+def _boot_time(procfs=PROCFS):
+    with open(f"{procfs}/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return int(line.split()[1])
+    return 0
+
+
 def real_uid(pid, procfs=PROCFS):
     """Real uid of ``pid`` from /proc/PID/status, or None if gone."""
     try:

@@ -28,6 +28,7 @@ import sysv_ipc as _sysv_ipc
 
 from . import abi as _abi
 from . import futex as _futex
+from . import procfs as _procfs
 from .native import hot as _hot
 from .errors import (SegmentCorrupt, SegmentMissing, SegmentPermissionError,
                      TableBusy)
@@ -296,11 +297,41 @@ class Table:
                 raise SegmentMissing(self.key) from None
             raise
         if not taken:
-            raise TableBusy(self.key, sem.last_pid, timeout)
+            holder = sem.last_pid
+            raise TableBusy(self.key, holder, timeout, holder_gone=not _procfs.process_exists(holder))
         try:
             yield
         finally:
             _semop(sem.id, 1, 0)
+
+    def lock_holder(self):
+        """(value, last PID, last semop time in s) of the table's semaphore; None if it is gone.
+
+        semctl(2) GETVAL, GETPID, IPC_STAT's sem_otime.  A value of 0 means
+        "held": by the last PID, unless that process gave it back since.
+        """
+        try:
+            sem = self._semaphore()
+            return sem.value, sem.last_pid, sem.o_time
+        except (SegmentMissing, SegmentPermissionError, _sysv_ipc.ExistentialError,
+                _sysv_ipc.PermissionsError):
+            return None
+
+    def unwedge_lock(self, seen):
+        """Give the semaphore back (value 1) if it still is as ``seen`` (lock_holder()).
+
+        For a hold its holder can no longer release: taken without SEM_UNDO
+        by a process that has exited.  XXX: semctl(SETVAL) cannot compare and
+        set; a release and a new take between the check and the SETVAL would
+        let two holders in, but a wedged lock sees no release in the first place.
+        """
+        if self.lock_holder() != seen:
+            return False
+        try:
+            self._semaphore().value = 1
+        except (_sysv_ipc.ExistentialError, _sysv_ipc.PermissionsError):
+            return False
+        return True
 
     def try_lock(self):
         """Take the semaphore only if free; True if taken (release with unlock())."""

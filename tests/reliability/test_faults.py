@@ -16,6 +16,7 @@ import subprocess
 import time
 
 import pytest
+import sysv_ipc
 
 from conftest import PY, ROOT, ServiceProcess, require_root, wait_until
 from procwatch import abi
@@ -73,6 +74,42 @@ def test_semaphore_removed_is_recreated_and_registrations_kept(key, service, for
     late = forked(key, "late")
     late.exit(5)
     svc.wait_event("exit", name="late", pid=late.pid, exit_code=5)
+
+
+def test_lock_taken_without_undo_by_a_process_that_exited_is_put_back_once(key, service, forked):  # noqa: F811
+    """Issue 13: `s.undo = False; s.acquire()` then exit wedged the table for good."""
+    svc = service("--reconcile-interval", "0.1")
+    grab = ("import sys, sysv_ipc; s = sysv_ipc.Semaphore(int(sys.argv[1], 0)); s.undo = False; "
+            "s.acquire(); print(__import__('os').getpid())")
+    holder = int(subprocess.run([PY, "-c", grab, hex(key)], capture_output=True, text=True,
+                                check=True).stdout)
+    assert sysv_ipc.Semaphore(key).value == 0 and sysv_ipc.Semaphore(key).last_pid == holder
+    # A registration now waits on the lock: the service must give it back within its 5 s.
+    c = forked(key, "after-wedge", wait=False)
+    assert c.ready(15).startswith("READY"), svc.log()[-2000:]
+    e = svc.wait_event("corrupt", problem="lock")
+    assert f"PID {holder}, which has exited" in e["message"], e
+    c.exit(0)
+    svc.wait_event("exit", name="after-wedge", pid=c.pid)
+    for _ in range(3):                              # a few more passes: still one line
+        forked(key, "again").exit(0)
+    assert count(svc, "corrupt", problem="lock") == 1
+
+
+def test_busy_lock_error_says_its_holder_has_exited(key):
+    """The message named a PID that no longer exists as if it could be checked."""
+    from procwatch.errors import TableBusy
+    from procwatch.segment import Table
+    t, _ = Table.create_or_adopt(key, 4)
+    try:
+        grab = "import sys, sysv_ipc; s = sysv_ipc.Semaphore(int(sys.argv[1], 0)); s.undo = False; s.acquire()"
+        subprocess.run([PY, "-c", grab, hex(key)], check=True)
+        with pytest.raises(TableBusy) as e:
+            with t.lock(timeout=0.2):
+                pass
+        assert "has exited without giving it back" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        t.remove()
 
 
 # -- /proc hiding a process --------------------------------------------------------------------
