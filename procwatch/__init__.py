@@ -12,12 +12,12 @@ do that for themselves.
 """
 
 from .client import Peer, Registration, monitor_alive, register_pid
-from .errors import (AccessDenied, NameInUse, NameNotFound, ProcwatchError, SegmentCorrupt,
+from .errors import (AccessDenied, NameAmbiguous, NameInUse, NameNotFound, ProcwatchError, SegmentCorrupt,
                      SegmentMissing, SegmentPermissionError, TableBusy, TableFull)
 
 __all__ = (
     "register_pid", "Registration", "Peer", "monitor_alive",
     "ProcwatchError", "SegmentMissing", "SegmentPermissionError", "SegmentCorrupt",
-    "TableFull", "TableBusy", "NameInUse", "NameNotFound", "AccessDenied",
+    "TableFull", "TableBusy", "NameInUse", "NameNotFound", "NameAmbiguous", "AccessDenied",
 )
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from . import futex as _futex
 from . import native as _native
 from . import procfs as _procfs
 from .signals import hang_signal_value
-from .errors import (AccessDenied, NameInUse, NameNotFound, SegmentCorrupt, SegmentMissing,
+from .errors import (AccessDenied, NameAmbiguous, NameInUse, NameNotFound, SegmentCorrupt, SegmentMissing,
                      SegmentPermissionError, TableBusy, TableFull)
 from .segment import Table as _Table
 
@@ -269,19 +269,33 @@ def _check_may_signal(pid):
 
 
 def _find_slot(table, raw):
-    """Slot index carrying name ``raw``: the live one, else the latest ended one."""
-    best = best_time = None
-    for i, state in enumerate(table.state_words()):
+    """Slot index carrying name ``raw``: the live one, else the latest ended one.
+
+    Two live slots (a set PID word, alive or hung) with one name raise
+    :class:`NameAmbiguous`: no honest registration makes that, and a guess
+    could follow a forged slot (issue 13).
+    """
+    best = best_time = live = None
+    states = table.state_words()
+    for i, state in enumerate(states):
         if state == _abi.State.EMPTY:
             continue
         if table.name_bytes(i) != raw:
             continue
         if state in _abi.LIVE_STATES:
-            return i
+            pid = table.pid(i)
+            if live is not None and pid and live[1]:
+                holders = [live, (i, pid)] + [
+                    (j, table.pid(j)) for j in range(i + 1, table.slot_count)
+                    if table.pid(j) and states[j] in _abi.LIVE_STATES and table.name_bytes(j) == raw]
+                raise NameAmbiguous(raw.decode("utf-8", "backslashreplace"), table.key, holders)
+            if live is None or (pid and not live[1]):
+                live = (i, pid)
+            continue
         t = table.registered_ns(i)
         if best is None or t > best_time:
             best, best_time = i, t
-    return best
+    return live[0] if live is not None else best
 
 
 class _PyPeerWord:
@@ -314,14 +328,20 @@ class Peer(_native.hot.PeerWord if _native.hot else _PyPeerWord):
     ``pid`` and ``alive`` read the mapped word directly (in C, one atomic
     load: ~20 ns; a change the peer did not expect goes to ``_follow``);
     ``wait_exit`` sleeps on it as a futex, woken by the service when it
-    zeroes the word.
+    zeroes the word.  The table is attached read-only.  A name held by two
+    live slots (a forged one) raises :class:`NameAmbiguous`, here or when
+    the peer follows its name to another slot.
     """
 
     def __init__(self, name, *, key=None):
         self._raw = _name_bytes(name, 0)
         self.name = self._raw.decode("utf-8")
-        self.table = _Table.attach(key)
-        slot = _find_slot(self.table, self._raw)
+        self.table = _Table.attach(key, readonly=True)
+        try:
+            slot = _find_slot(self.table, self._raw)
+        except NameAmbiguous:
+            self.table.detach()
+            raise
         if slot is None:
             self.table.detach()
             raise NameNotFound(self.name, self.table.key)
@@ -397,7 +417,7 @@ def monitor_alive(key=None):
     may not read or cannot trust is False too (logged), never an exception.
     """
     try:
-        table = _Table.attach(key)
+        table = _Table.attach(key, readonly=True)
     except SegmentMissing:
         return False
     except _UNUSABLE as e:

@@ -119,6 +119,26 @@ class NameNotFound(ProcwatchError):
                 f"see 'procwatch status' for the registered names")
 
 
+class NameAmbiguous(ProcwatchError):
+    """Two or more live slots carry one name: a group member wrote one by hand.
+
+    Honest registrations never make this (a name has one slot), so procwatch
+    will not guess which is real: a failover script acting on the forged one
+    would start a backup while the real process lives (issue 13).
+    """
+    __module__ = "procwatch"
+
+    def __init__(self, name, key, holders):
+        self.name, self.key, self.holders = name, key, tuple(holders)
+        super().__init__(name, key, self.holders)
+
+    def __str__(self):
+        held = ", ".join(f"slot {slot}: pid {pid}" for slot, pid in self.holders)
+        return (f"name {self.name!r} is held by {len(self.holders)} live slots of table key "
+                f"{self.key:#010x} ({held}); only one can be real, and procwatch will not guess: "
+                f"a member of the table's group wrote the other; see the service's log")
+
+
 class TableBusy(ProcwatchError):
     """The table's semaphore could not be taken in time."""
     __module__ = "procwatch"

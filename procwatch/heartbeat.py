@@ -378,6 +378,12 @@ class HeartbeatChecker(_threading.Thread):
         if not attached:
             return ("not_attached", f"it does not have the slot table (shmid {self.table.shmid}) "
                                     f"attached, so it is not the client that registered")
+        if attached != "rw":
+            # Issue 13: readers (procwatch wait, status, Peer) attach read-only;
+            # a client that beats writes its slot, so it has it writable.
+            return ("read_only", f"it has the slot table (shmid {self.table.shmid}) attached "
+                                 f"read-only, as readers such as 'procwatch wait' do; a client "
+                                 f"that beats has it writable")
         uid = _procfs.real_uid(pid, self.procfs)
         if uid is not None and s.owner_uid != 0 and uid != s.owner_uid:
             return ("uid", f"its real uid {uid} is not the slot owner's uid {s.owner_uid}")

@@ -180,16 +180,23 @@ def _warn_hidden(pid, procfs):
 
 
 def maps_has_sysv(pid, shmid, procfs=PROCFS):
-    """Whether ``pid`` has SysV segment ``shmid`` attached (/proc/PID/maps).
+    """How ``pid`` has SysV segment ``shmid`` attached: None (not), "r" or "rw" (/proc/PID/maps).
 
     SysV mappings show as ``/SYSV<key in hex> (deleted)`` with the shmid in
-    the inode column (proc(5)).
+    the inode column and the attach mode in the permissions column
+    (``rw-s``, or ``r--s`` for shmat(SHM_RDONLY)) (proc(5)).  Several
+    attachments: "rw" if any of them is writable.
     """
+    found = None
     try:
         with open(f"{procfs}/{pid}/maps", "rb") as f:
             for line in f:
-                if b"/SYSV" in line and int(line.split()[4]) == shmid:
-                    return True
+                if b"/SYSV" in line:
+                    cols = line.split()
+                    if int(cols[4]) == shmid:
+                        if cols[1][1:2] == b"w":
+                            return "rw"
+                        found = "r"
     except (FileNotFoundError, ProcessLookupError):
-        return False
-    return False
+        return None
+    return found

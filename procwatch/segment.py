@@ -134,14 +134,17 @@ class Table:
     ever written from Python.
     """
 
-    def __init__(self, key, shm, sem=None):
+    def __init__(self, key, shm, sem=None, readonly=False):
         self.key = key
         self._shm = shm
         self._sem = sem
         self.shmid = shm.id
         self.address = shm.address
         self.size = shm.size
-        self.buf = memoryview(shm)
+        self.readonly = readonly
+        # A read-only mapping written through a writable view would SIGSEGV:
+        # the view says read-only too, so a write is a TypeError instead.
+        self.buf = memoryview(shm).toreadonly() if readonly else memoryview(shm)
         self.u32 = self.buf.cast("I")
         self.u64 = self.buf.cast("Q")
         self.slot_count = 0
@@ -151,16 +154,24 @@ class Table:
 
     # -- opening ------------------------------------------------------------
     @classmethod
-    def attach(cls, key=None):
-        """Attach an existing table (client side).  Never creates one."""
+    def attach(cls, key=None, readonly=False):
+        """Attach an existing table (client side).  Never creates one.
+
+        ``readonly``: shmat(SHM_RDONLY), for processes that only read the
+        table (``Peer``, ``procwatch wait`` and ``status``).  The service
+        signals a hung process only if it has the table attached writable
+        (a client that beats must), so a forged slot naming a reader cannot
+        get that reader killed (issue 13).  sysv_ipc attaches read-only
+        when the mode asked for has no write bit.
+        """
         key = resolve_key(key)
         try:
-            shm = _sysv_ipc.SharedMemory(key)
+            shm = _sysv_ipc.SharedMemory(key, mode=0o400) if readonly else _sysv_ipc.SharedMemory(key)
         except _sysv_ipc.ExistentialError:
             raise SegmentMissing(key) from None
         except _sysv_ipc.PermissionsError:
             raise SegmentPermissionError(key, *_sysv_shm_info(key)) from None
-        table = cls(key, shm)
+        table = cls(key, shm, readonly=readonly)
         table._validate()
         return table
 

@@ -101,7 +101,7 @@ class Service:
             s.close()
             pid = 0
             try:
-                t = Table.attach(self.key)
+                t = Table.attach(self.key, readonly=True)
                 pid = t.service()[0]
                 t.detach()
             except ProcwatchError:

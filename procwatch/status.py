@@ -62,7 +62,7 @@ def status_snapshot(key=None):
     from . import client
     from .segment import Table
     try:
-        table = Table.attach(key)
+        table = Table.attach(key, readonly=True)
     except SegmentMissing:
         return None
     try:

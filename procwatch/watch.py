@@ -77,6 +77,7 @@ class Watchlist:
         self._changes = None
         self._fdless = set()        # entries without a pidfd (gone at adoption)
         self._by_slot = {}          # slot -> Watched (C path)
+        self._shared_names = set()  # frozensets of (slot, pid) already reported as one name
 
     def entries(self):
         return [w for ws in self.by_pid.values() for w in ws]
@@ -216,6 +217,33 @@ class Watchlist:
             if t.state(w.slot) == _abi.State.UNREGISTERED:
                 emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
                      NAME=w.name, PID=w.pid, SLOT=w.slot)
+        if fresh or dropped or self._shared_names:
+            self._check_names()
+
+    def _check_names(self):
+        """Two live slots with one name: say so once per pair (issue 13).
+
+        No honest registration makes it (a name has one slot), so a group
+        member wrote one of them by hand.  Peers and ``procwatch wait`` refuse
+        the name (NameAmbiguous); the service cannot tell which is real and
+        clears neither: both are watched, and each end is reported.
+        """
+        by_name = {}
+        for w in self.entries():
+            by_name.setdefault(w.name, []).append(w)
+        shared = {frozenset((w.slot, w.pid) for w in ws): (name, ws)
+                  for name, ws in by_name.items() if len(ws) > 1}
+        for ident, (name, ws) in shared.items():
+            if ident in self._shared_names:
+                continue
+            held = ", ".join(f"slot {w.slot}: pid {w.pid}" for w in sorted(ws, key=lambda w: w.slot))
+            if self.reporter.stats is not None:
+                self.reporter.stats.record_corrupt()
+            emit(Event.CORRUPT, "name %s is held by %d live slots (%s): one was written by hand, not "
+                 "registered; peers and procwatch wait refuse the name until only one is left",
+                 name, len(ws), held, NAME=name, SLOT=ws[0].slot, PROBLEM="name held twice",
+                 level=_logging.ERROR)
+        self._shared_names = set(shared)
 
     def _adopt(self, slot, pid, start):
         """A Watched for a newly seen PID word, or None if the slot is corrupt."""

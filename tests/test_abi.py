@@ -651,6 +651,17 @@ def test_peer_pid(pwtest, clients, table):
     assert int(clients("peer", "nobody", hex(table.key)).line()) == -errno.ESRCH
 
 
+def test_peer_refuses_a_name_two_live_slots_carry(pwtest, clients, table):
+    """Issue 13: a forged second live slot with the name; guessing could follow it."""
+    c = register(clients, table, "twin")
+    a, b = abi.slot_offset(c.slot), abi.slot_offset(c.slot + 1)
+    table.buf[b + 4:b + abi.SLOT_SIZE] = table.buf[a + 4:a + abi.SLOT_SIZE]
+    table.u32[b // 4] = 1                               # a live PID (init) in the forged slot
+    assert int(clients("peer", "twin", hex(table.key)).line()) == -errno.ENOTUNIQ
+    table.u32[b // 4] = 0                               # its end: one live slot again
+    assert int(clients("peer", "twin", hex(table.key)).line()) == c.pid
+
+
 def test_peer_handle_follows_the_name_not_the_slot(pwtest, clients, make_table):
     t = make_table(1)
     a = register(clients, t, "first")

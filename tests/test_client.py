@@ -124,6 +124,45 @@ def test_registering_a_name_this_process_holds_adopts_its_slot(table):
         first.unregister()
 
 
+def forge_twin(table, slot, pid):
+    """Copy slot ``slot`` into a free slot and publish ``pid`` there: what a hostile member can do."""
+    i = next(j for j in range(table.slot_count) if table.get32(j, abi.S_STATE) == abi.State.EMPTY)
+    a, b = abi.slot_offset(slot), abi.slot_offset(i)
+    table.buf[b + 4:b + abi.SLOT_SIZE] = table.buf[a + 4:a + abi.SLOT_SIZE]
+    table.u32[table.pid_index(i)] = pid
+    return i
+
+
+def test_peer_refuses_a_name_two_live_slots_carry(table):
+    """Issue 13: root's Peer picked a forged slot and reported a death while the real one lived."""
+    with procwatch.register_pid("twin", key=table.key) as reg:
+        forged = forge_twin(table, reg.slot, 1)
+        with pytest.raises(procwatch.NameAmbiguous) as e:
+            procwatch.Peer("twin", key=table.key)
+        msg = str(e.value)
+        assert f"slot {reg.slot}: pid {os.getpid()}" in msg and f"slot {forged}: pid 1" in msg
+        assert "\n" not in msg and "will not guess" in msg
+        table.u32[table.pid_index(forged)] = 0          # the forged one ended: no doubt left
+        with procwatch.Peer("twin", key=table.key) as peer:
+            assert peer.pid == os.getpid()
+
+
+def test_readers_attach_the_table_read_only(table):
+    """A hang kill needs a writable attachment; readers must not have one (issue 13)."""
+    from procwatch import procfs
+    with procwatch.register_pid("rw", key=table.key) as reg:
+        with procwatch.Peer("rw", key=table.key) as peer:
+            with open("/proc/self/maps") as f:
+                perms = sorted(ln.split()[1] for ln in f if ln.split()[4:5] == [str(table.shmid)])
+            # the fixture's table and the registration: rw; the peer: read-only
+            assert perms == ["r--s", "rw-s", "rw-s"], perms
+            assert peer.table.buf.readonly and not reg.table.buf.readonly
+            assert procfs.maps_has_sysv(os.getpid(), table.shmid) == "rw"
+            with pytest.raises(TypeError):
+                peer.table.u32[peer.table.pid_index(peer.slot)] = 0
+    assert procwatch.monitor_alive(table.key) is False
+
+
 def test_name_of_dead_process_reuses_its_slot(table):
     p = subprocess.Popen(["sleep", "60"])
     reg = procwatch.register_pid("again", pid=p.pid, key=table.key)

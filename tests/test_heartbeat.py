@@ -185,14 +185,22 @@ def _plant(t, i, pid, start, owner_uid=0, name=None):
 
 def test_hostile_slots_are_never_signalled(key, service, clients, table):
     """PID 1, the service, a process without the table attached, a PID whose start time
-    is not the slot's, an attached process of another uid than the slot's owner, and
-    a PID word no kernel could hand out: each is declared hung, each kill is refused
-    with one line, nobody is signalled, and the checker keeps going."""
+    is not the slot's, an attached process of another uid than the slot's owner, a
+    root `procwatch wait` (a reader: read-only attachment; issue 13), and a PID word
+    no kernel could hand out: each is declared hung, each kill is refused with one
+    line, nobody is signalled, and the checker keeps going."""
     # A long reconcile interval keeps the reused-PID slot for the checker (reconcile would end it).
     svc = service("--reconcile-interval", "3600", "--max-misses", "2")
     bystander = subprocess.Popen(["sleep", "60"])
+    readers = []
     try:
         member = clients(key, "member")                       # has the table attached, runs as root
+        waiter = subprocess.Popen([PY, "-m", "procwatch", "wait", "member", "--key", hex(key)],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        readers.append(waiter)
+        shmid = table().shmid
+        wait_until(lambda: procfs.maps_has_sysv(waiter.pid, shmid), 15, "procwatch wait to attach the table")
         # Planted after the service's watch list took in "member" (and with no generation
         # bump), the detector leaves these slots to the checker.
         svc.wait_event("registered", name="member")
@@ -205,6 +213,7 @@ def test_hostile_slots_are_never_signalled(key, service, clients, table):
             n - 4: (bystander.pid, procfs.start_time(bystander.pid) + 1, 0, "pid_reused"),
             n - 5: (member.pid, procfs.start_time(member.pid), 65534, "uid"),
             n - 6: (0xFFFFFFF0, 1, 0, "invalid"),
+            n - 7: (waiter.pid, procfs.start_time(waiter.pid), 0, "read_only"),
         }
         for i, (pid, start, uid, why) in planted.items():
             _plant(t, i, pid, start, uid, name=f"hostile-{why}")
@@ -220,13 +229,15 @@ def test_hostile_slots_are_never_signalled(key, service, clients, table):
             assert t.get32(i, abi.S_CAUSE) == abi.Cause.NONE
         assert not svc.events("killed") and "Traceback" not in svc.log()
         assert bystander.poll() is None and member.proc.poll() is None and svc.proc.poll() is None
+        assert waiter.poll() is None
         assert procfs.stat_state(1) not in (None, "Z")
         # Each refusal is said once, however many more checks go by.
         wait_until(lambda: all(t.get32(i, abi.S_MISSES) >= 5 for i in planted), 10, "more missed checks")
         assert len([e for e in svc.events("hung") if "refused" in e]) == len(planted)
     finally:
-        bystander.kill()
-        bystander.wait()
+        for p in [bystander, *readers]:
+            p.kill()
+            p.wait()
 
 
 def test_monitor_alive_follows_the_service(key, service, table):

@@ -233,6 +233,40 @@ def test_wait_timeout_is_124(key, service, clients):
     assert find_slot(key, "stays").pid == c.pid
 
 
+def test_two_live_slots_with_one_name_are_reported_and_refused(key, service, clients):
+    """Issue 13: a forged second live slot made root's wait report a death while the real
+    process lived.  The service says so once; wait refuses the name with one line."""
+    from procwatch import procfs
+    svc = service("--reconcile-interval", "0.1")
+    real = clients(key, "real")
+    decoy = subprocess.Popen(["sleep", "60"])
+    try:
+        t = Table.attach(key)
+        try:
+            i = next(j for j in range(t.slot_count) if t.get32(j, abi.S_STATE) == abi.State.EMPTY)
+            a, b = abi.slot_offset(real.slot), abi.slot_offset(i)
+            t.buf[b + 4:b + abi.SLOT_SIZE] = t.buf[a + 4:a + abi.SLOT_SIZE]
+            t.set64(i, abi.S_START_TIME, procfs.start_time(decoy.pid))
+            t.u32[t.pid_index(i)] = decoy.pid          # a live process: the service watches it
+        finally:
+            t.detach()
+        e = svc.wait_event("corrupt", problem="name")
+        assert f"slot {real.slot}: pid {real.pid}" in e["message"] and f"slot {i}: pid {decoy.pid}" in e["message"]
+        r = run_cli("wait", "real", "--key", hex(key), "--timeout", "5")
+        assert r.returncode == 1 and r.stdout == "", r
+        assert len(r.stderr.splitlines()) == 1 and "held by 2 live slots" in r.stderr, r.stderr
+        decoy.kill()
+        decoy.wait()
+        svc.wait_event("exit", name="real", pid=decoy.pid)
+        r = run_cli("wait", "real", "--key", hex(key), "--timeout", "0")
+        assert r.returncode == 124 and str(real.pid) in r.stdout, r
+        assert len([x for x in svc.events("corrupt") if x.get("problem", "").startswith("name")]) == 1
+    finally:
+        if decoy.poll() is None:
+            decoy.kill()
+            decoy.wait()
+
+
 def test_wait_unknown_name_is_2_and_no_table_is_1(table, key):
     out = run_cli("wait", "--key", hex(table.key), "nobody-here")
     assert out.returncode == 2 and out.stdout == ""

@@ -41,6 +41,8 @@
  *   -ETIMEDOUT the table's semaphore stayed taken for PROCWATCH_LOCK_TIMEOUT_MS.
  *   -ESRCH    no slot carries this name (peer functions), or this
  *             registration no longer holds its slot (unregister, set_heartbeat).
+ *   -ENOTUNIQ two live slots carry this name (peer functions): a group member
+ *             wrote one by hand; procwatch will not guess which is real.
  *
  * Include order.  The header needs semtimedop(2) and syscall(2), which glibc
  * declares only under _GNU_SOURCE.  It defines _GNU_SOURCE itself, which works
@@ -609,12 +611,15 @@ static inline int procwatch__choose_slot(struct procwatch_header *h, const char 
 }
 
 /* The slot a peer follows: the live one carrying name, else the ended one
- * registered last; -ESRCH if none carries it. */
+ * registered last; -ESRCH if none carries it, -ENOTUNIQ if two live slots
+ * (a set PID word, alive or hung) carry it: no honest registration does that,
+ * so one was forged by a group member, and guessing could follow it. */
 static inline int procwatch__find_slot(struct procwatch_header *h, const char padded[PROCWATCH_NAME_SIZE],
                                        unsigned *out)
 {
-    unsigned i, n = h->slot_count, best = UINT_MAX;
+    unsigned i, n = h->slot_count, best = UINT_MAX, live = UINT_MAX;
     uint64_t best_time = 0;
+    uint32_t live_pid = 0;
 
     for (i = 0; i < n; i++) {
         struct procwatch_slot *s = procwatch__slot(h, i);
@@ -623,14 +628,22 @@ static inline int procwatch__find_slot(struct procwatch_header *h, const char pa
             continue;
         if (state == PROCWATCH_STATE_CLAIMING || state == PROCWATCH_STATE_ALIVE
             || state == PROCWATCH_STATE_HUNG) {
-            *out = i;
-            return 0;
+            uint32_t pid = procwatch__load32(&s->pid);
+            if (live != UINT_MAX && pid != 0 && live_pid != 0)
+                return -ENOTUNIQ;
+            if (live == UINT_MAX || (pid != 0 && live_pid == 0)) {
+                live = i;
+                live_pid = pid;
+            }
+            continue;
         }
         if (best == UINT_MAX || s->registered_ns > best_time) {
             best = i;
             best_time = s->registered_ns;
         }
     }
+    if (live != UINT_MAX)
+        best = live;
     if (best == UINT_MAX)
         return -ESRCH;
     *out = best;
@@ -878,8 +891,9 @@ struct procwatch_peer {
  * procwatch_peer_open - attach the table read-only and find name's slot: the
  * live one, else the one that ended most recently.
  *
- * Returns 0, -ESRCH when no slot carries the name, or an attach error
- * (-ENOENT, -EACCES, -EPROTO, -EINVAL).  Close with procwatch_peer_close().
+ * Returns 0, -ESRCH when no slot carries the name, -ENOTUNIQ when two live
+ * slots carry it, or an attach error (-ENOENT, -EACCES, -EPROTO, -EINVAL).
+ * Close with procwatch_peer_close().
  */
 static inline int procwatch_peer_open(struct procwatch_peer *peer, const char *name, int key)
 {
