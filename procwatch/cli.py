@@ -6,6 +6,7 @@ Exit statuses follow the LSB convention that ``systemctl status`` uses:
 """
 
 import argparse as _argparse
+import os as _os
 import sys as _sys
 
 from . import __version__
@@ -68,14 +69,41 @@ def build_parser():
 
 def main(argv=None):
     """Run one command; its exit status.  Only a ProcwatchError becomes one line (exit 1; a
-    UsageError exit 2): anything else is a bug and keeps its traceback."""
+    UsageError exit 2): anything else is a bug and keeps its traceback.  ``argv`` None: this
+    process's own command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        _sys.stdout.flush()             # here, so that a reader gone shows as BrokenPipeError below
+    except BrokenPipeError:
+        return _stdout_gone()
     except UsageError as e:            # bad values that argparse could not see ($PROCWATCH_KEY)
         print(f"procwatch: {e}", file=_sys.stderr)
         return EXIT_USAGE
     except ProcwatchError as e:
         print(f"procwatch: {e}", file=_sys.stderr)
         return EXIT_FAILURE
+    if argv is None and args.command == "wait" and getattr(args, "etcd", None) is None:
+        # A failover script waits for this line: the interpreter's teardown
+        # (module and GC cleanup) cost ~10 ms after it (issue 13).  Output is
+        # flushed; the table is detached by the kernel at exit.
+        _sys.stderr.flush()
+        _os._exit(code)
+    return code
+
+
+def _stdout_gone():
+    """stdout's reader left (``procwatch status | head -1``): end quietly, as if by SIGPIPE.
+
+    Python ignores SIGPIPE, so the write fails with EPIPE instead of ending
+    the process; the interpreter would then fail again flushing stdout at
+    exit.  Point stdout at /dev/null and exit 128 + SIGPIPE, the status a
+    shell shows for a command SIGPIPE ended (Python's own advice, 'Note on
+    SIGPIPE' in the signal module docs).
+    """
+    import signal
+    devnull = _os.open(_os.devnull, _os.O_WRONLY)
+    _os.dup2(devnull, _sys.stdout.fileno())
+    _os.close(devnull)
+    return 128 + signal.SIGPIPE

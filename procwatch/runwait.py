@@ -34,6 +34,7 @@ import time as _time
 
 from . import abi as _abi
 from . import argtypes as _argtypes
+from .signals import describe_status as _describe_status     # before the wait: see cmd_wait
 
 # Exit statuses of 'run' for its own failures, as timeout(1), env(1) and the shell use them.
 EXIT_RUN_FAILED = 125       # procwatch could not register: CMD was not started
@@ -180,7 +181,6 @@ def describe_end(slot, name, pid):
     None when the slot does not say yet (the service zeroes the word first
     and records the end right after).
     """
-    from .signals import describe_status
     who = f"{name} (pid {pid})" if pid else name
     if slot.raw_name != name.encode("utf-8"):
         return f"{who} is gone; its slot has been given to another name since"
@@ -188,7 +188,7 @@ def describe_end(slot, name, pid):
         return f"{who} is gone; {name} is now registered by pid {slot.pid}"
     state, cause = slot.state, slot.cause
     if state == _abi.State.EXITED:
-        text, _ = describe_status(slot.exit_status)
+        text, _ = _describe_status(slot.exit_status)
         if cause == _abi.Cause.KILLED_HUNG:
             text = f"was hung and procwatch ended it: {text}"
         return f"{who} {text}"
@@ -235,6 +235,6 @@ def cmd_wait(args):
             line = describe_end(peer.table.read_slot(peer.slot), args.name, pid)
             if line is not None or _time.monotonic() > deadline:
                 break
-            _time.sleep(0.001)          # the service records the end microseconds after zeroing
+            _time.sleep(0.0002)         # the service records the end microseconds after zeroing
         print(line or f"{args.name} (pid {pid}) is gone; the service has not recorded how", flush=True)
         return EXIT_ENDED

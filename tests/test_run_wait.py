@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -213,6 +214,79 @@ def test_wait_blocks_until_killed_and_says_how(key, service, clients):
         if w.poll() is None:
             w.kill()
         w.wait()
+
+
+def _read_available(fd):
+    """What the pipe holds now, without waiting for more."""
+    os.set_blocking(fd, False)
+    out = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            out += chunk
+    except BlockingIOError:
+        pass
+    os.set_blocking(fd, True)
+    return out
+
+
+def test_wait_imports_nothing_once_woken(key, service, clients):
+    """Issue 13: after its futex woke, wait imported the detector and connector (~18 ms).
+
+    ``-X importtime`` writes a line per import to stderr as it happens, into
+    the same pipe as the answer: everything imported must be there before the
+    target dies.  (The time from the wake to the exit is a figure printed by
+    test_wait_wake_to_exit_figures, never a pass/fail bound.)
+    """
+    svc = service()
+    c = clients(key, "quick")
+    w = subprocess.Popen([PY, "-X", "importtime", *procwatch_cmd("wait", "quick", "--key", hex(key))[1:]],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+    try:
+        wait_until(lambda: _in_futex_wait(w.pid), 15, "wait to sleep in FUTEX_WAIT")
+        before = _read_available(w.stdout.fileno()).decode()
+        assert "import time:" in before and "procwatch.runwait" in before
+        c.kill()
+        after = w.stdout.read().decode()
+        assert w.wait(10) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    svc.wait_event("exit", name="quick", pid=c.pid)
+    assert after == f"quick (pid {c.pid}) killed by SIGKILL\n", after
+
+
+def test_wait_wake_to_exit_figures(key, service, clients):
+    """Prints (with -s) how long wait takes from the service's wake to its exit.
+
+    The slot's exit_time_ns is taken right after the word is zeroed and its
+    waiters woken; the exit is seen through a pidfd on the waiter.  A figure,
+    not a bound: timing goals live in scripts/bench.
+    """
+    import select
+    svc = service()
+    took = []
+    for n in range(5):
+        c = clients(key, f"fig-{n}")
+        w = subprocess.Popen(procwatch_cmd("wait", f"fig-{n}", "--key", hex(key)), stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT, env=ENV)
+        wait_until(lambda: _in_futex_wait(w.pid), 15, "wait to sleep in FUTEX_WAIT")
+        fd = os.pidfd_open(w.pid)
+        try:
+            c.kill()
+            select.select([fd], [], [], 10)
+            exited_ns = time.time_ns()
+        finally:
+            os.close(fd)
+        assert w.wait(10) == 0 and w.stdout.read() == f"fig-{n} (pid {c.pid}) killed by SIGKILL\n"
+        w.stdout.close()
+        s = wait_until(lambda: find_slot(key, f"fig-{n}") if find_slot(key, f"fig-{n}").pid == 0 else None,
+                       10, "the end recorded")
+        took.append((exited_ns - s.exit_time_ns) / 1e6)
+    took.sort()
+    print(f"\nWAIT wake_to_exit_ms median={took[2]:.1f} min={took[0]:.1f} max={took[-1]:.1f} "
+          f"runs={len(took)} load={os.getloadavg()[0]:.1f}")
+    assert svc.proc.poll() is None
 
 
 def test_wait_for_an_ended_process_returns_at_once(key, service, clients):

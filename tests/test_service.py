@@ -154,3 +154,20 @@ def test_service_raises_its_open_file_limit_for_pidfds(key, service):
     with open(f"/proc/{svc.pid}/limits") as f:
         line = next(ln for ln in f if ln.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard)] * 2, line
+
+
+def test_status_into_a_closed_pipe_ends_quietly(key, service, clients):
+    """Issue 13: `status | true` ended in a BrokenPipeError traceback with exit 1.
+
+    The reader's end is closed before status starts, so every write fails
+    (EPIPE) whatever the timing: no traceback, exit 141 as for SIGPIPE.
+    """
+    service()
+    clients(key, "piped")
+    for extra in ([], ["--json"]):
+        r, w = os.pipe()
+        os.close(r)
+        p = subprocess.run([PY, "-m", "procwatch", "status", "--key", hex(key), *extra], stdout=w,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=30)
+        os.close(w)
+        assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, ""), (extra, p.returncode, p.stderr)
