@@ -55,6 +55,11 @@ class TableGuard:
         self.table = table
         self.stats = stats
         self.header = table.header_snapshot()
+        junk = table.own_exits()
+        if junk is not None:
+            self._corrupt("table header's exits counter was %d, more than this segment could have "
+                          "seen; restarted from the %d ended slots", junk, table.header()["exits"],
+                          PROBLEM="header: exits counter")
         self._held = None               # (lock_holder() tuple, monotonic time first seen)
         self._held_reported = None      # the live hold already warned about
 
@@ -81,6 +86,8 @@ class TableGuard:
 
     def _check_header(self):
         changed = self.table.restore_header(self.header)
+        if self.table.restore_exits():
+            changed.append("exits counter")
         if changed:
             self._corrupt("table header was overwritten (%s); put back", ", ".join(changed),
                           PROBLEM="header: " + ", ".join(changed))

@@ -150,6 +150,7 @@ class Table:
         self.slot_count = 0
         # Service-side writes to a slot; with the C extension a mutex the hot step takes too.
         self.service_lock = _hot.ServiceLock() if _hot else _threading.Lock()
+        self._exits = None                      # the service's own count (own_exits()), else None
         self._pending = {}                      # (slot, pid) -> entry of H_PENDING_ENDS
 
     # -- opening ------------------------------------------------------------
@@ -430,8 +431,13 @@ class Table:
     # The header words the service writes once at start and never again while
     # it runs, with names for messages.  (The backend and the heartbeat period
     # may legitimately change at run time; they are not here.)
+    # The service's own header words: written at start (the backend once it is
+    # chosen, before the guard takes its snapshot) and never again while it
+    # runs.  The exits counter changes, but only by the service: own_exits().
     _SERVICE_WORDS = ((_abi.H_SERVICE_PID, 4, "service PID"),
-                      (_abi.H_SERVICE_START_TIME, 8, "service start time"))
+                      (_abi.H_SERVICE_START_TIME, 8, "service start time"),
+                      (_abi.H_HEARTBEAT_PERIOD_MS, 4, "heartbeat period"),
+                      (_abi.H_BACKEND, 4, "backend"))
 
     def header_snapshot(self):
         """What restore_header() puts back: the layout fields and the service's own words."""
@@ -935,7 +941,7 @@ class Table:
             self.set64(i, _abi.S_EXIT_TIME_NS, when_ns if when_ns is not None else _time.time_ns())
             self.set32(i, _abi.S_LATENCY_US, min(latency_us, _abi.LATENCY_UNKNOWN))
             self.set32(i, _abi.S_STATE, state)
-            self.hset64(_abi.H_EXITS, self.hget64(_abi.H_EXITS) + 1)
+            self._count_exit()
             return True
         finally:
             if locked:
@@ -954,6 +960,48 @@ class Table:
         finally:
             if locked:
                 self.unlock()
+
+    # -- the header's exits counter: the service is its only writer -------------------
+    EXITS_PER_SECOND_MAX = 1_000_000    # far above any real rate: a registered exit costs a fork
+
+    def own_exits(self):
+        """The service takes the exits counter over (start-up); returns the value it had if implausible.
+
+        The service is the counter's only writer, so from here on it keeps its
+        own copy and restore_exits() puts that back over anything else.  A
+        value left by a writer while no service ran is judged by the
+        segment's age: more than EXITS_PER_SECOND_MAX per second since its
+        last IPC_SET is junk, and the count restarts from the ended slots (a
+        lower bound of the truth).
+        """
+        with self.service_lock:
+            value = self.hget64(_abi.H_EXITS)
+            try:
+                age = max(0.0, _time.time() - self._shm.last_change_time)
+            except (_sysv_ipc.ExistentialError, _sysv_ipc.PermissionsError):
+                age = 0.0
+            bad = None
+            if value > (age + 1) * self.EXITS_PER_SECOND_MAX:
+                bad = value
+                value = sum(1 for s in self.state_words() if s in (_abi.State.EXITED, _abi.State.FOUND_DEAD))
+                self.hset64(_abi.H_EXITS, value)
+            self._exits = value
+        return bad
+
+    def _count_exit(self):
+        with self.service_lock:
+            n = (self.hget64(_abi.H_EXITS) if self._exits is None else self._exits) + 1
+            if self._exits is not None:
+                self._exits = n
+            self.hset64(_abi.H_EXITS, n & 0xFFFFFFFFFFFFFFFF)
+
+    def restore_exits(self):
+        """Put the service's own exits count back if the header says otherwise; True if it did."""
+        with self.service_lock:
+            if self._exits is None or self.hget64(_abi.H_EXITS) == self._exits:
+                return False
+            self.hset64(_abi.H_EXITS, self._exits)
+            return True
 
     def _try_lock(self, timeout):
         """Take the semaphore within ``timeout`` s (0: only if free).

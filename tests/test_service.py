@@ -171,3 +171,33 @@ def test_status_into_a_closed_pipe_ends_quietly(key, service, clients):
                            stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=30)
         os.close(w)
         assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, ""), (extra, p.returncode, p.stderr)
+
+
+def test_header_junk_is_put_back_backend_and_exits_counter_too(key, service, clients):
+    """Issue 13: after junk writes the header repair left `backend` and the exits
+    counter garbage, and a restart kept the garbage counter."""
+    svc = service("--reconcile-interval", "0.1")
+    c = clients(key, "one")
+    c.kill()
+    svc.wait_event("exit", name="one")
+    t = Table.attach(key)
+    try:
+        assert t.hget64(abi.H_EXITS) == 1
+        t.hset32(abi.H_BACKEND, 0xDEAD)
+        t.hset32(abi.H_HEARTBEAT_PERIOD_MS, 7)
+        t.hset64(abi.H_EXITS, 0x4141414141414141)
+        e = svc.wait_event("corrupt", problem="header:")
+        assert all(w in e["message"] for w in ("backend", "heartbeat period", "exits counter")), e
+        assert (t.hget32(abi.H_BACKEND), t.hget32(abi.H_HEARTBEAT_PERIOD_MS), t.hget64(abi.H_EXITS)) == \
+            (abi.Backend.CONNECTOR, 1000, 1)
+        snap = json.loads(run_cli("status", "--key", hex(key), "--json").stdout)
+        assert (snap["service"]["backend"], snap["exits"]) == ("connector", 1)
+        svc.stop()
+        t.hset64(abi.H_EXITS, 0x4141414141414141)          # while no service runs
+        again = service("--reconcile-interval", "0.1")
+        e = again.wait_event("corrupt", problem="header:")
+        assert "exits counter was 4702111234474983745" in e["message"], e
+        assert t.hget64(abi.H_EXITS) == 1                   # the one ended slot
+        assert "Traceback" not in again.log()
+    finally:
+        t.detach()
