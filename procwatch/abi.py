@@ -156,19 +156,41 @@ def slot_offset(index):
     return HEADER_SIZE + index * SLOT_SIZE
 
 
+# The one name rule (issue 13), mirrored by procwatch__encode_name() in
+# procwatch.h and held to it by tests/test_abi.py:
+#   1..31 bytes of UTF-8; no control character (C0, DEL, C1: U+0000-U+001F,
+#   U+007F-U+009F); no whitespace at either end (so not all whitespace).
+# Whitespace is what str.isspace() says; outside the controls that is:
+NAME_EDGE_SPACES = frozenset((0x20, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+                              0x202F, 0x205F, 0x3000))
+_SHOWN = 40          # characters of a bad name an error message quotes
+
+
+def shown_name(name):
+    """``repr`` of a name for an error message: cut, so a 10 MB name makes a short line."""
+    if len(name) <= _SHOWN:
+        return repr(name)
+    return f"{name[:_SHOWN]!r}... ({len(name)} {'bytes' if isinstance(name, bytes) else 'characters'})"
+
+
 def encode_name(name):
-    """UTF-8 bytes of a slot name, or ValueError saying why not."""
+    """UTF-8 bytes of a slot name, or ValueError saying why not (the one rule, above)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be str, not {type(name).__name__}")
-    raw = name.encode("utf-8")
-    if not raw:
+    if not name:
         raise ValueError("name must not be empty")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"name {shown_name(name)} cannot be encoded as UTF-8") from None
     if len(raw) > NAME_MAX:
-        raise ValueError(f"name {name!r} is {len(raw)} bytes of UTF-8; the limit is {NAME_MAX}")
-    if b"\0" in raw:
+        raise ValueError(f"name {shown_name(name)} is {len(raw)} bytes of UTF-8; the limit is {NAME_MAX}")
+    if "\0" in name:
         raise ValueError(f"name {name!r} contains a NUL character")
-    if any(c < 0x20 or c == 0x7F for c in raw):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):
         raise ValueError(f"name {name!r} contains a control character")
+    if ord(name[0]) in NAME_EDGE_SPACES or ord(name[-1]) in NAME_EDGE_SPACES:
+        raise ValueError(f"name {name!r} begins or ends with whitespace")
     return raw
 
 

@@ -41,11 +41,9 @@ def _name_bytes(name, pid):
         try:
             name = bytes(name).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"name {bytes(name)!r} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        return _abi.encode_name(name)
-    except UnicodeEncodeError:
-        raise ValueError(f"name {name!r} cannot be encoded as UTF-8") from None
+            raise ValueError(f"name {_abi.shown_name(bytes(name))} is not valid UTF-8 "
+                             f"({e.reason} at byte {e.start})") from None
+    return _abi.encode_name(name)
 
 
 def _slot_live(table, i, state):

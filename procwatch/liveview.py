@@ -26,7 +26,7 @@ import select as _select
 import sys as _sys
 import time as _time
 
-from .status import format_status, status_snapshot
+from .status import cut_to_width, format_status, status_snapshot
 
 __all__ = ("run", "render")
 
@@ -55,13 +55,15 @@ def render(snap, key, interval, width, height, now=None, keys=True):
     else:
         text = format_status(snap).splitlines()
         lines = [(title, None), ("", None)]
-        state_at = None
+        # Rows follow snap["slots"] in order: their states come from there, not
+        # from a column offset, which a wide (CJK) name shifts.
+        states = None
         for line in text:
-            if state_at is None and line.startswith("SLOT"):
-                state_at = line.index("STATE")
+            if states is None and line.startswith("SLOT"):
+                states = iter(s["state"] for s in snap["slots"])
                 lines.append((line, "header"))
-            elif state_at is not None and line:
-                lines.append((line, line[state_at:].split(" ", 1)[0]))
+            elif states is not None and line:
+                lines.append((line, next(states, None)))
             elif line.startswith("procwatch: "):
                 lines.append((line, "service-up" if line.startswith("procwatch: running") else "service-down"))
             else:
@@ -69,7 +71,7 @@ def render(snap, key, interval, width, height, now=None, keys=True):
     if len(lines) > height:
         cut = len(lines) - (height - 1)
         lines = lines[:height - 1] + [(f"... {cut} more rows: enlarge the terminal", None)]
-    return [(text[:width], state) for text, state in lines]
+    return [(cut_to_width(text, width), state) for text, state in lines]
 
 
 class _Screen:

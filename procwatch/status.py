@@ -132,6 +132,34 @@ def format_status(snap):
     if len(rows) == 1:
         lines.append("no registered processes")
     else:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        widths = [max(display_width(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c + " " * (w - display_width(c)) for c, w in zip(r, widths)).rstrip()
+                  for r in rows]
     return "\n".join(lines)
+
+
+def display_width(text):
+    """Terminal columns of ``text``: wide (CJK) characters take 2, combining marks 0.
+
+    ``str.ljust`` counts characters, so a name in CJK pushed every later
+    column of its row out of line (issue 13).
+    """
+    import unicodedata
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
+def cut_to_width(text, width):
+    """``text`` cut to at most ``width`` terminal columns (see display_width)."""
+    if display_width(text) <= width:
+        return text
+    out, used = [], 0
+    for c in text:
+        w = display_width(c)
+        if used + w > width:
+            break
+        out.append(c)
+        used += w
+    return "".join(out)

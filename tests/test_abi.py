@@ -769,6 +769,31 @@ def test_bad_names(pwtest, clients, table, name):
     assert table.generation == 0
 
 
+# One name rule for every entry point (issue 13): procwatch.h accepted ESC, TAB
+# and LF that Python refused, and nobody refused a name of spaces.
+NAME_RULE_CASES = [
+    ("ok", True), ("a b", True), ("数据面-服务", True), ("x" * 31, True), ("é" * 15 + "x", True),
+    ("a\tb", False), ("a\nb", False), ("a\x1bb", False), ("a\x7fb", False), ("a\x85b", False),
+    (" ", False), ("   ", False), (" lead", False), ("trail ", False), ("\u00a0x", False),
+    ("x\u3000", False), ("", False), ("x" * 32, False),
+]
+
+
+@pytest.mark.parametrize("name, ok", NAME_RULE_CASES, ids=[repr(n)[:14] for n, _ in NAME_RULE_CASES])
+def test_one_name_rule_in_python_and_c(pwtest, clients, table, name, ok):
+    try:
+        abi.encode_name(name)
+        python_ok = True
+    except ValueError:
+        python_ok = False
+    c = register(clients, table, name.encode())
+    assert (python_ok, c.rc_ == 0) == (ok, ok), (python_ok, c.rc_)
+    if not ok:
+        assert c.rc_ == -errno.EINVAL
+    peer = int(clients("peer", name.encode(), hex(table.key)).line())
+    assert peer == (c.pid if ok else -errno.EINVAL)
+
+
 def test_longest_and_non_ascii_names(pwtest, clients, table):
     assert register(clients, table, "x" * 31).rc_ == 0
     name = "dätenébene-Σ"

@@ -76,6 +76,26 @@ def test_bad_names_are_clear_errors(table, name, why):
     assert table.used_slots() == []
 
 
+def test_an_oversized_name_is_cut_in_its_error(table):
+    """Issue 13: a 100,000-byte name came back whole in the message (a 10 MB one, 10 MB)."""
+    for name in ("n" * 100_000, b"\xff" * 100_000):
+        with pytest.raises(ValueError) as e:
+            procwatch.register_pid(name, key=table.key)
+        assert len(str(e.value)) < 300 and "100000" in str(e.value), str(e.value)[:400]
+    with pytest.raises(ValueError) as e:
+        procwatch.Peer("p" * 100_000, key=table.key)
+    assert len(str(e.value)) < 300
+
+
+def test_names_of_whitespace_are_refused_in_python_and_peer(table):
+    for name in (" ", "   ", " x", "x ", "\u3000"):
+        with pytest.raises(ValueError, match="whitespace"):
+            procwatch.register_pid(name, key=table.key)
+        with pytest.raises(ValueError, match="whitespace"):
+            procwatch.Peer(name, key=table.key)
+    assert table.used_slots() == []
+
+
 def test_31_byte_utf8_name_fits(table):
     name = "é" * 15 + "x"                 # 31 bytes
     with procwatch.register_pid(name, key=table.key) as reg:

@@ -142,6 +142,16 @@ def test_run_name_in_use_does_not_start_the_command(table, tmp_path):
     assert out.stderr.strip().endswith("touch not started")
 
 
+@pytest.mark.parametrize("name", ["a\tb", "a\x1bb", "  ", " x", "x" * 40])
+def test_run_and_wait_keep_the_one_name_rule(table, name):
+    """Issue 13: one rule for every entry point; here the CLI's (run --name, wait NAME)."""
+    r = run_cli("run", "--name", name, "--key", hex(table.key), "--", "true")
+    assert r.returncode == 125 and len(r.stderr.splitlines()) == 1 and "not started" in r.stderr, r
+    w = run_cli("wait", name, "--key", hex(table.key), "--timeout", "0")
+    assert w.returncode == 2 and len(w.stderr.splitlines()) == 1 and "name" in w.stderr, w
+    assert table.used_slots() == []
+
+
 def test_run_without_a_service_warns_once_and_runs(key):
     out = run_cli("run", "--key", hex(key), "--", "sh", "-c", "echo hello; exit 4")
     assert out.returncode == 4 and out.stdout == "hello\n"

@@ -201,3 +201,19 @@ def test_header_junk_is_put_back_backend_and_exits_counter_too(key, service, cli
         assert "Traceback" not in again.log()
     finally:
         t.detach()
+
+
+def test_status_columns_stay_aligned_with_wide_names(key, service, clients):
+    """Issue 13: a CJK name (2 columns a character) pushed its row's later columns out of line."""
+    from procwatch.status import display_width
+    service()
+    wide = clients(key, "数据面")
+    narrow = clients(key, "dp")
+    out = run_cli("status", "--key", hex(key)).stdout.splitlines()
+    head = next(ln for ln in out if ln.startswith("SLOT"))
+    rows = {ln.split()[1]: ln for ln in out if ln.split()[:1] and ln.split()[0].isdigit()}
+    col = display_width(head[:head.index("PID")])
+    for name, c in (("数据面", wide), ("dp", narrow)):
+        line = rows[name]
+        at = line.index(str(c.pid))
+        assert display_width(line[:at]) == col, (name, line)

@@ -34,7 +34,8 @@
  *   -EACCES   the table exists but this user may not attach or lock it
  *             (add the user to the table's group, usually 'procwatch').
  *   -EPROTO   the segment at the key is not a procwatch table of this layout.
- *   -EINVAL   bad argument: name empty, longer than 31 bytes or not UTF-8;
+ *   -EINVAL   bad argument: name empty, longer than 31 bytes, not UTF-8, with a
+ *             control character (TAB, LF, ESC ...) or whitespace at either end;
  *             key negative; PROCWATCH_KEY not a number in 1..0x7fffffff.
  *   -EEXIST   another live process is registered under this name.
  *   -ENOSPC   every slot holds a live registration.
@@ -332,18 +333,29 @@ static inline int procwatch__resolve_key(int key, int *out)
     return 0;
 }
 
-/* Whether s (len bytes) is well-formed UTF-8 (no overlongs, no surrogates),
- * which is what Python's str.encode('utf-8') can produce. */
+/* Whether code point cp is whitespace that may not begin or end a name:
+ * what Python's str.isspace() says, outside the control characters
+ * (procwatch/abi.py NAME_EDGE_SPACES). */
+static inline int procwatch__edge_space(uint32_t cp)
+{
+    return cp == 0x20 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A)
+           || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+/* The one name rule (procwatch/abi.py encode_name): s (len bytes) is
+ * well-formed UTF-8 (no overlongs, no surrogates: what Python's
+ * str.encode('utf-8') can produce), holds no control character (U+0000 to
+ * U+001F, U+007F to U+009F: TAB, LF, ESC ...), and neither begins nor ends
+ * with whitespace. */
 static inline int procwatch__utf8_ok(const unsigned char *s, size_t len)
 {
     size_t i = 0;
+    uint32_t cp = 0;
     while (i < len) {
         unsigned c = s[i];
         size_t n, k;
-        uint32_t cp;
         if (c < 0x80) {
-            i++;
-            continue;
+            n = 0; cp = c;
         } else if (c >= 0xC2 && c <= 0xDF) {
             n = 1; cp = c & 0x1F;
         } else if (c >= 0xE0 && c <= 0xEF) {
@@ -363,12 +375,17 @@ static inline int procwatch__utf8_ok(const unsigned char *s, size_t len)
         if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF))
             || (cp >= 0xD800 && cp <= 0xDFFF))
             return 0;
+        if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F))
+            return 0;
+        if (i == 0 && procwatch__edge_space(cp))
+            return 0;
         i += n + 1;
     }
-    return 1;
+    return !procwatch__edge_space(cp);
 }
 
-/* name -> NUL-padded 32-byte field; -EINVAL unless 1..31 bytes of UTF-8. */
+/* name -> NUL-padded 32-byte field; -EINVAL unless 1..31 bytes that keep the
+ * name rule (procwatch__utf8_ok). */
 static inline int procwatch__encode_name(const char *name, char padded[PROCWATCH_NAME_SIZE])
 {
     size_t len;
@@ -658,7 +675,8 @@ static inline int procwatch__find_slot(struct procwatch_header *h, const char pa
  * procwatch_register - register the calling process under name.
  * @reg:  filled in; always initialised, so procwatch_unregister(reg) is safe
  *        after a failed call.
- * @name: 1..31 bytes of UTF-8 (NUL-terminated).
+ * @name: 1..31 bytes of UTF-8 (NUL-terminated), no control character, no
+ *        whitespace at either end (the rule of procwatch/abi.py encode_name).
  * @key:  SysV key of the table; 0 means $PROCWATCH_KEY (0x-prefixed hex or
  *        decimal), else PROCWATCH_DEFAULT_KEY (0x70770001).
  *
