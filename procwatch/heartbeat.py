@@ -317,46 +317,62 @@ class HeartbeatChecker(_threading.Thread):
             return
         s = t.read_slot(i)
         action, sig = self._resolve(s)
+        # The kill is decided before the line is written, so that the line,
+        # the hook and the metrics say what is really done (issue 13: a
+        # refused kill was logged as "sending SIGKILL ... action=kill").
+        fd = refused = None
+        if action == _abi.HangAction.KILL:
+            fd, refused = self._prepare_kill(s, tr.pid)
+            if fd is None and refused is None:
+                return                                   # gone meanwhile: the detector reports its exit
         since_ms = (now_ns - s.last_beat_ns) // 1_000_000 if 0 < s.last_beat_ns <= now_ns else None
         since = f"{since_ms / 1000:.1f} s" if since_ms is not None else "ever"
-        then = f"sending {signal_name(sig)}" if action == _abi.HangAction.KILL else "action: log only"
-        emit(Event.HUNG, "%s (pid %d) is hung: no heartbeat seen for %s (%d checks of %g s missed); %s",
-             s.name, tr.pid, since, tr.misses, tr.ms / 1000, then,
-             NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms, MISSES=tr.misses,
-             SINCE_BEAT_MS=since_ms, ACTION=action.name.lower())
-        if self.stats is not None:
-            self.stats.record_hung()
-        if self.on_event is not None:
-            kill = action == _abi.HangAction.KILL
-            self.on_event(Event.HUNG, Hung(s.name, tr.pid, i),
-                          {"ACTION": action.name.lower(), "SIGNAL": signal_name(sig) if kill else None})
-        if action == _abi.HangAction.KILL:
-            self._kill(s, tr, sig)
+        if refused is not None:
+            then, done = f"it will not be signalled: {refused[1]}; the slot stays hung", "refused"
+        elif fd is not None:
+            then, done = f"sending {signal_name(sig)}", "kill"
+        else:
+            then, done = "action: log only", "log"
+        try:
+            emit(Event.HUNG, "%s (pid %d) is hung: no heartbeat seen for %s (%d checks of %g s missed); %s",
+                 s.name, tr.pid, since, tr.misses, tr.ms / 1000, then,
+                 NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms, MISSES=tr.misses,
+                 SINCE_BEAT_MS=since_ms, ACTION=done, REFUSED=refused[0] if refused else None,
+                 level=_logging.ERROR if refused else None)
+            if self.stats is not None:
+                self.stats.record_hung()
+            if self.on_event is not None:
+                self.on_event(Event.HUNG, Hung(s.name, tr.pid, i),
+                              {"ACTION": done, "SIGNAL": signal_name(sig) if fd is not None else None})
+            if fd is not None:
+                self._send(s, tr.pid, fd, sig, tr)
+        finally:
+            if fd is not None:
+                _os.close(fd)
 
-    # -- the kill -------------------------------------------------------------------
-    def _kill(self, s, tr, sig):
-        pid = tr.pid
+    def _prepare_kill(self, s, pid):
+        """(pidfd, None) to signal ``pid`` through, (None, (code, reason)) if it must not be
+        signalled, or (None, None) if it is gone."""
         if not _procfs.valid_pid(pid):               # a slot no client wrote; the detector clears it
-            return self._refuse(s, pid, "invalid", f"{pid} is not a valid PID")
+            return None, ("invalid", f"{pid} is not a valid PID")
         if pid == 1:
-            return self._refuse(s, pid, "init", "PID 1 is init")
+            return None, ("init", "PID 1 is init")
         if pid == self._self_pid:
-            return self._refuse(s, pid, "self", "it is this procwatch service")
+            return None, ("self", "it is this procwatch service")
         try:
             fd = _procfs.pidfd_open(pid)             # first: the process checked is the one signalled
         except OSError as e:                         # EMFILE, ENOSYS (kernel < 5.3), ...
-            return self._refuse(s, pid, "pidfd", f"pidfd_open() failed ({e.strerror})")
+            return None, ("pidfd", f"pidfd_open() failed ({e.strerror})")
         if fd is None:
-            return                                   # gone: the detector reports its exit
-        try:
-            why = self._kill_refusal(s, pid)
-            if _procfs.pidfd_exited(fd) or why is _GONE:
-                return                               # exited meanwhile: nothing to refuse
-            if why is not None:
-                return self._refuse(s, pid, *why)
-            self._send(s, pid, fd, sig, tr)
-        finally:
+            return None, None
+        why = self._kill_refusal(s, pid)
+        if _procfs.pidfd_exited(fd) or why is _GONE:
             _os.close(fd)
+            return None, None                        # exited meanwhile: nothing to refuse
+        if why is not None:
+            _os.close(fd)
+            return None, why
+        return fd, None
 
     def _kill_refusal(self, s, pid):
         """(code, reason) why ``pid`` must not be signalled, _GONE, or None (go ahead).

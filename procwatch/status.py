@@ -10,7 +10,7 @@ import time as _time
 
 from . import abi as _abi
 from .errors import SegmentMissing
-from .signals import decode_status, signal_name
+from .signals import decode_status, ends_process, signal_name
 
 
 def slot_json(s, now_ns):
@@ -30,17 +30,20 @@ def slot_json(s, now_ns):
         "misses": s.misses,
         "last_beat_age_s": round((now_ns - s.last_beat_ns) / 1e9, 3) if s.heartbeat_ms and s.last_beat_ns else None,
         "hang_action": _hang_action_name(s.heartbeat_action),
-        "hang_signal": signal_name(s.heartbeat_signal, "{}") if s.heartbeat_signal else None,
+        # What the service really sends: a number no hang signal can be (junk
+        # written into the slot) is ignored for the service's default, null.
+        "hang_signal": signal_name(s.heartbeat_signal) if ends_process(s.heartbeat_signal) else None,
         "kill_sent": s.state == _abi.State.HUNG and s.cause == _abi.Cause.KILLED_HUNG,
     }
 
 
 def _hang_action_name(value):
-    """The slot's own hang action, or None for the service's default."""
+    """The slot's own hang action, or None for the service's default (which a value
+    the service does not know also gets: abi.HangAction)."""
     try:
         action = _abi.HangAction(value)
     except ValueError:
-        return f"invalid({value})"
+        return None
     return None if action == _abi.HangAction.DEFAULT else action.name.lower()
 
 

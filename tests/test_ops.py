@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import textwrap
 import urllib.request
 
@@ -451,3 +452,48 @@ def test_sighup_gives_registered_processes_the_new_hang_policy(key, service, cli
     hung = svc.wait_event("hung", name="rl-1")
     assert (hung["misses"], hung["action"]) == ("2", "log")
     assert c.proc.poll() is None and not svc.events("killed")
+
+
+def test_a_refused_hang_kill_and_a_junk_signal_are_told_as_they_are(key, service, clients, tmp_path):
+    """Issue 13: a refused kill was logged as 'sending SIGKILL ... action=kill' and on_hung got
+    PROCWATCH_SIGNAL=SIGKILL; a junk signal number was shown by status but SIGKILL was sent."""
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [hang]
+        max_misses = 2
+
+        [[rule]]
+        name = "ro-*"
+        [rule.hooks]
+        on_hung = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
+        """)
+    svc = service("--config", str(cfg))
+    beat = ("--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    refused = clients(key, "ro-uid", *beat)
+    junk = clients(key, "ro-junk", *beat)
+    t = Table.attach(key)
+    try:
+        t.set32(refused.slot, abi.S_OWNER_UID, 65534)      # not this root process's uid: refused
+        t.set32(junk.slot, abi.S_HEARTBEAT_SIGNAL, 99)     # no signal has that number
+    finally:
+        t.detach()
+    beating(key, refused, junk)
+    snap = json.loads(subprocess.run([PY, "-m", "procwatch", "status", "--key", hex(key), "--json"],
+                                     capture_output=True, text=True, check=True).stdout)
+    rows = {r["name"]: r for r in snap["slots"]}
+    assert rows["ro-junk"]["hang_signal"] is None          # what is sent: the service's default
+    ask(refused, "stop")
+    ask(junk, "stop")
+    hung = svc.wait_event("hung", name="ro-uid")
+    assert (hung["action"], hung["refused"]) == ("refused", "uid"), hung
+    assert "sending" not in hung["message"] and "will not be signalled" in hung["message"]
+    wait_until(lambda: (out / "ro-uid-hung.json").exists(), 15, "the on_hung hook")
+    env = json.loads((out / "ro-uid-hung.json").read_text())
+    assert env["PROCWATCH_SIGNAL"] == "", env
+    jhung = svc.wait_event("hung", name="ro-junk")
+    assert jhung["action"] == "kill" and "sending SIGKILL" in jhung["message"], jhung
+    assert svc.wait_event("killed", name="ro-junk")["signal"] == "SIGKILL"
+    assert junk.proc.wait(10) == -signal.SIGKILL
+    assert refused.proc.poll() is None and not [e for e in svc.events("killed") if e["name"] == "ro-uid"]
+    assert len([e for e in svc.events("hung") if e["name"] == "ro-uid"]) == 1
