@@ -161,7 +161,7 @@ class ProcConnector:
         except PermissionError:
             sock.close()
             raise ConnectorUnavailable(
-                "binding to the proc multicast group needs CAP_NET_ADMIN",
+                "binding to the proc multicast group needs CAP_NET_ADMIN (before Linux 6.6)",
                 "run as root, grant CAP_NET_ADMIN (AmbientCapabilities=CAP_NET_ADMIN), "
                 "or use --backend pidfd") from None
         return sock

@@ -1,6 +1,6 @@
 """The pidfd backend: exit detection where the proc connector is unavailable.
 
-The proc connector needs CAP_NET_ADMIN, answers only in the initial network
+The proc connector needs CAP_NET_ADMIN before Linux 6.6, answers only in the initial network
 namespace (ECONNREFUSED elsewhere) and ignores requesters outside the initial
 PID namespace, so most containers and unprivileged users cannot use it.  The
 service then watches each registered process through the pidfd the Watchlist

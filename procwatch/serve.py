@@ -20,8 +20,9 @@ def add_parser(sub):
         description="Create (or re-adopt) the slot table and watch every registered process.\n\n"
                     "On a registered process's exit, zero its slot's PID word, wake the peers\n"
                     "waiting on it, record the exit status and log one line (journald when\n"
-                    "available, else stderr).  The proc connector needs CAP_NET_ADMIN in the\n"
-                    "initial namespaces; elsewhere --backend auto falls back to pidfd.",
+                    "available, else stderr).  The proc connector needs the initial namespaces\n"
+                    "(and CAP_NET_ADMIN before Linux 6.6); elsewhere --backend auto falls back\n"
+                    "to pidfd.",
         epilog="Options given here win over the configuration file; options left out\n"
                "come from the file, else from the built-in defaults shown.\n\n"
                "signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n"

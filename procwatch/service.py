@@ -142,7 +142,7 @@ class Service:
 
         An unusable connector is found out within connector.ACK_DEADLINE:
         ECONNREFUSED outside the initial network namespace, no ack outside the
-        initial PID namespace, EPERM without CAP_NET_ADMIN.
+        initial PID namespace, EPERM without CAP_NET_ADMIN (before Linux 6.6).
         """
         backend = self.config.backend
         if backend not in ("auto", "connector", "pidfd"):
