@@ -14,7 +14,7 @@ import os as _os
 
 CONDITION_TITLES = {
     "idle": "idle machine: kill once the peer and the service sleep",
-    "random": "quiet machine, kills at random moments (5-100 ms after the peer sleeps)",
+    "random": "kills at random moments (5-100 ms after the peer sleeps)",
     "storm": "under an exit storm",
 }
 
@@ -52,7 +52,7 @@ def draw(result, rows, outdir):
         ax.set_title(f"{CONDITION_TITLES[cond]}\nload average at start {load}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        name = f"cdf-{cond}.png"
+        name = f"bench-cdf-{cond}.png"
         fig.savefig(_os.path.join(outdir, name), dpi=110)
         plt.close(fig)
         files.append((f"kill -> observer woken, {CONDITION_TITLES[cond]}", name))
