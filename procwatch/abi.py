@@ -83,7 +83,8 @@ S_OWNER_UID = 92         # u32  real uid of the registering process
 S_LAST_BEAT_NS = 96      # u64  CLOCK_REALTIME ns the service last saw progress
 S_HEARTBEAT_ACTION = 104  # u32  HangAction for this slot (0 = service default)
 S_HEARTBEAT_SIGNAL = 108  # u32  signal number for HangAction.KILL (0 = service default)
-# 112..127 reserved, zero.
+S_VERDICT = 112          # u32  Verdict of the last hang (service); 0 while none
+# 116..127 reserved, zero.
 
 # Slot fields by name for column reads: name -> (offset, 64-bit?).
 SLOT_FIELDS = {
@@ -100,7 +101,7 @@ EXIT_STATUS_UNKNOWN = -1
 SLOT_IDENTITY = _struct.Struct("=Q32s")      # start_time, name (at S_START_TIME)
 SLOT_END = _struct.Struct("=iIQ")            # exit_status, cause, exit_time_ns (at S_EXIT_STATUS)
 # One whole slot, field by field in the order above (for snapshots; never to write a PID word).
-SLOT = _struct.Struct("=IIQ32sQIIiIQQIIQII16x")
+SLOT = _struct.Struct("=IIQ32sQIIiIQQIIQIII12x")
 assert SLOT.size == SLOT_SIZE
 
 
@@ -137,6 +138,21 @@ class HangAction(_enum.IntEnum):
     DEFAULT = 0        # the service's --hang-action
     KILL = 1           # send S_HEARTBEAT_SIGNAL (0: the service's --hang-signal)
     LOG = 2            # log only; the process is left alone
+
+
+class Verdict(_enum.IntEnum):
+    """Why a hung process did not beat, as the kernel tells it (slot field S_VERDICT).  Values are ABI.
+
+    Written by the service when a slot becomes HUNG (heartbeat.py, verdict.py);
+    it stays after the end, so ``status`` can say what a killed process was doing.
+    """
+    NONE = 0           # not hung (yet)
+    STOPPED = 1        # state T/t: SIGSTOP, a debugger
+    STARVED = 2        # runnable, but got (almost) no CPU: contention or its cgroup's limit
+    STUCK = 3          # uninterruptible (D) through the missed checks: a signal may not act
+    BUSY = 4           # on a CPU without beating: a livelock
+    BLOCKED = 5        # asleep with no CPU: a deadlock
+    UNKNOWN = 6        # /proc would not say (gone meanwhile, or hidden)
 
 
 class Backend(_enum.IntEnum):

@@ -12,11 +12,11 @@ Unknown keys are errors too (a misspelt key silently doing nothing is the
 worst outcome on a fleet).  Layout, all tables and keys optional::
 
     [service]   key slots backend rcvbuf reconcile_interval group log_level
-    [hang]      action signal max_misses          (service-wide defaults)
+    [hang]      action signal max_misses starved  (service-wide defaults)
     [metrics]   address                           ("off" or "HOST:PORT")
     [hooks]     workers queue timeout             (the hook worker pool)
     [etcd]      endpoints prefix ttl host ended_ttl queue sync_interval ca_cert cert key user password_file
-    [[rule]]    name heartbeat action signal max_misses publish
+    [[rule]]    name heartbeat action signal max_misses starved publish
     [rule.hooks] on_exit on_found_dead on_hung timeout
 
 Rules are tried in file order and the first whose ``name`` pattern
@@ -94,6 +94,7 @@ class HangSettings:
     action: str = "kill"
     signal: _signal.Signals = _signal.SIGKILL
     max_misses: int = DEFAULT_MAX_MISSES
+    starved: str = "log"               # a starved verdict (verdict.py): "log", or "kill" like the rest
 
 
 @_dc.dataclass(frozen=True)
@@ -121,6 +122,7 @@ class Rule:
     action: str | None = None
     signal: _signal.Signals | None = None
     max_misses: int | None = None
+    starved: str | None = None
     hooks: RuleHooks = RuleHooks()
     publish: bool = True               # False: never published to etcd (stays local)
 
@@ -173,6 +175,7 @@ class Policy:
     signal: _signal.Signals
     max_misses: int
     hook_timeout: float
+    starved: str = "log"
     on_exit: tuple | None = None
     on_found_dead: tuple | None = None
     on_hung: tuple | None = None
@@ -351,6 +354,7 @@ _HANG = {
     "action": _choice(HANG_ACTIONS),
     "signal": _hang_signal,
     "max_misses": _integer(1, 1000),
+    "starved": _choice(HANG_ACTIONS),
 }
 _METRICS = {"address": _address}
 _HOOKS = {
@@ -380,6 +384,7 @@ _RULE = {
     "action": _HANG["action"],
     "signal": _HANG["signal"],
     "max_misses": _HANG["max_misses"],
+    "starved": _HANG["starved"],
     "publish": _boolean,                 # false: not published to etcd
     "hooks": None,                       # a table, below
 }
@@ -413,6 +418,7 @@ OVERRIDES = {
     "hang_action": (("hang", "action"), _HANG["action"]),
     "hang_signal": (("hang", "signal"), _hang_signal),
     "max_misses": (("hang", "max_misses"), _HANG["max_misses"]),
+    "hang_starved": (("hang", "starved"), _HANG["starved"]),
     "metrics": (("metrics",), _address),
 }
 
@@ -675,6 +681,7 @@ def policy_for(config, name):
         action=pick(r.action, config.hang.action),
         signal=pick(r.signal, config.hang.signal),
         max_misses=pick(r.max_misses, config.hang.max_misses),
+        starved=pick(r.starved, config.hang.starved),
         hook_timeout=pick(r.hooks.timeout, config.hooks.timeout),
         on_exit=r.hooks.on_exit,
         on_found_dead=r.hooks.on_found_dead,

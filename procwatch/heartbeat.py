@@ -17,6 +17,14 @@ last beat the checker saw, and the slot's action follows:
   "killed: hung".  Signals other than SIGKILL stay pending on a stopped
   process, so a stopped target also gets SIGCONT.
 
+Before it acts, the checker asks the kernel why (verdict.py, issue 15): it
+takes a sample of the process when the slot first misses and judges it at
+the threshold, so the hang line says *stopped*, *starved*, *stuck*, *busy*
+or *blocked*.  A *starved* process (runnable, but given no CPU) is not
+killed unless ``[hang] starved = "kill"``: the slot is HUNG, and the checker
+judges it again every ``max_misses`` further misses; a beat recovers it,
+and a new verdict (busy, blocked, ...) gets the action after all.
+
 The hazard is killing the wrong process: the slot table is writable by every
 member of the table's group, and PIDs are reused.  So the service refuses,
 with one line and the slot left HUNG, to signal:
@@ -46,7 +54,11 @@ slot with strided memoryview copies (no per-slot ``read_slot()``) and
 compares them with the previous pass's lists in C; only when they differ
 (a registration came or went) does a Python loop look at every slot.  When
 some slot is due, the sequence and state words are copied the same way and
-only tracked slots are visited.  Measured on 2 vCPUs, 1024 slots: ~20 µs for
+only tracked slots are visited.  /proc and the cgroup files are read only
+for a slot that misses: once at its first miss, once at the threshold
+(verdict.py; measured at load 11 on 2 vCPUs: ~0.14 ms for a
+single-threaded process, ~2.6 ms for 32 threads, mostly file reads, which
+let go of the GIL).  Measured on 2 vCPUs, 1024 slots: ~20 µs for
 a pass with nothing due, ~0.2-0.35 ms when all 1024 are due at once, so the
 GIL the pass holds delays the detector thread by at most that.  The thread
 sleeps until the next slot is due, but wakes at most every GRANULARITY
@@ -54,11 +66,12 @@ seconds (a slot may be checked that much late, never early) and at least
 every DISCOVERY_PERIOD to see new registrations.
 
 The service's configuration (issue 8) comes in through three optional
-seams: ``policy(name)`` gives the action, signal and max_misses for a
-registered name (its first matching rule over ``[hang]``) when the slot
-does not set its own; ``on_event(Event.HUNG, who, fields)`` runs the rule's
-``on_hung`` hook (HookRunner.submit: it never blocks); ``stats`` counts
-hangs, kills and the duration of each pass that checked something.
+seams: ``policy(name)`` gives a :data:`HangPolicy` (action, signal,
+max_misses, and the action for a starved verdict) for a registered name
+(its first matching rule over ``[hang]``) when the slot does not set its
+own; ``on_event(Event.HUNG, who, fields)`` runs the rule's ``on_hung``
+hook (HookRunner.submit: it never blocks); ``stats`` counts hangs and kills
+by verdict, and the duration of each pass that checked something.
 """
 
 import collections as _collections
@@ -70,6 +83,7 @@ import time as _time
 
 from . import abi as _abi
 from . import procfs as _procfs
+from . import verdict as _verdict
 from .config import DEFAULT_MAX_MISSES
 from .journal import Event, emit
 from .signals import HANG_SIGNAL_HINT, signal_name
@@ -85,15 +99,20 @@ IDLE_DISCOVERY = 5.0     # s: longest sleep while no slot asks for beats.  Clien
 
 _ALIVE = int(_abi.State.ALIVE)
 _HUNG = int(_abi.State.HUNG)
+_STARVED = _abi.Verdict.STARVED
+_JUDGE = object()       # in a pass's act list: sample the first miss, or judge a starved slot again
 _GONE = ("gone", "")
 
 # Who hung, for on_event: the fields the Reporter's on_end callback reads.
 Hung = _collections.namedtuple("Hung", "name pid slot")
+# The policy for one name: action, signal and max_misses, and what a starved verdict gets.
+HangPolicy = _collections.namedtuple("HangPolicy", "action signal max_misses starved")
 
 
 class _Track:
     """What the checker remembers of one slot between passes."""
-    __slots__ = ("i", "pid", "reg", "ms", "interval", "seq", "due", "misses", "handled", "max_misses")
+    __slots__ = ("i", "pid", "reg", "ms", "interval", "seq", "due", "misses", "handled", "max_misses",
+                 "sample", "verdict", "recheck")
 
     def __init__(self, i, pid, reg, ms, seq, now, misses, max_misses):
         self.i, self.pid, self.reg, self.ms, self.seq, self.misses = i, pid, reg, ms, seq, misses
@@ -101,6 +120,9 @@ class _Track:
         self.interval = max(ms / 1000, GRANULARITY)
         self.due = now + self.interval
         self.handled = False            # this hang was declared (and acted on)
+        self.sample = None              # verdict.Sample taken at the first miss
+        self.verdict = None             # verdict.Judgement of the declared hang
+        self.recheck = 0                # misses at which a starved verdict is judged again
 
 
 class HeartbeatChecker(_threading.Thread):
@@ -108,7 +130,7 @@ class HeartbeatChecker(_threading.Thread):
 
     def __init__(self, table, action=_abi.HangAction.KILL, signal=_signal.SIGKILL,
                  max_misses=DEFAULT_MAX_MISSES, procfs=_procfs.PROCFS, policy=None,
-                 on_event=None, stats=None):
+                 on_event=None, stats=None, starved=_abi.HangAction.LOG):
         super().__init__(name="procwatch-heartbeat", daemon=True)
         if action not in (_abi.HangAction.KILL, _abi.HangAction.LOG):
             raise ValueError(f"hang action {action!r} is not kill or log")
@@ -120,8 +142,9 @@ class HeartbeatChecker(_threading.Thread):
         self.action = _abi.HangAction(action)
         self.signal = int(signal)
         self.max_misses = max_misses
+        self.starved = _abi.HangAction(starved)     # what a starved verdict gets: LOG or KILL
         self.procfs = procfs
-        self.policy = policy            # name -> (HangAction, signal number, max_misses)
+        self.policy = policy            # name -> HangPolicy
         self.on_event = on_event        # (Event.HUNG, Hung, fields): the on_hung hook
         self.stats = stats
         self._repolicy = False
@@ -168,7 +191,7 @@ class HeartbeatChecker(_threading.Thread):
 
     def _policy(self, name):
         if self.policy is None:
-            return self.action, self.signal, self.max_misses
+            return HangPolicy(self.action, self.signal, self.max_misses, self.starved)
         return self.policy(name)
 
     # -- one pass ----------------------------------------------------------------
@@ -224,6 +247,8 @@ class HeartbeatChecker(_threading.Thread):
                     misses.append(tr)
                     if tr.misses >= tr.max_misses and not tr.handled:
                         act.append((tr, None))
+                    elif (tr.misses == 1 and tr.max_misses > 1) or (tr.recheck and tr.misses >= tr.recheck):
+                        act.append((tr, _JUDGE))            # a verdict's window starts or ends
             if due < next_due:
                 next_due = due
         if beats or misses:
@@ -233,7 +258,9 @@ class HeartbeatChecker(_threading.Thread):
             for tr, state in act:
                 if stale and tr in stale:
                     continue
-                if state is not None:
+                if state is _JUDGE:
+                    self._judge_window(tr, now_ns)
+                elif state is not None:
                     self._progress(tr, state)
                 else:
                     tr.handled = True
@@ -258,7 +285,7 @@ class HeartbeatChecker(_threading.Thread):
             if not ms or not pid:
                 continue
             max_misses = self.max_misses if self.policy is None else \
-                self.policy(self.table.read_slot(i).name)[2]
+                self.policy(self.table.read_slot(i).name).max_misses
             if tr is not None and pid == tr.pid and reg == tr.reg:
                 misses = tr.misses                      # set_heartbeat(): same client, new interval
             else:
@@ -267,7 +294,8 @@ class HeartbeatChecker(_threading.Thread):
                 seqs = self.table.column("heartbeat_seq")
             tracks[i] = new = _Track(i, pid, reg, ms, seqs[i], mono, misses, max_misses)
             if tr is not None and pid == tr.pid and reg == tr.reg:
-                new.handled = tr.handled
+                new.handled, new.sample = tr.handled, tr.sample
+                new.verdict, new.recheck = tr.verdict, tr.recheck
         self._seen = seen
 
     def _progress(self, tr, state):
@@ -278,6 +306,8 @@ class HeartbeatChecker(_threading.Thread):
         if state == _HUNG:
             self._recovered(tr, "beats again")
         tr.handled = False
+        tr.sample = tr.verdict = None
+        tr.recheck = 0
 
     def _turned_off(self, tr):
         """set_heartbeat(0) while HUNG: nothing watches the hang any more."""
@@ -293,8 +323,11 @@ class HeartbeatChecker(_threading.Thread):
             return
         t.unmark_kill(i, tr.pid)          # it outlived the signal
         s = t.read_slot(i)
-        emit(Event.RECOVERED, "%s (pid %d) %s; no longer hung", s.name, tr.pid, how,
-             NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms)
+        was = s.verdict_name
+        t.set_verdict(i, tr.pid, _abi.Verdict.NONE)
+        emit(Event.RECOVERED, "%s (pid %d) %s; no longer hung%s", s.name, tr.pid, how,
+             f" ({was} before)" if was else "",
+             NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms, VERDICT=was)
 
     def _resolve(self, s):
         """(action, signal number) for slot ``s``: its own, else its rule's, else the service's."""
@@ -303,20 +336,48 @@ class HeartbeatChecker(_threading.Thread):
         except ValueError:
             action = _abi.HangAction.DEFAULT
         sig = s.heartbeat_signal
-        if action == _abi.HangAction.DEFAULT or not _ends_process(sig):
-            default_action, default_signal, _ = self._policy(s.name)
-            if action == _abi.HangAction.DEFAULT:
-                action = default_action
-            if not _ends_process(sig):               # 0 (default), or nothing a client could write
-                sig = default_signal
+        policy = self._policy(s.name)
+        if action == _abi.HangAction.DEFAULT:
+            action = policy.action
+        if not _ends_process(sig):                   # 0 (default), or nothing a client could write
+            sig = policy.signal
         return action, sig
 
-    def _hung(self, tr, now_ns):
-        t, i = self.table, tr.i
-        if not t.set_state_if(i, tr.pid, (_ALIVE, _HUNG), _HUNG):
+    def _resolve_all(self, s):
+        """:meth:`_resolve`, and what a starved verdict gets: only the configuration says that."""
+        return (*self._resolve(s), self._policy(s.name).starved)
+
+    def _judge_window(self, tr, now_ns):
+        """A first miss opens the verdict's window (a sample); a starved slot's recheck closes one."""
+        if tr.misses == 1:
+            tr.sample = _verdict.sample(tr.pid, self.procfs)
+        else:
+            self._recheck(tr, now_ns)
+
+    def _recheck(self, tr, now_ns):
+        """A starved slot, max_misses further misses on: still starved, or something a kill cures?"""
+        j = _verdict.judge(tr.pid, tr.sample, self.procfs)
+        if j.verdict == _STARVED:
+            tr.sample = _verdict.sample(tr.pid, self.procfs)
+            tr.recheck = tr.misses + max(1, tr.max_misses - 1)
+            log.debug("%s (pid %d) still starved after %d missed checks: %s",
+                      self.table.read_slot(tr.i).name, tr.pid, tr.misses, j.text)
             return
+        self._hung(tr, now_ns, j)
+
+    def _hung(self, tr, now_ns, judgement=None):
+        t, i = self.table, tr.i
+        j = judgement or _verdict.judge(tr.pid, tr.sample, self.procfs)
+        if not t.set_verdict(i, tr.pid, j.verdict) or not t.set_state_if(i, tr.pid, (_ALIVE, _HUNG), _HUNG):
+            return
+        tr.verdict, tr.recheck = j, 0
         s = t.read_slot(i)
-        action, sig = self._resolve(s)
+        action, sig, starved = self._resolve_all(s)
+        deferred = action == _abi.HangAction.KILL and j.verdict == _STARVED and starved != _abi.HangAction.KILL
+        if deferred:
+            action = _abi.HangAction.LOG        # a kill gives it no CPU: log, and keep judging it
+            tr.sample = _verdict.sample(tr.pid, self.procfs)
+            tr.recheck = tr.misses + max(1, tr.max_misses - 1)
         # The kill is decided before the line is written, so that the line,
         # the hook and the metrics say what is really done (issue 13: a
         # refused kill was logged as "sending SIGKILL ... action=kill").
@@ -331,19 +392,24 @@ class HeartbeatChecker(_threading.Thread):
             then, done = f"it will not be signalled: {refused[1]}; the slot stays hung", "refused"
         elif fd is not None:
             then, done = f"sending {signal_name(sig)}", "kill"
+            if j.verdict == _abi.Verdict.STUCK:
+                then += ", which may not take effect until it returns"
+        elif deferred:
+            then, done = 'not killed ([hang] starved = "log"); still watching it', "log"
         else:
             then, done = "action: log only", "log"
         try:
-            emit(Event.HUNG, "%s (pid %d) is hung: no heartbeat seen for %s (%d checks of %g s missed); %s",
-                 s.name, tr.pid, since, tr.misses, tr.ms / 1000, then,
+            emit(Event.HUNG, "%s (pid %d) is hung: no heartbeat seen for %s (%d checks of %g s missed); %s; %s",
+                 s.name, tr.pid, since, tr.misses, tr.ms / 1000, j.text, then,
                  NAME=s.name, PID=tr.pid, SLOT=i, HEARTBEAT_MS=tr.ms, MISSES=tr.misses,
                  SINCE_BEAT_MS=since_ms, ACTION=done, REFUSED=refused[0] if refused else None,
-                 level=_logging.ERROR if refused else None)
+                 level=_logging.ERROR if refused else None, **j.fields)
             if self.stats is not None:
-                self.stats.record_hung()
+                self.stats.record_hung(j.name)
             if self.on_event is not None:
                 self.on_event(Event.HUNG, Hung(s.name, tr.pid, i),
-                              {"ACTION": done, "SIGNAL": signal_name(sig) if fd is not None else None})
+                              {"ACTION": done, "SIGNAL": signal_name(sig) if fd is not None else None,
+                               "VERDICT": j.name})
             if fd is not None:
                 self._send(s, tr.pid, fd, sig, tr)
         finally:
@@ -424,11 +490,12 @@ class HeartbeatChecker(_threading.Thread):
                 _signal.pidfd_send_signal(fd, _signal.SIGCONT)
             except ProcessLookupError:
                 pass
+        verdict = tr.verdict.name if tr.verdict is not None else None
         if self.stats is not None:
-            self.stats.record_killed()
-        emit(Event.KILLED, "%s (pid %d) sent %s: hung for %d checks", s.name, pid, signal_name(sig),
-             tr.misses, NAME=s.name, PID=pid, SLOT=i, SIGNAL=signal_name(sig), SIGNAL_NUMBER=sig,
-             MISSES=tr.misses)
+            self.stats.record_killed(verdict)
+        emit(Event.KILLED, "%s (pid %d) sent %s: hung (%s) for %d checks", s.name, pid, signal_name(sig),
+             verdict, tr.misses, NAME=s.name, PID=pid, SLOT=i, SIGNAL=signal_name(sig), SIGNAL_NUMBER=sig,
+             MISSES=tr.misses, VERDICT=verdict)
 
     def _refuse(self, s, pid, code, why):
         emit(Event.HUNG, "%s (pid %d) is hung but will not be signalled: %s; the slot stays hung",

@@ -69,6 +69,7 @@ class HookEvent:
     core_dumped: bool = False
     cause: object = None
     latency_us: int | None = None
+    verdict: str | None = None
     time_ns: int = _dc.field(default_factory=_time.time_ns)
     key: int | None = None
 
@@ -78,7 +79,7 @@ class HookEvent:
         (signals.describe_status's, plus CAUSE and LATENCY_US)."""
         return cls(event, name, pid, slot, exit_code=fields.get("EXIT_CODE"), signal=fields.get("SIGNAL"),
                    core_dumped=bool(fields.get("CORE_DUMPED")), cause=fields.get("CAUSE"),
-                   latency_us=fields.get("LATENCY_US"), **more)
+                   latency_us=fields.get("LATENCY_US"), verdict=fields.get("VERDICT"), **more)
 
     def env(self):
         """The ``PROCWATCH_*`` variables of this event, all strings."""
@@ -99,6 +100,7 @@ class HookEvent:
             "PROCWATCH_CORE_DUMPED": "1" if self.core_dumped else "0",
             "PROCWATCH_CAUSE": text(cause),
             "PROCWATCH_LATENCY_US": text(latency),
+            "PROCWATCH_VERDICT": text(self.verdict),
             "PROCWATCH_TIME": when.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "PROCWATCH_KEY": "" if self.key is None else f"{self.key:#010x}",
         }

@@ -75,6 +75,14 @@ class Collector:
         for cause, n in s.exits.items():
             exits.add_metric([cause], n)
         yield exits
+        for name, doc, counts in (
+            ("procwatch_hung", "Processes declared hung after missed heartbeats, by verdict.", s.hung),
+            ("procwatch_killed", "Hung processes signalled by the kill action, by verdict.", s.killed),
+        ):
+            family = _Counter(name, doc, labels=["verdict"])
+            for verdict, n in counts.items():
+                family.add_metric([verdict], n)
+            yield family
         yield self._histogram("procwatch_detection_latency_seconds",
                               "Kernel exit event to slot zeroed (exits reported by the kernel).",
                               s.latency)
@@ -85,8 +93,6 @@ class Collector:
              s.overflows),
             ("procwatch_detector_respawns", "Detector threads started after the first.",
              s.detector_respawns),
-            ("procwatch_hung", "Processes declared hung after missed heartbeats.", s.hung),
-            ("procwatch_killed", "Hung processes signalled by the kill action.", s.killed),
             ("procwatch_hook_runs", "Hook commands run (or attempted).", s.hook_runs),
             ("procwatch_hook_failures",
              "Hook runs that failed: could not start, exited non-zero, killed or timed out.",

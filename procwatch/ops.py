@@ -20,7 +20,8 @@ configuration.  It sits beside the detection path, never on it:
   group) cannot change under running clients: they are logged as needing a
   restart and the running values stay.
 * :meth:`Operations.hang_policy` is the heartbeat checker's ``policy``: the
-  action, signal and max_misses for a registered name, from its first
+  action, signal, max_misses and what a starved verdict gets (``starved``)
+  for a registered name, from its first
   matching rule over ``[hang]`` (which holds --hang-action, --hang-signal
   and --max-misses when given).  A slot's own ``heartbeat_action`` /
   ``heartbeat_signal`` still win: the client asked.  The checker reports a
@@ -146,9 +147,11 @@ class Operations:
         return rule is None or rule.publish
 
     def hang_policy(self, name):
-        """(HangAction, signal number, max_misses) for ``name``: the heartbeat checker's policy."""
+        """The heartbeat checker's :data:`~procwatch.heartbeat.HangPolicy` for ``name``."""
+        from .heartbeat import HangPolicy
         p = _config.policy_for(self.config, name)
-        return _abi.HangAction[p.action.upper()], int(p.signal), p.max_misses
+        return HangPolicy(_abi.HangAction[p.action.upper()], int(p.signal), p.max_misses,
+                          _abi.HangAction[p.starved.upper()])
 
     # -- rules on registration ---------------------------------------------------------
     def apply_rules(self, watch, force=False):

@@ -11,10 +11,12 @@ used on the detector's hot path.
 mount; liveness is never decided by anything but the real kernel.
 """
 
+import collections as _collections
 import functools as _functools
 import logging as _logging
 import os as _os
 import select as _select
+import time as _time
 
 PROCFS = "/proc"
 log = _logging.getLogger("procwatch")
@@ -200,3 +202,66 @@ def maps_has_sysv(pid, shmid, procfs=PROCFS):
     except (FileNotFoundError, ProcessLookupError):
         return None
     return found
+
+
+# -- scheduler statistics: what a process did while it did not beat (issue 15) -------
+
+SchedSample = _collections.namedtuple("SchedSample", "mono_ns states cpu_ns wait_ns")
+SchedSample.__doc__ = """What the kernel says about one process at one moment.
+
+``states`` maps each thread id to its one-letter state (proc(5) field 3);
+``cpu_ns`` and ``wait_ns`` are the sums over the threads of the first two
+fields of /proc/PID/task/TID/schedstat: time on a CPU, and time runnable on a
+run queue waiting for one (Documentation/scheduler/sched-stats.rst).
+"""
+
+
+def sched_sample(pid, procfs=PROCFS):
+    """A :data:`SchedSample` of ``pid``'s threads, or None if it is gone or hidden.
+
+    Costs one directory listing and two small reads per thread, so the
+    heartbeat checker takes one only when a slot misses (issue 15), never
+    per pass.  Threads that exit between two samples take their times with
+    them: a difference can come out negative, and callers clamp it.
+
+    XXX: the wait a thread is in right now is not in ``wait_ns`` yet: the
+    kernel adds a run-queue wait when the thread gets a CPU (sched_info_arrive),
+    so a thread throttled by its cgroup for a whole window shows no wait in it.
+    The cgroup's throttling counters and pressure cover that (cgroup.py).
+    """
+    task_dir = f"{procfs}/{pid}/task"
+    mono = _time.monotonic_ns()
+    try:
+        tids = _os.listdir(task_dir)
+    except _UNREADABLE:
+        return None
+    states, cpu, wait = {}, 0, 0
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/stat", "rb") as f:
+                data = f.read()
+            with open(f"{task_dir}/{tid}/schedstat", "rb") as f:
+                sched = f.read().split()
+        except _UNREADABLE:
+            continue                    # this thread exited meanwhile
+        states[int(tid)] = data[data.rindex(b")") + 2:data.rindex(b")") + 3].decode()
+        cpu += int(sched[0])
+        wait += int(sched[1])
+    if not states:
+        return None
+    return SchedSample(mono, states, cpu, wait)
+
+
+def wchan(pid, tid=None, procfs=PROCFS):
+    """The kernel function ``pid`` (thread ``tid``) sleeps in, or None (running, unknown).
+
+    /proc/PID/wchan reads "0" for a running task and may read "0" for any
+    task when the kernel hides symbols (proc(5)).
+    """
+    path = f"{procfs}/{pid}/wchan" if tid is None else f"{procfs}/{pid}/task/{tid}/wchan"
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except _UNREADABLE:
+        return None
+    return text if text and text != "0" else None

@@ -90,7 +90,7 @@ def resolve_key(key=None):
 _SlotFields = _collections.namedtuple(
     "Slot", "index pid state start_time name heartbeat_seq heartbeat_ms misses exit_status cause "
             "exit_time_ns registered_ns latency_us owner_uid last_beat_ns heartbeat_action "
-            "heartbeat_signal raw_name", defaults=(b"",))
+            "heartbeat_signal verdict raw_name", defaults=(0, b""))
 
 
 class Slot(_SlotFields):
@@ -103,6 +103,16 @@ class Slot(_SlotFields):
             return _abi.State(self.state).name.lower()
         except ValueError:
             return f"invalid({self.state})"
+
+    @property
+    def verdict_name(self):
+        """'busy', 'starved', ... or None while no hang was judged."""
+        if not self.verdict:
+            return None
+        try:
+            return _abi.Verdict(self.verdict).name.lower()
+        except ValueError:
+            return f"invalid({self.verdict})"
 
     @property
     def cause_name(self):
@@ -823,6 +833,19 @@ class Table:
         finally:
             self.unlock()
         return fixed
+
+    def set_verdict(self, i, pid, verdict):
+        """Record why slot ``i``'s process hung (an :class:`abi.Verdict`), if it still holds ``pid``.
+
+        Written by the heartbeat checker when it declares the hang, before
+        the hang line and any signal, so that ``status`` and the exit that
+        may follow read it; a registration zeroes it with the slot body.
+        """
+        with self.service_lock:
+            if self.u32[self.pid_index(i)] != pid:
+                return False
+            self.set32(i, _abi.S_VERDICT, int(verdict))
+        return True
 
     # -- service side: ending a slot --------------------------------------------
     def clear_pid(self, i, pid, pend=False):

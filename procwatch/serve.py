@@ -54,6 +54,9 @@ def add_parser(sub):
     s.add_argument("--max-misses", type=_argtypes.positive_int(1, 1000), metavar="N",
                    help="heartbeat checks in a row without progress before a process is hung "
                         "(default 3)")
+    s.add_argument("--hang-starved", choices=("log", "kill"),
+                   help="what a hung process judged starved (runnable, given no CPU) gets when "
+                        "the action is kill (default log: logged and still watched)")
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9464 "
                         "(default off; 'off' turns off what the file enables)")

@@ -192,7 +192,8 @@ class Service:
         hang = self.config.hang
         self.checker = HeartbeatChecker(self.table, _abi.HangAction[hang.action.upper()], int(hang.signal),
                                         hang.max_misses, policy=self.ops.hang_policy,
-                                        on_event=self.ops.on_end, stats=self.stats)
+                                        on_event=self.ops.on_end, stats=self.stats,
+                                        starved=_abi.HangAction[hang.starved.upper()])
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
              "with the %s backend (%s), %s", "adopted" if adopted else "created", self.key,

@@ -31,7 +31,7 @@ import time as _time
 from procwatch import abi as _abi
 
 __all__ = ("Stats", "Snapshot", "HistogramSnapshot", "LATENCY_BUCKETS", "CHECKER_BUCKETS",
-           "cause_label")
+           "cause_label", "VERDICTS")
 
 # Upper bounds in seconds.  Detection latency is kernel exit event -> slot
 # zeroed: about 100 µs on an idle box, milliseconds only under a storm.
@@ -43,6 +43,10 @@ CHECKER_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e
 # Causes counted as "found dead": reconcile noticed the end, not the kernel.
 _FOUND_DEAD = frozenset({_abi.Cause.FOUND_DEAD, _abi.Cause.FOUND_DEAD_OVERFLOW,
                          _abi.Cause.PID_REUSED})
+
+
+# The verdict label of hangs and kills (verdict.py): a fixed set, so the series stay few.
+VERDICTS = tuple(v.name.lower() for v in _abi.Verdict if v != _abi.Verdict.NONE)
 
 
 def cause_label(cause):
@@ -87,8 +91,8 @@ class Snapshot:
     found_dead: int
     overflows: int
     detector_respawns: int
-    hung: int
-    killed: int
+    hung: dict                 # verdict label -> hangs declared; every verdict present
+    killed: dict               # verdict label -> hung processes signalled
     latency: HistogramSnapshot
     checker: HistogramSnapshot
     hook_runs: int
@@ -115,7 +119,8 @@ class Stats:
     * ``record_corrupt()`` when a slot no client could have written is cleared.
     * ``record_detector_respawn()`` each time a new detector thread starts
       after the first.
-    * ``record_hung()`` when a slot is declared hung; ``record_killed()``
+    * ``record_hung(verdict)`` when a slot is declared hung, with its verdict
+      label (``busy``...; None counts as ``unknown``); ``record_killed(verdict)``
       when the hang action signalled it.
     * ``record_check(seconds)`` after each pass of the heartbeat checker.
     * ``record_hook(ok, timed_out)`` / ``record_hook_dropped()``: called
@@ -129,7 +134,8 @@ class Stats:
         self._lock = _threading.Lock()
         self._exits = {cause_label(c): 0 for c in _abi.Cause if c != _abi.Cause.NONE}
         self._found_dead = self._overflows = self._respawns = 0
-        self._hung = self._killed = 0
+        self._hung = dict.fromkeys(VERDICTS, 0)
+        self._killed = dict.fromkeys(VERDICTS, 0)
         self._hook_runs = self._hook_failures = self._hook_timeouts = self._hook_dropped = 0
         self._corrupt = 0
         self._etcd = {"put": 0, "delete": 0, "dropped": 0}
@@ -193,13 +199,15 @@ class Stats:
         with self._lock:
             self._respawns += 1
 
-    def record_hung(self):
+    def record_hung(self, verdict=None):
+        label = verdict if verdict in self._hung else "unknown"
         with self._lock:
-            self._hung += 1
+            self._hung[label] += 1
 
-    def record_killed(self):
+    def record_killed(self, verdict=None):
+        label = verdict if verdict in self._killed else "unknown"
         with self._lock:
-            self._killed += 1
+            self._killed[label] += 1
 
     def record_check(self, seconds):
         with self._lock:
@@ -236,8 +244,8 @@ class Stats:
                 found_dead=self._found_dead,
                 overflows=self._overflows,
                 detector_respawns=self._respawns,
-                hung=self._hung,
-                killed=self._killed,
+                hung=dict(self._hung),
+                killed=dict(self._killed),
                 latency=self._latency.snapshot(),
                 checker=self._checker.snapshot(),
                 hook_runs=self._hook_runs,

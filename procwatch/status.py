@@ -34,6 +34,8 @@ def slot_json(s, now_ns):
         # written into the slot) is ignored for the service's default, null.
         "hang_signal": signal_name(s.heartbeat_signal) if ends_process(s.heartbeat_signal) else None,
         "kill_sent": s.state == _abi.State.HUNG and s.cause == _abi.Cause.KILLED_HUNG,
+        "verdict": s.verdict_name if s.state == _abi.State.HUNG or (
+            ended and s.cause == _abi.Cause.KILLED_HUNG) else None,
     }
 
 
@@ -120,7 +122,7 @@ def format_status(snap):
         else:
             last = "-"
         if s["cause"] == "killed_hung":
-            last += ", hung"
+            last += ", hung" + (f" ({s['verdict']})" if s.get("verdict") else "")
         beat = "-"
         if s["heartbeat_ms"]:
             age = s["last_beat_age_s"]
@@ -130,7 +132,8 @@ def format_status(snap):
                 beat += f" ({s['hang_action'] or 'kill'}" + (f" {s['hang_signal']})" if s["hang_signal"] else ")")
             if s["kill_sent"]:
                 beat += ", kill sent"
-        rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), s["state"],
+        state = s["state"] + (f" ({s['verdict']})" if s["state"] == "hung" and s.get("verdict") else "")
+        rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), state,
                      age_text(now - s["since"]) if s["since"] else "-", last, beat))
     if len(rows) == 1:
         lines.append("no registered processes")

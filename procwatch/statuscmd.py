@@ -17,11 +17,13 @@ def add_parser(sub):
                "\"heartbeat\"}, \"slot_count\", \"exits\", \"slots\": [{\"slot\", \"name\", \"pid\",\n"
                "\"state\", \"since\", \"cause\", \"exit_status\", \"exit_code\", \"signal\",\n"
                "\"core_dumped\", \"latency_us\", \"heartbeat_ms\", \"misses\", \"last_beat_age_s\",\n"
-               "\"hang_action\", \"hang_signal\", \"kill_sent\"}]}.\n"
+               "\"hang_action\", \"hang_signal\", \"kill_sent\", \"verdict\"}]}.\n"
                "Times are Unix seconds; absent values are null.  hang_action and hang_signal are\n"
                "the slot's own (null: the service's --hang-action, --hang-signal, which is also\n"
                "what a value no action or signal has gets); kill_sent is true while a hung\n"
-               "process has been sent its signal and has not exited yet.")
+               "process has been sent its signal and has not exited yet; verdict (stopped,\n"
+               "starved, stuck, busy, blocked, unknown) says why a hung process did not beat,\n"
+               "for a hung slot and for one its hang action killed.")
     st.add_argument("--key", type=_argtypes.key, help=_argtypes.KEY_HELP)
     st.add_argument("--json", action="store_true", help="machine-readable output (stable schema)")
     st.add_argument("--watch", action="store_true",

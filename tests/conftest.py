@@ -272,3 +272,97 @@ def compiled(tmp_path_factory):
 
 def require_root():
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the proc connector needs CAP_NET_ADMIN)")
+
+
+class CpuCgroup:
+    """A cgroup of our own under the cpu controller (v1 or v2): limit it, move our processes in.
+
+    Only processes the test started are moved, and :meth:`remove` moves
+    them back to where they were before it removes the directory.
+    """
+
+    def __init__(self, version, path):
+        self.version, self.path, self._moved = version, path, {}
+        os.mkdir(path)
+
+    def _write(self, name, text):
+        with open(f"{self.path}/{name}", "w") as f:
+            f.write(text)
+
+    def limit(self, quota_us, period_us):
+        """Let the cgroup run quota_us of CPU per period_us (cpu.max; cpu.cfs_*_us on v1)."""
+        if self.version == 2:
+            self._write("cpu.max", f"{quota_us} {period_us}")
+        else:
+            self._write("cpu.cfs_period_us", str(period_us))
+            self._write("cpu.cfs_quota_us", str(quota_us))
+
+    def lift(self):
+        if self.version == 2:
+            self._write("cpu.max", "max")
+        else:
+            self._write("cpu.cfs_quota_us", "-1")
+
+    def add(self, pid):
+        from procwatch import cgroup
+        paths = cgroup.paths(pid, "/proc")
+        self._moved[pid] = paths["cpu" if self.version == 1 else ""]
+        self._write("cgroup.procs", str(pid))
+
+    def remove(self):
+        from procwatch import cgroup
+        m = cgroup.mounts()
+        mount = m.v1 if self.version == 1 else m.v2
+        for pid, old in self._moved.items():
+            try:
+                with open(cgroup.directory(mount, old) + "/cgroup.procs", "w") as f:
+                    f.write(str(pid))
+            except (ProcessLookupError, FileNotFoundError):
+                pass                            # it ended: nothing to move
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:                     # EBUSY while an exiting process leaves it
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def cpu_cgroup():
+    """Factory: ``cpu_cgroup(1)`` or ``cpu_cgroup(2)``, a fresh cgroup under the cpu controller
+    of that cgroup version (skips where there is none), removed at teardown."""
+    from procwatch import cgroup
+    made = []
+
+    def make(version):
+        if os.geteuid() != 0:
+            pytest.skip("needs root to create a cgroup")
+        m = cgroup.mounts()
+        name = f"procwatch-test-{os.getpid()}-{next(_serial)}"
+        if version == 1:
+            if m.v1 is None:
+                pytest.skip("no cgroup v1 hierarchy with the cpu controller")
+            path = f"{m.v1[0]}/{name}"
+        else:
+            if m.v2 is None:
+                pytest.skip("no cgroup v2 mount")
+            try:
+                with open(f"{m.v2[0]}/cgroup.subtree_control") as f:
+                    enabled = f.read().split()
+            except OSError:
+                enabled = []
+            if "cpu" not in enabled:
+                pytest.skip(f"the cpu controller is not enabled in {m.v2[0]} (cgroup v1 holds it here)")
+            path = f"{m.v2[0]}/{name}"
+        try:
+            cg = CpuCgroup(version, path)
+        except OSError as e:
+            pytest.skip(f"cannot create a cgroup at {path}: {e.strerror}")
+        made.append(cg)
+        return cg
+    yield make
+    for cg in made:
+        cg.remove()

@@ -140,7 +140,7 @@ def test_doc_types_match_abi_structs():
 
 
 @pytest.mark.parametrize("heading,enum", [("### State", abi.State), ("### Cause", abi.Cause),
-                                          ("### Backend", abi.Backend)])
+                                          ("### Backend", abi.Backend), ("### Verdict", abi.Verdict)])
 def test_doc_values_match_abi(heading, enum):
     documented = {cells[1].strip("`"): int(cells[0]) for cells in _doc_table(heading)}
     assert documented == {m.name: m.value for m in enum}
@@ -192,7 +192,7 @@ def _dump_source():
     lines.append('    { size_t i; for (i = 0; i < sizeof PROCWATCH_MAGIC; i++) printf(" %02x", '
                  '(unsigned)(unsigned char)PROCWATCH_MAGIC[i]); }')
     lines.append('    printf("\\n");')
-    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction):
+    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction, abi.Verdict):
         for m in enum:
             cname = f"PROCWATCH_{enum.__name__.upper()}_{m.name}"
             lines.append(f'    printf("enum {enum.__name__}.{m.name} %d\\n", (int){cname});')
@@ -229,7 +229,7 @@ def test_c_layout_matches_abi(tmp_path):
         assert int(seen[("const", c)][0]) == getattr(abi, c), c
     magic = seen[("const", "MAGIC")]
     assert int(magic[0]) == len(abi.MAGIC) and bytes.fromhex("".join(magic[1:])) == abi.MAGIC
-    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction):
+    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction, abi.Verdict):
         for m in enum:
             assert int(seen[("enum", f"{enum.__name__}.{m.name}")][0]) == m.value
 
@@ -536,7 +536,7 @@ def test_register_fills_the_slot(pwtest, clients, table):
     assert table.field(0, "latency_us") == abi.LATENCY_UNKNOWN
     assert table.field(0, "owner_uid") == os.getuid()
     off = abi.slot_offset(0)
-    assert bytes(table.buf[off + 112:off + 128]) == bytes(16)
+    assert bytes(table.buf[off + 116:off + 128]) == bytes(12)
     assert table.generation == gen + 1
     # a second name takes the next slot; the header is left alone
     assert register(clients, table, "other").slot == 1

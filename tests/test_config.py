@@ -129,6 +129,9 @@ BAD = [
     ("[hang]\nsignal = 9\n", 2, "hang.signal", "signal name"),
     ("[hang]\nsignal = \"SIGSTOP\"\n", 2, "hang.signal", "default action ends the process"),
     ("[hang]\nmax_misses = 0\n", 2, "hang.max_misses", "from 1"),
+    ("[hang]\nstarved = \"ignore\"\n", 2, "hang.starved", "one of 'kill', 'log', got string 'ignore'"),
+    ("[hang]\nstarved = true\n", 2, "hang.starved", "got boolean true"),
+    ("[[rule]]\nname = \"x\"\nstarved = \"KILL\"\n", 3, "rule[0].starved", "one of 'kill', 'log'"),
     ("[metrics]\naddress = \"127.0.0.1\"\n", 2, "metrics.address", "HOST:PORT"),
     ("[metrics]\naddress = \"127.0.0.1:0\"\n", 2, "metrics.address", "port from 1 to 65535"),
     ("[metrics]\naddress = \"127.0.0.1:70000\"\n", 2, "metrics.address", "port from 1 to 65535"),
@@ -256,11 +259,13 @@ def test_metrics_address_hostname():
 RULES = """
 [hang]
 signal = "SIGTERM"
+starved = "kill"
 [hooks]
 timeout = 7
 [[rule]]
 name = "dp-1"
 action = "log"
+starved = "log"
 [[rule]]
 name = "dp-*"
 heartbeat = 0.5
@@ -285,6 +290,8 @@ def test_policy_merges_rule_over_defaults():
     assert p1.on_exit is None and p1.hook_timeout == 7.0
     p2 = config.policy_for(cfg, "dp-2")
     assert (p2.action, p2.signal, p2.heartbeat) == ("kill", signal.SIGABRT, 0.5)
+    assert (p1.starved, p2.starved) == ("log", "kill")          # the rule's, else [hang]'s
+    assert config.policy_for(config.parse("", "f"), "x").starved == "log"    # the built-in default
     assert p2.on_exit == ("true",) and p2.on_hung is None
     none = config.policy_for(cfg, "x")
     assert none.rule is None and none.signal == signal.SIGTERM
@@ -298,6 +305,7 @@ def test_merge_command_line_wins():
                                 "metrics": "127.0.0.1:9464", "key": 0x99})
     assert (merged.slots, merged.backend, merged.key) == (32, "pidfd", 0x99)
     assert merged.hang == config.HangSettings("kill", signal.SIGABRT, 4)
+    assert config.merge(cfg, {"hang_starved": "kill"}).hang.starved == "kill"
     assert merged.metrics == Address("127.0.0.1", 9464)
     assert cfg.slots == 16          # frozen; merge made a copy
 
@@ -391,6 +399,11 @@ def test_check_config_refuses_in_one_line(tmp_path):
     assert out.stderr == (f"procwatch: {path}:6: key 'rule[0].signal': expected a signal name whose "
                           f"default action ends the process, such as 'SIGKILL', 'SIGABRT' or 'SIGTERM', "
                           f"got string 'SIGKIL'\n")
+    path.write_text('[[rule]]\nname = "dp-*"\nstarved = "restart"\n')
+    out = check_config(str(path))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"procwatch: {path}:3: key 'rule[0].starved': expected one of 'kill', 'log', "
+                          f"got string 'restart'\n")
     out = check_config(str(tmp_path / "absent.toml"))
     assert out.returncode == 1
     assert out.stderr == f"procwatch: {tmp_path / 'absent.toml'}: no such file: check the --config path\n"

@@ -15,7 +15,7 @@ import pytest
 
 import procwatch
 from conftest import PY, ROOT, require_root, wait_until
-from procwatch import abi, procfs
+from procwatch import abi, cheader, procfs
 from procwatch.segment import Table
 
 pytestmark = [require_root()]
@@ -96,10 +96,13 @@ def test_stopped_client_is_hung_and_killed(key, service, clients, table, sig):
     t = table()
     beat_seen(t, c)
     os.kill(c.pid, signal.SIGSTOP)
-    svc.wait_event("hung", name="frozen")
+    hung = svc.wait_event("hung", name="frozen")
+    assert hung["verdict"] == "stopped" and "stopped (state T" in hung["message"], hung
     s = ended(t, c)
     assert s.cause == abi.Cause.KILLED_HUNG and os.WTERMSIG(s.exit_status) == signal.Signals[sig]
-    assert svc.wait_event("killed", name="frozen")["signal"] == sig
+    assert s.verdict == abi.Verdict.STOPPED
+    killed = svc.wait_event("killed", name="frozen")
+    assert killed["signal"] == sig and killed["verdict"] == "stopped"
 
 
 def test_action_log_never_kills_and_a_beat_recovers(key, service, clients, table):
@@ -269,3 +272,122 @@ def test_hang_settings_are_checked_and_written(key):
     out = subprocess.run([PY, "-m", "procwatch", "serve", "--key", hex(key), "--hang-signal", "SIGNOPE"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert out.returncode == 2 and "is not a signal" in out.stderr
+
+
+# -- verdicts (issue 15): what the kernel says the process did while it missed its beats ----------
+
+def status_row(key, name):
+    out = subprocess.run([PY, "-m", "procwatch", "status", "--key", hex(key), "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    text = subprocess.run([PY, "-m", "procwatch", "status", "--key", hex(key)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
+    row = {r["name"]: r for r in json.loads(out.stdout)["slots"]}[name]
+    line = next(ln for ln in text.splitlines() if f"  {name}  " in ln)
+    return row, line
+
+
+def test_busy_loop_is_busy_and_killed(key, service, clients, table):
+    svc = service()
+    c = clients(key, "spinner", "--heartbeat", "0.2", "--then", "beat", "--beat-every", "0.02")
+    t = table()
+    beat_seen(t, c)
+    ask(c, "spin")                      # no beats, all CPU (bounded to 60 s by the client)
+    hung = svc.wait_event("hung", name="spinner")
+    assert hung["verdict"] == "busy" and hung["action"] == "kill", hung
+    assert int(hung["cpu_ms"]) > 0.1 * int(hung["window_ms"]) and "without a beat" in hung["message"]
+    s = ended(t, c)
+    assert s.cause == abi.Cause.KILLED_HUNG and s.verdict == abi.Verdict.BUSY
+    assert svc.wait_event("killed", name="spinner")["verdict"] == "busy"
+    row, line = status_row(key, "spinner")
+    assert row["verdict"] == "busy" and "hung (busy)" in line
+
+
+def test_deadlocked_client_is_blocked_and_killed(key, service, clients, table):
+    svc = service()
+    c = clients(key, "deadlock", "--heartbeat", "0.2", "--then", "beat", "--beat-every", "0.02")
+    t = table()
+    beat_seen(t, c)
+    ask(c, "deadlock")                  # waits on a lock it holds (bounded to 60 s)
+    hung = svc.wait_event("hung", name="deadlock")
+    assert hung["verdict"] == "blocked" and "futex" in hung["wchan"], hung
+    assert f"waiting in {hung['wchan']}" in hung["message"]
+    s = ended(t, c)
+    assert s.cause == abi.Cause.KILLED_HUNG and s.verdict == abi.Verdict.BLOCKED
+
+
+def test_client_stuck_in_the_kernel_is_stuck_with_its_wchan_and_still_killed(key, service, table, compiled):
+    """A vfork parent waits in D (TASK_KILLABLE): the verdict says a signal may not act; SIGKILL does."""
+    svc = service()
+    exe = compiled("vfork_stuck", "-std=c99", "-Wextra", "-I", cheader.include_dir())
+    p = subprocess.Popen([str(exe), "vforker", hex(key), "200"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        ready = p.stdout.readline().decode().split()
+        assert ready[0] == "READY", ready
+        slot = int(ready[1])
+        t = table()
+        wait_until(lambda: t.get64(slot, abi.S_LAST_BEAT_NS) > t.get64(slot, abi.S_REGISTERED_NS), 10,
+                   "the checker to see a beat")
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"OK vfork\n"
+        hung = svc.wait_event("hung", name="vforker")
+        assert hung["verdict"] == "stuck" and hung["wchan"], hung
+        assert "may not take effect until it returns" in hung["message"]
+        assert p.wait(10) == -signal.SIGKILL
+        assert svc.wait_event("killed", name="vforker")["verdict"] == "stuck"
+        assert t.read_slot(slot).verdict == abi.Verdict.STUCK
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_throttled_client_is_starved_watched_not_killed_and_recovers(key, service, clients, table,
+                                                                     cpu_cgroup, version):
+    """10 ms of work per beat in a cgroup that may run 1 ms a second: runnable, but no beats."""
+    cg = cpu_cgroup(version)
+    svc = service()                                         # action kill, starved "log" (the defaults)
+    c = clients(key, "throttled", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.01",
+                "--work-ms", "10")
+    t = table()
+    beat_seen(t, c)
+    cg.limit(1000, 1_000_000)
+    cg.add(c.pid)
+    hung = svc.wait_event("hung", name="throttled", timeout=40)
+    assert hung["verdict"] == "starved" and hung["action"] == "log", hung
+    assert int(hung["throttled_periods"]) >= 1 and 'not killed ([hang] starved = "log")' in hung["message"]
+    misses = int(hung["misses"])
+    # Watched on: more checks go by, judged again, not killed.
+    wait_until(lambda: t.get32(c.slot, abi.S_MISSES) >= misses + 3, 15, "three more missed checks")
+    s = t.read_slot(c.slot)
+    assert (s.pid, s.state, s.verdict) == (c.pid, abi.State.HUNG, abi.Verdict.STARVED)
+    assert c.proc.poll() is None and not svc.events("killed") and not svc.events("recovered")
+    row, line = status_row(key, "throttled")
+    assert row["verdict"] == "starved" and row["state"] == "hung" and "hung (starved)" in line
+    cg.lift()
+    rec = svc.wait_event("recovered", name="throttled", timeout=20)
+    assert rec["verdict"] == "starved" and "beats again" in rec["message"]
+    s = t.read_slot(c.slot)
+    assert (s.state, s.verdict) == (abi.State.ALIVE, abi.Verdict.NONE)
+    assert len(svc.events("hung")) == 1
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_throttled_client_is_killed_when_its_rule_says_starved_kill(key, service, clients, table,
+                                                                    cpu_cgroup, tmp_path, version):
+    cg = cpu_cgroup(version)
+    cfg = tmp_path / "procwatch.toml"
+    cfg.write_text('[hang]\nstarved = "log"\n\n[[rule]]\nname = "throttled-*"\nstarved = "kill"\n')
+    svc = service("--config", str(cfg))
+    c = clients(key, "throttled-1", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.01",
+                "--work-ms", "10")
+    t = table()
+    beat_seen(t, c)
+    cg.limit(1000, 1_000_000)
+    cg.add(c.pid)
+    hung = svc.wait_event("hung", name="throttled-1", timeout=40)
+    assert hung["verdict"] == "starved" and hung["action"] == "kill", hung
+    s = ended(t, c)
+    assert s.cause == abi.Cause.KILLED_HUNG and s.verdict == abi.Verdict.STARVED
+    assert svc.wait_event("killed", name="throttled-1")["verdict"] == "starved"

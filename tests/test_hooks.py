@@ -90,6 +90,7 @@ def test_environment_carries_the_event(runner_factory, results, monkeypatch):
         "PROCWATCH_CORE_DUMPED": "0",
         "PROCWATCH_CAUSE": "exited",
         "PROCWATCH_LATENCY_US": "85",
+        "PROCWATCH_VERDICT": "",
         "PROCWATCH_TIME": "2023-11-14T22:13:20.123456Z",
         "PROCWATCH_KEY": "0x70770001",
     }

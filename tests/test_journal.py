@@ -57,6 +57,19 @@ emit(Event.EXIT, "%s (pid %d) %s", "dp-2", 4242, text, NAME="dp-2", PID=4242, SL
 text, fields = describe_status(3 << 8)
 emit(Event.EXIT, "x %s", text, NAME="a", PID=7, SLOT=0, LATENCY_US=abi.LATENCY_UNKNOWN, **fields)
 emit(Event.RESPAWN, "detector failed:\n%s", "Traceback...\n  line 2", RESPAWNS=1, level=logging.ERROR)
+# A hang verdict of a real sleeping process, with the fields the checker sends.
+import subprocess, time
+from procwatch import verdict
+p = subprocess.Popen(["sleep", "30"])
+while open(f"/proc/{p.pid}/stat").read().split(") ")[1][0] != "S" or open(f"/proc/{p.pid}/comm").read() != "sleep\n":
+    time.sleep(0.01)
+before = verdict.sample(p.pid)
+time.sleep(0.1)
+j = verdict.judge(p.pid, before)
+p.kill()
+p.wait()
+emit(Event.HUNG, "dp-3 (pid %d) is hung: %s", p.pid, j.text, NAME="dp-3", PID=p.pid, SLOT=4, ACTION="kill",
+     **j.fields)
 journal.log.handlers[0].flush()
 """
 MOUNT = ('mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && '
@@ -132,7 +145,16 @@ def test_multi_line_messages_survive(received):
     assert e["MESSAGE"] == "detector failed:\nTraceback...\n  line 2"
     assert e["PRIORITY"] == "3" and e["PROCWATCH_RESPAWNS"] == "1"
     assert "OBJECT_PID" not in e
-    assert len(received) == 3
+    assert len(received) == 4
+
+
+@require_root()
+def test_a_hang_carries_its_verdict(received):
+    e = received[3]
+    assert e["MESSAGE_ID"] == Event.HUNG.message_id.hex and e["PROCWATCH_EVENT"] == "hung"
+    assert e["PROCWATCH_VERDICT"] == "blocked" and e["PROCWATCH_STATE"] == "S"
+    assert e["PROCWATCH_WCHAN"] and e["PROCWATCH_WCHAN"] in e["MESSAGE"]
+    assert int(e["PROCWATCH_WINDOW_MS"]) >= 100 and e["PROCWATCH_CPU_MS"] == "0"
 
 
 # -- sd_notify helpers -------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_stats_counts_exactly_under_threads():
     def hammer():
         for _ in range(per_thread):
             stats.record_exit(abi.Cause.EXITED, latency_us=80)
-            stats.record_hung()
+            stats.record_hung("busy")
 
     threads = [threading.Thread(target=hammer) for _ in range(n_threads)]
     for t in threads:
@@ -112,7 +112,8 @@ def test_stats_counts_exactly_under_threads():
     for t in threads:
         t.join()
     snap = stats.snapshot()
-    assert snap.exits["exited"] == snap.hung == snap.latency.count == per_thread * n_threads
+    assert snap.exits["exited"] == snap.hung["busy"] == snap.latency.count == per_thread * n_threads
+    assert sum(snap.hung.values()) == snap.hung["busy"]
 
 
 def test_service_modules_do_not_import_prometheus_client():
@@ -158,8 +159,10 @@ def test_scrape_shows_every_metric_and_counters_move(server):
         assert done.wait(WAIT)
     stats.record_exit(abi.Cause.KILLED_HUNG, latency_us=120)
     stats.record_exit(abi.Cause.FOUND_DEAD)
-    stats.record_hung()
-    stats.record_killed()
+    stats.record_hung("starved")
+    stats.record_hung("busy")
+    stats.record_killed("busy")
+    stats.record_killed("no such verdict")
     stats.record_overflow()
     stats.record_detector_respawn()
     stats.record_check(0.0004)
@@ -171,7 +174,12 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     assert value(after, "procwatch_exits_total", cause="killed_hung") == 1
     assert value(after, "procwatch_exits_total", cause="found_dead") == 1
     assert value(after, "procwatch_found_dead_total") == 1
-    assert value(after, "procwatch_hung_total") == value(after, "procwatch_killed_total") == 1
+    assert value(after, "procwatch_hung_total", verdict="starved") == 1
+    assert value(after, "procwatch_hung_total", verdict="busy") == 1
+    assert value(after, "procwatch_killed_total", verdict="busy") == 1
+    assert value(after, "procwatch_killed_total", verdict="unknown") == 1     # a label outside the set
+    assert {s.labels["verdict"] for s in after["procwatch_hung"].samples if s.name.endswith("_total")} == {
+        "stopped", "starved", "stuck", "busy", "blocked", "unknown"}
     assert value(after, "procwatch_overflows_total") == 1
     assert value(after, "procwatch_detector_respawns_total") == 1
     assert value(after, "procwatch_hook_runs_total") == 1
@@ -190,7 +198,12 @@ def test_no_label_of_unbounded_cardinality(server):
     stats.record_exit(abi.Cause.EXITED, latency_us=99)
     families = scrape(server(stats, lambda: [slot(abi.State.ALIVE)]))
     labels = {label for f in families.values() for s in f.samples for label in s.labels}
-    assert labels == {"cause", "le"}
+    assert labels == {"cause", "le", "verdict"}
+    # Every label's values form a fixed set, whatever was recorded.
+    stats.record_hung("no such verdict")
+    again = scrape(server(stats, lambda: [slot(abi.State.ALIVE)]))
+    verdicts = {s.labels["verdict"] for f in again.values() for s in f.samples if "verdict" in s.labels}
+    assert verdicts == {"stopped", "starved", "stuck", "busy", "blocked", "unknown"}
     assert all(name.startswith("procwatch_") for name in families)
 
 

@@ -108,6 +108,7 @@ def test_hook_runs_on_a_real_exit_with_the_event_in_its_environment(key, service
         "PROCWATCH_EVENT": "exit", "PROCWATCH_NAME": "env-killed", "PROCWATCH_PID": str(killed.pid),
         "PROCWATCH_SLOT": str(killed.slot), "PROCWATCH_EXIT_CODE": "", "PROCWATCH_SIGNAL": "SIGKILL",
         "PROCWATCH_CORE_DUMPED": "0", "PROCWATCH_CAUSE": "exited", "PROCWATCH_KEY": f"{key:#010x}",
+        "PROCWATCH_VERDICT": "",
     }
     env = json.loads((out / "env-coded-exit.json").read_text())
     assert (env["PROCWATCH_EXIT_CODE"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_PID"]) == ("3", "", str(coded.pid))
@@ -238,7 +239,7 @@ def test_metrics_scrape_after_a_real_kill(key, service, clients, tmp_path):
     wait_until(lambda: sample(scrape(port), "procwatch_detector_respawns_total") >= 1, 10,
                "the detector respawn to be counted")
     labels = {k for f in after.values() for s in f.samples for k in s.labels}
-    assert labels == {"cause", "le"}, "a label of unbounded cardinality crept in"
+    assert labels == {"cause", "le", "verdict"}, "a label of unbounded cardinality crept in"
     assert keep.proc.poll() is None
 
 
@@ -424,12 +425,16 @@ def test_rule_hang_settings_hung_hook_and_hang_metrics(key, service, clients, tm
                15, "the hung and exit hooks", detail=lambda: svc.log()[-3000:])
     env = json.loads((out / "dp-1-hung.json").read_text())
     assert (env["PROCWATCH_EVENT"], env["PROCWATCH_PID"], env["PROCWATCH_SIGNAL"]) == ("hung", str(ruled.pid), "SIGUSR1")
+    assert env["PROCWATCH_VERDICT"] == "blocked"        # a stopped client sleeps in select()
     env = json.loads((out / "dp-1-exit.json").read_text())
     assert (env["PROCWATCH_CAUSE"], env["PROCWATCH_SIGNAL"]) == ("killed_hung", "SIGUSR1")
+    assert env["PROCWATCH_VERDICT"] == ""
     assert json.loads((out / "dp-own-hung.json").read_text())["PROCWATCH_SIGNAL"] == "SIGTERM"
     svc.wait_event("exit", name="dp-own")
     m = scrape(port)
-    assert sample(m, "procwatch_hung_total") == 2 and sample(m, "procwatch_killed_total") == 2
+    assert sample(m, "procwatch_hung_total", verdict="blocked") == 2
+    assert sample(m, "procwatch_killed_total", verdict="blocked") == 2
+    assert sample(m, "procwatch_hung_total", verdict="busy") == 0
     assert sample(m, "procwatch_exits_total", cause="killed_hung") == 2
     assert sample(m, "procwatch_checker_duration_seconds_count") > 0
 

@@ -169,6 +169,17 @@ enum procwatch_hangaction {
     PROCWATCH_HANGACTION_LOG = 2        /* log only */
 };
 
+/* Why a hung process did not beat, as the kernel told the service (abi.Verdict). */
+enum procwatch_verdict {
+    PROCWATCH_VERDICT_NONE = 0,       /* not hung (yet) */
+    PROCWATCH_VERDICT_STOPPED = 1,    /* state T/t: SIGSTOP, a debugger */
+    PROCWATCH_VERDICT_STARVED = 2,    /* runnable, but (almost) no CPU: contention, its cgroup's limit */
+    PROCWATCH_VERDICT_STUCK = 3,      /* uninterruptible (D) through the missed checks */
+    PROCWATCH_VERDICT_BUSY = 4,       /* on a CPU without beating: a livelock */
+    PROCWATCH_VERDICT_BLOCKED = 5,    /* asleep with no CPU: a deadlock */
+    PROCWATCH_VERDICT_UNKNOWN = 6     /* /proc would not say */
+};
+
 /* The table header, at offset 0 of the segment. */
 struct procwatch_header {
     char     magic[8];             /*  0 "PWTABLE\0"                                   */
@@ -204,7 +215,8 @@ struct procwatch_slot {
     uint64_t last_beat_ns;         /*  96 CLOCK_REALTIME ns the service last saw progress   */
     uint32_t heartbeat_action;     /* 104 hang action for this slot (0 = service default)  */
     uint32_t heartbeat_signal;     /* 108 signal for the kill action (0 = service default) */
-    uint8_t  reserved[16];         /* 112 zero                                              */
+    uint32_t verdict;              /* 112 why the last hang happened (service; 0 none)      */
+    uint8_t  reserved[12];         /* 116 zero                                              */
 };
 
 #define PROCWATCH__AT(type, field, off) \
@@ -241,7 +253,8 @@ PROCWATCH__AT(procwatch_slot, owner_uid, 92);
 PROCWATCH__AT(procwatch_slot, last_beat_ns, 96);
 PROCWATCH__AT(procwatch_slot, heartbeat_action, 104);
 PROCWATCH__AT(procwatch_slot, heartbeat_signal, 108);
-PROCWATCH__AT(procwatch_slot, reserved, 112);
+PROCWATCH__AT(procwatch_slot, verdict, 112);
+PROCWATCH__AT(procwatch_slot, reserved, 116);
 PROCWATCH__STATIC_ASSERT(sizeof(struct procwatch_slot) == PROCWATCH_SLOT_SIZE,
                          "procwatch_slot must be 128 bytes");
 PROCWATCH__STATIC_ASSERT(sizeof(((struct procwatch_slot *)0)->name) == PROCWATCH_NAME_SIZE,

@@ -1,15 +1,19 @@
 """A test client: registers, prints READY <slot> <pid>, then does what it is told.
 
 Modes (--then): sleep (until killed or stdin closes), exit (exit with --code
-once stdin gives a line), beat (call beat() every --beat-every seconds; a
-'stop' line on stdin stops the beats, 'start' resumes them, each answered
-with a line 'OK <command>'; once stdin closes, sleep without beating).
+once stdin gives a line), beat (call beat() every --beat-every seconds, after
+--work-ms of CPU work each time; a 'stop' line on stdin stops the beats and
+the client sleeps in read() until the next line, 'start' resumes them,
+'spin' stops them and burns CPU, 'deadlock' stops them and waits on a lock
+it holds itself (each bounded to 60 s), each answered with a line 'OK
+<command>'; once stdin closes, sleep without beating).
 """
 
 import argparse
 import os
 import select
 import sys
+import threading
 import time
 
 import procwatch
@@ -21,6 +25,7 @@ ap.add_argument("--then", default="sleep", choices=("sleep", "exit", "beat", "ex
 ap.add_argument("--code", type=int, default=0)
 ap.add_argument("--heartbeat", type=float, default=0)
 ap.add_argument("--beat-every", type=float, default=0.1)
+ap.add_argument("--work-ms", type=float, default=0)
 ap.add_argument("--hang-action", default=None)
 ap.add_argument("--hang-signal", default=None)
 args = ap.parse_args()
@@ -41,17 +46,37 @@ if args.then == "exit-now":
 if args.then == "exit":
     sys.stdin.readline()
     os._exit(args.code)
+
+
+def work(seconds):
+    """Burn ``seconds`` of this process's own CPU time (not wall time)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 if args.then == "beat":
     beating = True
     while True:
         if beating:
+            work(args.work_ms / 1000)
             reg.beat()
-        if select.select([sys.stdin], [], [], args.beat_every)[0]:
+        # Not beating: no timeout, so the client sleeps without waking (a clean "blocked").
+        if select.select([sys.stdin], [], [], args.beat_every if beating else None)[0]:
             line = sys.stdin.readline()
             if not line:
                 break
-            beating = line.strip() != "stop"
-            print(f"OK {line.strip()}", flush=True)
+            command = line.strip()
+            beating = command == "start"
+            print(f"OK {command}", flush=True)
+            if command == "spin":
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    pass
+            elif command == "deadlock":
+                lock = threading.Lock()
+                lock.acquire()
+                lock.acquire(timeout=60)
 while True:
     # Sleep until stdin closes (the test's teardown) or a signal ends us.
     if not sys.stdin.readline():
