@@ -342,19 +342,31 @@ def test_client_stuck_in_the_kernel_is_stuck_with_its_wchan_and_still_killed(key
         p.wait(10)
 
 
+def throttle(c, cg):
+    """Move beating client ``c`` into ``cg`` limited to 1 ms of CPU a second, between two beats.
+
+    Stopped first (it sleeps in select()), so it starts a whole unit of work
+    in the cgroup: its next beat is --work-ms seconds away, not whatever was
+    left of a unit it was in the middle of.
+    """
+    ask(c, "stop")
+    cg.limit(1000, 1_000_000)
+    cg.add(c.pid)
+    ask(c, "start")             # answered within its first 1 ms: the work follows, throttled
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_throttled_client_is_starved_watched_not_killed_and_recovers(key, service, clients, table,
                                                                      cpu_cgroup, version):
-    """10 ms of work per beat in a cgroup that may run 1 ms a second: runnable, but no beats."""
+    """15 ms of work per beat in a cgroup that may run 1 ms a second: runnable, but no beats."""
     cg = cpu_cgroup(version)
     svc = service()                                         # action kill, starved "log" (the defaults)
     c = clients(key, "throttled", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.01",
-                "--work-ms", "10")
+                "--work-ms", "15")
     t = table()
     beat_seen(t, c)
-    cg.limit(1000, 1_000_000)
-    cg.add(c.pid)
-    hung = svc.wait_event("hung", name="throttled", timeout=40)
+    throttle(c, cg)
+    hung = svc.wait_event("hung", name="throttled", timeout=30)
     assert hung["verdict"] == "starved" and hung["action"] == "log", hung
     assert int(hung["throttled_periods"]) >= 1 and 'not killed ([hang] starved = "log")' in hung["message"]
     misses = int(hung["misses"])
@@ -381,12 +393,11 @@ def test_throttled_client_is_killed_when_its_rule_says_starved_kill(key, service
     cfg.write_text('[hang]\nstarved = "log"\n\n[[rule]]\nname = "throttled-*"\nstarved = "kill"\n')
     svc = service("--config", str(cfg))
     c = clients(key, "throttled-1", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.01",
-                "--work-ms", "10")
+                "--work-ms", "15")
     t = table()
     beat_seen(t, c)
-    cg.limit(1000, 1_000_000)
-    cg.add(c.pid)
-    hung = svc.wait_event("hung", name="throttled-1", timeout=40)
+    throttle(c, cg)
+    hung = svc.wait_event("hung", name="throttled-1", timeout=30)
     assert hung["verdict"] == "starved" and hung["action"] == "kill", hung
     s = ended(t, c)
     assert s.cause == abi.Cause.KILLED_HUNG and s.verdict == abi.Verdict.STARVED
