@@ -119,10 +119,16 @@ def valid_pid(pid, procfs=PROCFS):
 
 
 def pidfd_open(pid):
-    """A pidfd for ``pid``, or None if no such process.  See pidfd_open(2)."""
+    """A pidfd for ``pid``, or None if no process has that PID.  See pidfd_open(2).
+
+    A PID word may hold a thread's ID (a reused number, a forged slot): the
+    kernel answers ENOENT for a thread that is not a thread-group leader
+    (seen on Linux 6.18; EINVAL on older kernels), and no process has that
+    PID, so that is None too.  The service crashed on it (tests/reliability).
+    """
     try:
         return _os.pidfd_open(pid)
-    except ProcessLookupError:
+    except (ProcessLookupError, FileNotFoundError):
         return None
 
 
