@@ -341,7 +341,7 @@ def cpu_cgroup():
         if os.geteuid() != 0:
             pytest.skip("needs root to create a cgroup")
         m = cgroup.mounts()
-        name = f"procwatch-test-{os.getpid()}-{next(_serial)}"
+        name = f"procwatch-test-{os.getpid()}-{len(made)}-{time.monotonic_ns()}"
         if version == 1:
             if m.v1 is None:
                 pytest.skip("no cgroup v1 hierarchy with the cpu controller")
