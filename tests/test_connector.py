@@ -1,5 +1,7 @@
 """The proc connector: decoding recorded kernel bytes, and the real socket (root)."""
 
+import collections
+import errno
 import fcntl
 import os
 import signal
@@ -102,6 +104,78 @@ def test_real_subscription_sees_a_child_exit():
         assert 0 < seen[2] <= time.monotonic_ns()
     finally:
         conn.close()
+
+
+# include/uapi/linux/cn_proc.h: enum what
+PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXEC = 0x00000002
+STORM_EXECS = 400
+
+
+def _read_events(conn, until, deadline_s=30.0):
+    """Read (what, tgid) of each message until ``until(what, tgid)`` is true.
+
+    ENOBUFS (the machine is busy) is not a failure here: it is counted, and
+    the reading goes on.
+    """
+    buf = bytearray(1024)
+    seen, overflows = [], 0
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            n = conn.sock.recv_into(buf)
+        except BlockingIOError:
+            continue
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            overflows += 1
+            continue
+        if n < connector.EXIT_OFFSET + 4:
+            continue
+        what = struct.unpack_from("=I", buf, connector.EXIT_OFFSET)[0]
+        # Every kind of event names a process at offset 52 (fork: the parent).
+        tgid = struct.unpack_from("=I", buf, 56)[0] if n >= 60 else 0
+        seen.append((what, tgid))
+        if until(what, tgid):
+            return seen, overflows
+    pytest.fail(f"the awaited event did not arrive within {deadline_s:g} s "
+                f"({len(seen)} messages, {overflows} overflows)")
+
+
+@require_root()
+def test_exit_only_subscriber_receives_no_fork_or_exec_event():
+    """The filter checked by the kernel, not by our own bookkeeping: under a storm
+    of fork + exec + exit, a subscriber in ``filtered`` mode must be sent exits
+    and nothing else (cn_filter() drops the rest before they are queued).
+
+    The subscription is acknowledged in legacy mode first, so events queued
+    before the filtered request may be of any kind: a marker child, started
+    once the constructor returned, separates them; everything after its exit
+    was filtered.
+    """
+    if not connector.kernel_has_filter():
+        pytest.skip(f"kernel {os.uname().release} < 6.6 has no exit-only filter")
+    conn = connector.ProcConnector()
+    try:
+        assert conn.mode == "filtered"
+        marker = subprocess.Popen(["true"])
+        marker.wait()
+        _read_events(conn, lambda what, tgid: what == connector.PROC_EVENT_EXIT and tgid == marker.pid)
+        # A storm of its own: each /bin/true is a fork, an exec and an exit.
+        storm = subprocess.Popen(["sh", "-c", f'i=0; while [ $i -lt {STORM_EXECS} ]; do /bin/true; '
+                                               f'i=$((i+1)); done'])
+        storm.wait()
+        seen, overflows = _read_events(
+            conn, lambda what, tgid: what == connector.PROC_EVENT_EXIT and tgid == storm.pid)
+    finally:
+        conn.close()
+    kinds = collections.Counter(what for what, _ in seen)
+    assert kinds[PROC_EVENT_FORK] == 0 and kinds[PROC_EVENT_EXEC] == 0, \
+        f"an exit-only subscriber was sent {kinds[PROC_EVENT_FORK]} forks and {kinds[PROC_EVENT_EXEC]} execs"
+    assert set(kinds) == {connector.PROC_EVENT_EXIT}, {hex(k): n for k, n in kinds.items()}
+    # The storm was there to be filtered: its exits came through (the ones not lost to ENOBUFS).
+    assert kinds[connector.PROC_EVENT_EXIT] >= (STORM_EXECS if not overflows else 1), (kinds, overflows)
 
 
 @require_root()
