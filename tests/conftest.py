@@ -171,6 +171,17 @@ class ServiceProcess:
                 out.append(fields)
         return out
 
+    def backend(self):
+        """The backend its latest ``started`` line names (``connector`` or ``pidfd``).
+
+        A test about the connector asserts this: ``auto`` falls back to pidfd
+        quietly, and a test that only waits for ``started`` would then pass
+        without the connector ever having run.
+        """
+        started = self.events("started")
+        assert started, f"no started line in the service log:\n{self.log()[-2000:]}"
+        return started[-1]["backend"]
+
     def wait_event(self, kind, timeout=10.0, **match):
         def found():
             for e in self.events(kind):

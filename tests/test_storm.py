@@ -123,8 +123,16 @@ def _kill_inside(storm, targets):
     assert storm.proc.poll() is None, "the storm ended before the kills: the test proved nothing"
 
 
+def connector_service(service, *args, **kw):
+    """A service pinned to the connector: these tests are about its socket, and
+    ``auto`` would fall back to pidfd, quietly, if the storm drowned the
+    subscription's acknowledgement (the pidfd backend sees no storm at all)."""
+    return service("--backend", "connector", *args, **kw)
+
+
 def test_storm_of_unrelated_exits_loses_no_registered_exit(key, service, forker):
-    svc = service()
+    svc = connector_service(service)
+    assert svc.backend() == "connector"
     targets = Targets(key, TARGETS, "calm")
     try:
         wait_until(lambda: _registered(svc, targets), 15, "every target to be watched")
@@ -151,7 +159,8 @@ def test_forced_overflow_still_reports_every_registered_exit(key, service, forke
     count and log the overflow, reconcile, and report every registered target,
     with its signal when the event got through, else as found dead through the
     overflow."""
-    svc = service("--rcvbuf", "4096")
+    svc = connector_service(service, "--rcvbuf", "4096")
+    assert svc.backend() == "connector"
     started = time.monotonic()
     targets = Targets(key, TARGETS, "flood")
     try:
@@ -220,11 +229,14 @@ def test_zombie_registered_before_the_service_saw_it_is_found_dead_not_reused(ke
 def test_service_starts_inside_a_storm_with_a_tiny_buffer(key, service, forker):
     """The subscription's acknowledgement shares the socket with every exit on
     the machine: with a 4 KiB buffer a storm drowned it and the service gave up
-    ("did not acknowledge").  A service restarted on a busy machine must start."""
+    ("did not acknowledge").  A service restarted on a busy machine must start,
+    on the connector: pinned, and checked, since a fallback to pidfd would
+    also start."""
     with Storm(forker, seconds=10) as storm:
         for _ in range(3):           # a restart adopts the table
-            svc = service("--rcvbuf", "4096", ready=False)
+            svc = connector_service(service, "--rcvbuf", "4096", ready=False)
             svc.wait_ready()
-            assert "event=started" in svc.log()
+            assert svc.backend() == "connector", svc.log()[-2000:]
+            assert svc.proc.poll() is None
             svc.stop()
         assert storm.proc.poll() is None, "the storm ended before the service started: the test proved nothing"

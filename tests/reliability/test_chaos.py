@@ -63,7 +63,12 @@ def test_chaos_service_killed_during_exit_storm(key, tmp_path, compiled, forked)
     tag = f"seed {SEED} (rerun with PROCWATCH_CHAOS_SEED={SEED})"
 
     def start():
-        return ServiceProcess(key, log, "--slots", "64", "--reconcile-interval", "0.2").wait_ready()
+        # Pinned to the connector: this is about its socket in a storm (auto would
+        # fall back to pidfd if the storm drowned the acknowledgement).
+        s = ServiceProcess(key, log, "--backend", "connector", "--slots", "64",
+                           "--reconcile-interval", "0.2").wait_ready()
+        assert s.backend() == "connector", f"{tag}\n{s.log()[-2000:]}"
+        return s
 
     svc = start()
     live = {}                     # name -> Forked
