@@ -78,6 +78,109 @@ def wait_until(predicate, timeout=10.0, what="condition", detail=None):
         time.sleep(0.005)
 
 
+# -- processes as /proc shows them -----------------------------------------------------
+# asm/unistd.h: __NR_futex
+SYS_FUTEX = {"x86_64": 202, "aarch64": 98}[os.uname().machine]
+
+
+def stat_fields(pid, tid=None):
+    """Fields 3.. of /proc/PID/stat (or of thread ``tid``), None if it is gone.
+
+    ``comm`` (field 2) may hold spaces and ')': split after the last ')'.
+    So field N is ``stat_fields(pid)[N - 3]``.
+    """
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def start_time(pid):
+    """Field 22 of /proc/PID/stat (clock ticks since boot): half of a process's identity."""
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def proc_state(pid, tid=None):
+    """Field 3 of /proc/PID/stat ("R", "S", "Z", ...), None if it is gone."""
+    fields = stat_fields(pid, tid)
+    return None if fields is None else fields[0]
+
+
+def futex_waits(pid):
+    """{tid: (uaddr, timeout)} of the threads of ``pid`` inside futex(2) right now.
+
+    From /proc/PID/task/TID/syscall: "nr arg1 .. arg6 sp pc", futex(uaddr, op,
+    val, timeout, ...).  ``timeout`` is the pointer argument: 0 is a wait with
+    no timeout, which only a FUTEX_WAKE (or a signal) ends.
+    """
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                words = f.read().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if words and words[0] == str(SYS_FUTEX):
+            out[int(tid)] = (int(words[1], 16), int(words[4], 16))
+    return out
+
+
+def asleep_in_futex(pid, tid=None):
+    """Whether thread ``tid`` of ``pid`` sleeps in futex(2); with no ``tid``, every thread of ``pid``."""
+    try:
+        waits = futex_waits(pid)
+        if tid is not None:
+            return tid in waits
+        return bool(waits) and set(waits) == {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except FileNotFoundError:
+        return False
+
+
+def ctx_switches(pid, tid=None):
+    """Voluntary + involuntary context switches of thread ``tid`` (default: every thread of ``pid``).
+
+    A thread asleep in the kernel has none until something wakes it: a
+    poller, however slow, adds one per wake-up.
+    """
+    tids = [tid] if tid is not None else os.listdir(f"/proc/{pid}/task")
+    total = 0
+    for t in tids:
+        with open(f"/proc/{pid}/task/{t}/status") as f:
+            for line in f:
+                if "ctxt_switches" in line:
+                    total += int(line.split()[1])
+    return total
+
+
+def run_cli(*args, timeout=30, env=None):
+    """``python -m procwatch ARGS`` run to its end (CompletedProcess, text)."""
+    return subprocess.run([PY, "-m", "procwatch", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)) if env is None else env,
+                          timeout=timeout)
+
+
+def scrape_metrics(port, timeout=30):
+    """The metric families a service exposes on 127.0.0.1:``port``, by name."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        assert r.status == 200
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def metric_value(families, name, **labels):
+    """The sample ``name`` with exactly ``labels``, from any family; KeyError if absent."""
+    for family in families.values():
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise KeyError((name, labels))
+
+
 def end_process(p, timeout=5.0):
     """End a Popen we started: SIGTERM, then SIGKILL, by PID; reap it."""
     if p.poll() is None:
@@ -109,6 +212,15 @@ def wait_ended(key, i, timeout=10):
         s = read_slot(key, i)
         return s if s.pid == 0 and s.state != abi.State.ALIVE else None
     return wait_until(ended, timeout, f"slot {i} to be ended")
+
+
+@pytest.fixture
+def table(key):
+    """A table of 8 slots at the test's key and no service (the client API needs none)."""
+    from procwatch.segment import Table
+    t, _ = Table.create_or_adopt(key, 8)
+    yield t
+    t.detach()
 
 
 @pytest.fixture

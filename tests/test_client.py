@@ -12,16 +12,9 @@ import pytest
 import sysv_ipc
 
 import procwatch
-from conftest import wait_until
+from conftest import asleep_in_futex, start_time, wait_until
 from procwatch import abi
 from procwatch.segment import Table
-
-
-@pytest.fixture
-def table(key):
-    t, _ = Table.create_or_adopt(key, 8)
-    yield t
-    t.detach()
 
 
 def test_no_service_warns_once_and_returns_none(key, caplog):
@@ -36,8 +29,7 @@ def test_register_writes_slot_and_publishes_pid(table):
     try:
         s = table.read_slot(reg.slot)
         assert s.pid == os.getpid() and s.name == "dp-1" and s.state == abi.State.ALIVE
-        with open(f"/proc/{os.getpid()}/stat") as f:
-            assert s.start_time == int(f.read().rsplit(")", 1)[1].split()[19])
+        assert s.start_time == start_time(os.getpid())
         assert s.owner_uid == os.getuid() and s.exit_status == -1
         assert s.latency_us == abi.LATENCY_UNKNOWN
         assert table.generation == 1
@@ -269,11 +261,6 @@ def test_peer_wakes_on_unregister(table):
     assert result == [True] and peer.pid == 0
 
 
-def _sleeping_in_futex(tid):
-    nr = {"x86_64": "202", "aarch64": "98"}[os.uname().machine]
-    return open(f"/proc/self/task/{tid}/syscall").read().split()[0] == nr
-
-
 @pytest.mark.parametrize("change", ["successor", "renamed", "spurious"])
 def test_peer_wait_exit_ends_when_its_pid_leaves_the_slot(table, change):
     """As procwatch_peer_wait() in C: the PID seen when the call began leaving the slot
@@ -291,7 +278,7 @@ def test_peer_wait_exit_ends_when_its_pid_leaves_the_slot(table, change):
             result.append(peer.wait_exit(timeout=30 if change != "spurious" else 0.5))
         t = threading.Thread(target=waiter)
         t.start()
-        wait_until(lambda: tid and _sleeping_in_futex(tid[0]), 10, "the waiter to sleep in futex()")
+        wait_until(lambda: tid and asleep_in_futex(os.getpid(), tid[0]), 10, "the waiter to sleep in futex()")
         if change == "successor":
             table.u32[table.pid_index(reg.slot)] = sleeper.pid     # one aligned store
         elif change == "renamed":

@@ -22,8 +22,8 @@ pytestmark = [require_root()]
 
 
 @pytest.fixture
-def table(key):
-    """The test's table, attached once (the service creates it)."""
+def service_table(key):
+    """Factory: the service's table, attached once (the service creates it)."""
     held = []
 
     def attach():
@@ -52,10 +52,10 @@ def ended(t, c, timeout=10):
                       and t.read_slot(c.slot), timeout, f"{c.name}'s slot to end")
 
 
-def test_client_that_stops_beating_is_hung_then_killed_with_the_configured_signal(key, service, clients, table):
+def test_client_that_stops_beating_is_hung_then_killed_with_the_configured_signal(key, service, clients, service_table):
     svc = service("--hang-signal", "SIGTERM")
     c = clients(key, "stalls", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     ask(c, "stop")
     hung = svc.wait_event("hung", name="stalls")
@@ -72,10 +72,10 @@ def test_client_that_stops_beating_is_hung_then_killed_with_the_configured_signa
     assert e["cause"] == "killed_hung" and "killed: hung" in e["message"]
 
 
-def test_slow_beater_within_its_interval_is_never_killed(key, service, clients, table):
+def test_slow_beater_within_its_interval_is_never_killed(key, service, clients, service_table):
     svc = service()
     c = clients(key, "slow", "--heartbeat", "0.3", "--then", "beat", "--beat-every", "0.2")
-    t = table()
+    t = service_table()
     seen = set()
 
     def checked_many():
@@ -89,11 +89,11 @@ def test_slow_beater_within_its_interval_is_never_killed(key, service, clients, 
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
-def test_stopped_client_is_hung_and_killed(key, service, clients, table, sig):
+def test_stopped_client_is_hung_and_killed(key, service, clients, service_table, sig):
     """SIGKILL acts on a stopped process; SIGTERM needs the SIGCONT the checker adds."""
     svc = service("--hang-signal", sig)
     c = clients(key, "frozen", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     os.kill(c.pid, signal.SIGSTOP)
     hung = svc.wait_event("hung", name="frozen")
@@ -105,14 +105,14 @@ def test_stopped_client_is_hung_and_killed(key, service, clients, table, sig):
     assert killed["signal"] == sig and killed["verdict"] == "stopped"
 
 
-def test_action_log_never_kills_and_a_beat_recovers(key, service, clients, table):
+def test_action_log_never_kills_and_a_beat_recovers(key, service, clients, service_table):
     """Service default 'log'; a second client overrides it per slot with kill + SIGUSR1."""
     svc = service("--hang-action", "log")
     quiet = clients(key, "quiet", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
     strict = clients(key, "strict", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02",
                      "--hang-action", "kill", "--hang-signal", "USR1")
     other = clients(key, "other", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
-    t = table()
+    t = service_table()
     for c in (quiet, strict, other):
         beat_seen(t, c)
         ask(c, "stop")
@@ -150,10 +150,10 @@ def test_action_log_never_kills_and_a_beat_recovers(key, service, clients, table
     assert t.get32(quiet.slot, abi.S_STATE) == abi.State.ALIVE and quiet.proc.poll() is None
 
 
-def test_two_misses_then_resume_is_not_killed_and_misses_reset(key, service, clients, table):
+def test_two_misses_then_resume_is_not_killed_and_misses_reset(key, service, clients, service_table):
     svc = service()
     c = clients(key, "hiccup", "--heartbeat", "0.4", "--then", "beat", "--beat-every", "0.05")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     ask(c, "stop")
     wait_until(lambda: t.get32(c.slot, abi.S_MISSES) == 2, 10, "two missed checks")
@@ -186,7 +186,7 @@ def _plant(t, i, pid, start, owner_uid=0, name=None):
     t.u32[t.pid_index(i)] = pid
 
 
-def test_hostile_slots_are_never_signalled(key, service, clients, table):
+def test_hostile_slots_are_never_signalled(key, service, clients, service_table):
     """PID 1, the service, a process without the table attached, a PID whose start time
     is not the slot's, an attached process of another uid than the slot's owner, a
     root `procwatch wait` (a reader: read-only attachment; issue 13), and a PID word
@@ -207,7 +207,7 @@ def test_hostile_slots_are_never_signalled(key, service, clients, table):
         # Planted after the service's watch list took in "member" (and with no generation
         # bump), the detector leaves these slots to the checker.
         svc.wait_event("registered", name="member")
-        t = table()
+        t = service_table()
         n = t.slot_count
         planted = {
             n - 1: (1, procfs.start_time(1), 0, "init"),
@@ -243,11 +243,11 @@ def test_hostile_slots_are_never_signalled(key, service, clients, table):
             p.wait()
 
 
-def test_monitor_alive_follows_the_service(key, service, table):
+def test_monitor_alive_follows_the_service(key, service, service_table):
     assert not procwatch.monitor_alive(key)
     svc = service()
     assert procwatch.monitor_alive(key)
-    t = table()
+    t = service_table()
     first = t.hget64(abi.H_SERVICE_HEARTBEAT)
     wait_until(lambda: t.hget64(abi.H_SERVICE_HEARTBEAT) > first, 5, "the service heartbeat to move")
     svc.stop()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, require_root, wait_until
+from conftest import PY, ROOT, asleep_in_futex, require_root, run_cli, start_time, wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -18,16 +18,6 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 def procwatch_cmd(*args):
     return [PY, "-m", "procwatch", *args]
-
-
-def run_cli(*args, timeout=30):
-    return subprocess.run(procwatch_cmd(*args), capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=timeout)
-
-
-def stat_fields(pid):
-    data = open(f"/proc/{pid}/stat", "rb").read()
-    return data[data.rindex(b")") + 2:].split()
 
 
 def find_slot(key, name):
@@ -48,14 +38,6 @@ def sig_ignored(pid):
     raise AssertionError("no SigIgn line")
 
 
-@pytest.fixture
-def table(key):
-    """A table with no service: run and wait do not need one."""
-    t, _ = Table.create_or_adopt(key, 8)
-    yield t
-    t.detach()
-
-
 # -- run ----------------------------------------------------------------------------
 
 def test_run_execs_in_place_and_passes_the_exit_code(key, service):
@@ -68,7 +50,7 @@ def test_run_execs_in_place_and_passes_the_exit_code(key, service):
         wait_until(lambda: open(f"/proc/{p.pid}/comm").read().strip() == "sh", 10, "the exec of sh")
         s = find_slot(key, "job")
         assert s.pid == p.pid and s.state == abi.State.ALIVE
-        assert s.start_time == int(stat_fields(p.pid)[19])
+        assert s.start_time == start_time(p.pid)
         p.stdin.write(b"go\n")
         p.stdin.flush()
         assert p.wait(10) == 3
@@ -203,19 +185,13 @@ def test_run_heartbeat_with_a_program_that_beats_just_works(key, service):
 
 # -- wait ---------------------------------------------------------------------------
 
-def _in_futex_wait(pid):
-    nr = {"x86_64": "202", "aarch64": "98"}[os.uname().machine]
-    return any(open(f"/proc/{pid}/task/{t}/syscall").read().split()[0] == nr
-               for t in os.listdir(f"/proc/{pid}/task"))
-
-
 def test_wait_blocks_until_killed_and_says_how(key, service, clients):
     service()
     c = clients(key, "target")
     w = subprocess.Popen(procwatch_cmd("wait", "--key", hex(key), "target"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     try:
-        wait_until(lambda: _in_futex_wait(w.pid), 10, "procwatch wait to sleep in futex()")
+        wait_until(lambda: asleep_in_futex(w.pid), 10, "procwatch wait to sleep in futex()")
         c.kill(signal.SIGKILL)
         out, err = w.communicate(timeout=10)
         assert w.returncode == 0, err
@@ -375,7 +351,7 @@ def test_wait_woken_by_unregister_without_a_service(table):
         pid = int(c.stdout.readline())
         w = subprocess.Popen(procwatch_cmd("wait", "--key", hex(table.key), "polite"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
-        wait_until(lambda: _in_futex_wait(w.pid), 10, "procwatch wait to sleep in futex()")
+        wait_until(lambda: asleep_in_futex(w.pid), 10, "procwatch wait to sleep in futex()")
         c.stdin.write("go\n")
         c.stdin.flush()
         out, err = w.communicate(timeout=10)

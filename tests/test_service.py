@@ -9,16 +9,11 @@ import subprocess
 import sysv_ipc
 
 import procwatch
-from conftest import PY, ROOT, require_root, wait_until
+from conftest import PY, ROOT, require_root, run_cli, wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
 pytestmark = [require_root()]
-
-
-def run_cli(*args, timeout=30):
-    return subprocess.run([PY, "-m", "procwatch", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
 
 
 def test_second_service_on_same_key_refuses_first_unharmed(key, service, clients):
