@@ -211,15 +211,19 @@ class Service:
 
         Clients bump and FUTEX_WAKE the generation on every registration
         change, so a new registration is watched (its pidfd opened, "registered"
-        logged) at once, off the detector's hot path.
+        logged) at once, off the detector's hot path.  The wait has no timeout:
+        the thread runs only when woken (a client, or :meth:`_teardown`
+        at stop), and a client that bumps without waking is still caught by the
+        periodic reconcile.  No timer hides a broken wake-up.
         """
         from . import futex
         address = self.table.generation_address
         while not self._stopping:
             seen = self.reporter.watch.generation
             if seen is None or self.table.generation == seen:
-                # No timeout: an idle service sleeps (issue 16); _teardown() wakes this word.
-                futex.wait(address, seen or 0, None if _native.AVAILABLE else 0.5)
+                # No timeout, native or not: an idle service sleeps (issue 16), and no timer
+                # hides a broken wake-up (issue 18); _teardown() wakes this word.
+                futex.wait(address, seen or 0)
             if self._stopping:
                 return
             self.reporter.watch.sync()

@@ -13,7 +13,8 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, read_slot, require_root, wait_ended, wait_until
+from conftest import (PY, ROOT, asleep_in_futex, ctx_switches, futex_waits, proc_state, read_slot,
+                      require_root, wait_ended, wait_until)
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -100,8 +101,7 @@ def test_leader_thread_exit_is_not_death(key, service, compiled, backend):
         assert p.stdout.readline().split()[0] == b"READY"
         reg = procwatch.register_pid("threads", pid=p.pid, key=key)
         # The leader is gone once its task shows as a zombie thread.
-        wait_until(lambda: open(f"/proc/{p.pid}/task/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
-                   10, "the main thread to exit")
+        wait_until(lambda: proc_state(p.pid, p.pid) == "Z", 10, "the main thread to exit")
         time.sleep(1.0)   # five reconcile periods: neither an event nor reconcile may report it
         s = read_slot(key, reg.slot)
         assert s.pid == p.pid and s.state == abi.State.ALIVE, svc.log()[-2000:]
@@ -172,22 +172,6 @@ def test_restart_reports_deaths_while_down_and_keeps_the_living(key, service, cl
     assert wait_ended(key, live.slot).state == abi.State.EXITED
 
 
-def _futex_blocked(pid):
-    """Whether every thread of ``pid`` sleeps in futex(2) (x86_64: 202, aarch64: 98)."""
-    nr = {"x86_64": "202", "aarch64": "98"}[os.uname().machine]
-    tasks = os.listdir(f"/proc/{pid}/task")
-    return any(open(f"/proc/{pid}/task/{t}/syscall").read().split()[0] == nr for t in tasks)
-
-
-def _ctx_switches(pid):
-    total = 0
-    for t in os.listdir(f"/proc/{pid}/task"):
-        for line in open(f"/proc/{pid}/task/{t}/status"):
-            if "ctxt_switches" in line:
-                total += int(line.split()[1])
-    return total
-
-
 def test_wait_exit_returns_on_kill_without_polling(key, service, clients, backend):
     service("--backend", backend)
     target = clients(key, "target")
@@ -197,11 +181,15 @@ def test_wait_exit_returns_on_kill_without_polling(key, service, clients, backen
         stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         assert waiter.stdout.readline().strip() == "WAITING"
-        wait_until(lambda: _futex_blocked(waiter.pid), 10, "the waiter to sleep in futex()")
-        before = _ctx_switches(waiter.pid)
-        time.sleep(0.5)
-        # A poller would wake up many times in half a second; a futex sleeper does not.
-        assert _ctx_switches(waiter.pid) - before <= 2
+        wait_until(lambda: asleep_in_futex(waiter.pid), 10, "every thread of the waiter to sleep in futex()")
+        # On the target's PID word, with no timeout: only a FUTEX_WAKE ends that sleep.
+        word = _table_address(waiter.pid, key) + abi.slot_offset(target.slot) + abi.S_PID
+        assert futex_waits(waiter.pid) == {waiter.pid: (word, 0)}, "not asleep on the PID word, untimed"
+        before = ctx_switches(waiter.pid)
+        time.sleep(1.0)
+        # A poller wakes at least once a period; a futex sleeper not at all.
+        assert ctx_switches(waiter.pid) == before, "the waiter woke up before its target died"
+        assert futex_waits(waiter.pid) == {waiter.pid: (word, 0)}
         target.kill()
         assert waiter.stdout.readline().strip() == "True"
         assert waiter.wait(10) == 0
@@ -210,16 +198,34 @@ def test_wait_exit_returns_on_kill_without_polling(key, service, clients, backen
         waiter.wait()
 
 
+def _table_address(pid, key):
+    """Where process ``pid`` has the SysV segment ``key`` mapped (/proc/PID/maps)."""
+    for line in open(f"/proc/{pid}/maps"):
+        if f"/SYSV{key:08x} " in line + " ":
+            return int(line.split("-", 1)[0], 16)
+    raise AssertionError(f"process {pid} has no mapping of key {key:#010x}")
+
+
 def test_unregister_is_logged_and_not_an_exit(key, service, backend):
-    svc = service("--backend", backend)
+    """The service hears of a registration through the header's generation futex,
+    not a timer: the reconcile that would also find it is an hour away, and the
+    thread that syncs on the futex sleeps with no timeout, so only the client's
+    FUTEX_WAKE can run it.  (With the connector, any exit on the machine also
+    makes the detector sync: that the futex thread itself woke is checked.)"""
+    svc = service("--backend", backend, "--reconcile-interval", "3600")
+    generation = _table_address(svc.pid, key) + abi.H_GENERATION
+    (tid,) = wait_until(lambda: [t for t, (uaddr, _) in futex_waits(svc.pid).items() if uaddr == generation],
+                        10, "a service thread to sleep on the generation futex")
+    assert futex_waits(svc.pid)[tid] == (generation, 0), "the generation wait has a timeout: a timer"
+    woken = ctx_switches(svc.pid, tid)
     code = ("import procwatch,sys; r=procwatch.register_pid('polite', key=int(sys.argv[1],0)); "
             "print('R', flush=True); sys.stdin.readline(); r.unregister()")
     p = subprocess.Popen([PY, "-c", code, hex(key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         assert p.stdout.readline() == b"R\n"
-        # The service hears of a registration through the generation futex, not a timer.
-        svc.wait_event("registered", timeout=0.9, name="polite")
+        svc.wait_event("registered", name="polite")
+        assert ctx_switches(svc.pid, tid) > woken, "the generation futex thread never woke"
         p.stdin.write(b"go\n")
         p.stdin.flush()
         assert p.wait(10) == 0
