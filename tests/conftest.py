@@ -181,6 +181,49 @@ def metric_value(families, name, **labels):
     raise KeyError((name, labels))
 
 
+# -- clients that race ---------------------------------------------------------------
+RACE_ROUNDS = 200           # rounds of a registration race (a round costs about a millisecond)
+RACE_MIN_OVERLAP = 0.25     # share of rounds whose calls must overlap, or the race proved nothing
+
+
+def barrier_file(tmp_path, racers):
+    """A file of one zero u64 per racer: the racers' spinning barrier (tests/progs/racer.py)."""
+    path = tmp_path / "barrier"
+    path.write_bytes(bytes(8 * racers))
+    return path
+
+
+def run_race(argvs, timeout=120):
+    """Run racers (argv each) to their end; per round, each racer's (outcome, slot, t0, t1).
+
+    A racer prints one line a round: "ROUND OUTCOME SLOT T0 T1".  Every racer
+    must finish, and every round must have every racer's line.
+    """
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT))) for a in argvs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"racer {p.args} ended with {p.returncode}: {err[-2000:]}"
+    rounds = {}
+    for out, _ in outs:
+        for line in out.splitlines():
+            r, outcome, slot, t0, t1 = line.split()
+            rounds.setdefault(int(r), []).append((outcome, int(slot), int(t0), int(t1)))
+    assert all(len(calls) == len(argvs) for calls in rounds.values()), "a racer missed a round"
+    return [rounds[r] for r in sorted(rounds)]
+
+
+def overlapped(rounds):
+    """How many rounds had every racer inside its call at one moment (max start < min end)."""
+    return sum(max(c[2] for c in calls) < min(c[3] for c in calls) for calls in rounds)
+
+
 def end_process(p, timeout=5.0):
     """End a Popen we started: SIGTERM, then SIGKILL, by PID; reap it."""
     if p.poll() is None:

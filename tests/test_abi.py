@@ -31,7 +31,7 @@ import time
 import pytest
 import sysv_ipc
 
-from conftest import fresh_key
+from conftest import RACE_MIN_OVERLAP, RACE_ROUNDS, barrier_file, fresh_key, overlapped, run_race
 from procwatch import abi, cheader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -760,6 +760,44 @@ def test_concurrent_registrations_get_distinct_slots(pwtest, clients, make_table
     assert sorted(slots) == list(range(20))
     assert t.generation == 20
     assert t.sem.value == 1
+
+
+# A C registration holds the lock for microseconds, not Python's hundreds: a
+# missing lock shows in fewer rounds, so more rounds (each costs ~50 µs).
+C_RACE_ROUNDS = 10 * RACE_ROUNDS
+
+
+def _race_c(pwtest, tmp_path, table, names):
+    """pwtest racers meeting at a barrier before each call (conftest.run_race); per round
+    each racer's (outcome, slot, t0, t1), outcome WON (rc 0), LOST (-EEXIST) or rc=N."""
+    barrier = barrier_file(tmp_path, len(names))
+    rounds = run_race([[pwtest["pwtest"], "race", n, hex(table.key), str(barrier), str(i), str(len(names)),
+                        str(C_RACE_ROUNDS)] for i, n in enumerate(names)])
+    word = {"0": "WON", str(-errno.EEXIST): "LOST"}
+    rounds = [[(word.get(c[0], f"rc={c[0]}"), *c[1:]) for c in calls] for calls in rounds]
+    n = overlapped(rounds)
+    assert n >= RACE_MIN_OVERLAP * len(rounds), \
+        f"the calls overlapped in only {n} of {len(rounds)} rounds: the race proved nothing"
+    return rounds
+
+
+def test_two_c_clients_racing_for_one_name(pwtest, table, tmp_path):
+    """Two C clients call procwatch_register() for one name at once, round after round:
+    the semaphore lets exactly one win each time."""
+    rounds = _race_c(pwtest, tmp_path, table, ["contested", "contested"])
+    bad = [(r, calls) for r, calls in enumerate(rounds, 1) if sorted(c[0] for c in calls) != ["LOST", "WON"]]
+    assert not bad, f"{len(bad)} of {len(rounds)} rounds without exactly one winner: {bad[:3]}"
+    assert table.sem.value == 1
+
+
+def test_two_c_clients_registering_at_once_get_distinct_slots(pwtest, table, tmp_path):
+    """Fresh names each round, so every call allocates a slot: never the same one twice."""
+    rounds = _race_c(pwtest, tmp_path, table, ["left%d", "right%d"])
+    bad = [(r, calls) for r, calls in enumerate(rounds, 1)
+           if [c[0] for c in calls] != ["WON", "WON"] or calls[0][1] == calls[1][1]]
+    assert not bad, f"{len(bad)} of {len(rounds)} rounds without two slots: {bad[:3]}"
+    assert table.generation == 4 * C_RACE_ROUNDS     # each register and unregister bumps it
+    assert table.sem.value == 1
 
 
 @pytest.mark.parametrize("name", [b"", b"x" * 32, b"\xff\xfe", b"ab\xc0\xafcd", b"\xed\xa0\x80"],

@@ -12,7 +12,8 @@ import pytest
 import sysv_ipc
 
 import procwatch
-from conftest import asleep_in_futex, start_time, wait_until
+from conftest import (PROGS, RACE_MIN_OVERLAP, RACE_ROUNDS, asleep_in_futex, barrier_file, overlapped,
+                      run_race, start_time, wait_until)
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -325,15 +326,40 @@ def test_twenty_concurrent_registrations_get_distinct_slots(key):
         t.detach()
 
 
-def test_two_clients_racing_for_one_name(table):
-    procs, outs = _racers(table, ["contested"] * 2)
-    try:
-        assert sorted(o[0] for o in outs) == ["LOST", "WON"]
-        assert [s.name for s in table.used_slots()] == ["contested"]
-    finally:
-        for p in procs:
-            p.stdin.close()
-            p.wait()
+def _race_python(tmp_path, key, names):
+    barrier = barrier_file(tmp_path, len(names))
+    return run_race([[sys.executable, str(PROGS / "racer.py"), "--key", hex(key), "--barrier", str(barrier),
+                      "--index", str(i), "--racers", str(len(names)), "--rounds", str(RACE_ROUNDS),
+                      "--name", n] for i, n in enumerate(names)])
+
+
+def _check_raced(rounds):
+    """The calls really overlapped, in enough rounds that a missing lock would show."""
+    n = overlapped(rounds)
+    assert n >= RACE_MIN_OVERLAP * len(rounds), \
+        f"the calls overlapped in only {n} of {len(rounds)} rounds: the race proved nothing"
+
+
+def test_two_clients_racing_for_one_name(table, tmp_path):
+    """Two interpreters call register_pid() for one name at the same moment, round
+    after round (a barrier in shared memory): the table's semaphore lets exactly
+    one win each round, and the table never holds the name twice."""
+    rounds = _race_python(tmp_path, table.key, ["contested"] * 2)
+    _check_raced(rounds)
+    bad = [(r, calls) for r, calls in enumerate(rounds, 1) if sorted(c[0] for c in calls) != ["LOST", "WON"]]
+    assert not bad, f"{len(bad)} of {len(rounds)} rounds without exactly one winner: {bad[:3]}"
+    assert [s.name for s in table.used_slots()] == ["contested"]
+
+
+def test_two_clients_registering_at_once_get_distinct_slots(table, tmp_path):
+    """Fresh names each round: every call allocates a slot (once the table is
+    full, an ended one), and two calls at once must never get the same one."""
+    rounds = _race_python(tmp_path, table.key, ["left%d", "right%d"])
+    _check_raced(rounds)
+    bad = [(r, calls) for r, calls in enumerate(rounds, 1)
+           if [c[0] for c in calls] != ["WON", "WON"] or calls[0][1] == calls[1][1]]
+    assert not bad, f"{len(bad)} of {len(rounds)} rounds without two slots: {bad[:3]}"
+    assert {s.name for s in table.used_slots()} >= {f"left{RACE_ROUNDS}", f"right{RACE_ROUNDS}"}
 
 
 def test_monitor_alive_without_service(table):
