@@ -263,8 +263,10 @@ class HeartbeatChecker(_threading.Thread):
                 elif state is not None:
                     self._progress(tr, state)
                 else:
-                    tr.handled = True
-                    self._hung(tr, now_ns)
+                    # Declared only if the state could be set HUNG: a state word
+                    # changed since ``states`` was read (a torn or hostile write)
+                    # refuses it, and the next check tries again.
+                    tr.handled = self._hung(tr, now_ns)
         self._next_due = next_due
         if self.stats is not None:
             self.stats.record_check(_time.perf_counter() - started)
@@ -366,10 +368,11 @@ class HeartbeatChecker(_threading.Thread):
         self._hung(tr, now_ns, j)
 
     def _hung(self, tr, now_ns, judgement=None):
+        """Declare slot ``tr`` hung and act; False if its state refused it (not ALIVE or HUNG now)."""
         t, i = self.table, tr.i
         j = judgement or _verdict.judge(tr.pid, tr.sample, self.procfs)
         if not t.set_verdict(i, tr.pid, j.verdict) or not t.set_state_if(i, tr.pid, (_ALIVE, _HUNG), _HUNG):
-            return
+            return False
         tr.verdict, tr.recheck = j, 0
         s = t.read_slot(i)
         action, sig, starved = self._resolve_all(s)
@@ -385,7 +388,7 @@ class HeartbeatChecker(_threading.Thread):
         if action == _abi.HangAction.KILL:
             fd, refused = self._prepare_kill(s, tr.pid)
             if fd is None and refused is None:
-                return                                   # gone meanwhile: the detector reports its exit
+                return True                              # gone meanwhile: the detector reports its exit
         since_ms = (now_ns - s.last_beat_ns) // 1_000_000 if 0 < s.last_beat_ns <= now_ns else None
         since = f"{since_ms / 1000:.1f} s" if since_ms is not None else "ever"
         if refused is not None:
@@ -415,6 +418,7 @@ class HeartbeatChecker(_threading.Thread):
         finally:
             if fd is not None:
                 _os.close(fd)
+        return True
 
     def _prepare_kill(self, s, pid):
         """(pidfd, None) to signal ``pid`` through, (None, (code, reason)) if it must not be

@@ -9,12 +9,13 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, require_root, wait_until
+from conftest import PY, ROOT, asleep_in_futex, require_root, wait_until
 from procwatch import abi, cheader, procfs
 from procwatch.segment import Table
 
@@ -202,7 +203,7 @@ def test_hostile_slots_are_never_signalled(key, service, clients, service_table)
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
         readers.append(waiter)
-        shmid = table().shmid
+        shmid = service_table().shmid
         wait_until(lambda: procfs.maps_has_sysv(waiter.pid, shmid), 15, "procwatch wait to attach the table")
         # Planted after the service's watch list took in "member" (and with no generation
         # bump), the detector leaves these slots to the checker.
@@ -286,10 +287,10 @@ def status_row(key, name):
     return row, line
 
 
-def test_busy_loop_is_busy_and_killed(key, service, clients, table):
+def test_busy_loop_is_busy_and_killed(key, service, clients, service_table):
     svc = service()
     c = clients(key, "spinner", "--heartbeat", "0.2", "--then", "beat", "--beat-every", "0.02")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     ask(c, "spin")                      # no beats, all CPU (bounded to 60 s by the client)
     hung = svc.wait_event("hung", name="spinner")
@@ -302,10 +303,10 @@ def test_busy_loop_is_busy_and_killed(key, service, clients, table):
     assert row["verdict"] == "busy" and "hung (busy)" in line
 
 
-def test_deadlocked_client_is_blocked_and_killed(key, service, clients, table):
+def test_deadlocked_client_is_blocked_and_killed(key, service, clients, service_table):
     svc = service()
     c = clients(key, "deadlock", "--heartbeat", "0.2", "--then", "beat", "--beat-every", "0.02")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     ask(c, "deadlock")                  # waits on a lock it holds (bounded to 60 s)
     hung = svc.wait_event("hung", name="deadlock")
@@ -315,7 +316,7 @@ def test_deadlocked_client_is_blocked_and_killed(key, service, clients, table):
     assert s.cause == abi.Cause.KILLED_HUNG and s.verdict == abi.Verdict.BLOCKED
 
 
-def test_client_stuck_in_the_kernel_is_stuck_with_its_wchan_and_still_killed(key, service, table, compiled):
+def test_client_stuck_in_the_kernel_is_stuck_with_its_wchan_and_still_killed(key, service, service_table, compiled):
     """A vfork parent waits in D (TASK_KILLABLE): the verdict says a signal may not act; SIGKILL does."""
     svc = service()
     exe = compiled("vfork_stuck", "-std=c99", "-Wextra", "-I", cheader.include_dir())
@@ -324,7 +325,7 @@ def test_client_stuck_in_the_kernel_is_stuck_with_its_wchan_and_still_killed(key
         ready = p.stdout.readline().decode().split()
         assert ready[0] == "READY", ready
         slot = int(ready[1])
-        t = table()
+        t = service_table()
         wait_until(lambda: t.get64(slot, abi.S_LAST_BEAT_NS) > t.get64(slot, abi.S_REGISTERED_NS), 10,
                    "the checker to see a beat")
         p.stdin.write(b"go\n")
@@ -356,14 +357,14 @@ def throttle(c, cg):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_throttled_client_is_starved_watched_not_killed_and_recovers(key, service, clients, table,
+def test_throttled_client_is_starved_watched_not_killed_and_recovers(key, service, clients, service_table,
                                                                      cpu_cgroup, version):
     """15 ms of work per beat in a cgroup that may run 1 ms a second: runnable, but no beats."""
     cg = cpu_cgroup(version)
     svc = service()                                         # action kill, starved "log" (the defaults)
     c = clients(key, "throttled", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.01",
                 "--work-ms", "15")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     throttle(c, cg)
     hung = svc.wait_event("hung", name="throttled", timeout=30)
@@ -386,7 +387,7 @@ def test_throttled_client_is_starved_watched_not_killed_and_recovers(key, servic
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_throttled_client_is_killed_when_its_rule_says_starved_kill(key, service, clients, table,
+def test_throttled_client_is_killed_when_its_rule_says_starved_kill(key, service, clients, service_table,
                                                                     cpu_cgroup, tmp_path, version):
     cg = cpu_cgroup(version)
     cfg = tmp_path / "procwatch.toml"
@@ -394,7 +395,7 @@ def test_throttled_client_is_killed_when_its_rule_says_starved_kill(key, service
     svc = service("--config", str(cfg))
     c = clients(key, "throttled-1", "--heartbeat", "1", "--then", "beat", "--beat-every", "0.01",
                 "--work-ms", "15")
-    t = table()
+    t = service_table()
     beat_seen(t, c)
     throttle(c, cg)
     hung = svc.wait_event("hung", name="throttled-1", timeout=30)
@@ -402,3 +403,48 @@ def test_throttled_client_is_killed_when_its_rule_says_starved_kill(key, service
     s = ended(t, c)
     assert s.cause == abi.Cause.KILLED_HUNG and s.verdict == abi.Verdict.STARVED
     assert svc.wait_event("killed", name="throttled-1")["verdict"] == "starved"
+
+
+def test_a_hang_refused_by_a_changed_state_is_declared_at_the_next_check(key):
+    """A writer of the table (a member of its group, a torn write) may change a
+    slot's state word between the checker's pass reading the states and the
+    checker marking the slot hung; the hang is then refused.  That must not count
+    as declared: the flag outlived every later pass, so the hang was never
+    reported once the slot was sane again (the flake of
+    tests/reliability/test_fuzz.py under a CPU hog, where the fuzzer's writes,
+    slowed down, landed in that window).  The window is held open here with the
+    table's service lock, which the checker takes to mark the slot."""
+    from procwatch.heartbeat import HeartbeatChecker
+    t, _ = Table.create_or_adopt(key, 4)
+    target = subprocess.Popen(["sleep", "600"])
+    try:
+        _plant(t, 0, target.pid, procfs.start_time(target.pid), name="torn")
+        t.set32(0, abi.S_HEARTBEAT_MS, 10)
+        checker = HeartbeatChecker(t, action=abi.HangAction.LOG, max_misses=2)
+        deadline = time.monotonic() + 10
+        while t.get32(0, abi.S_MISSES) < 1:         # the checker's own pacing, as its thread does
+            assert time.monotonic() < deadline, "the checker never missed a beat"
+            time.sleep(checker.check())
+        tid = []
+
+        def second_miss():                          # declares the hang: blocks on the lock we hold
+            tid.append(threading.get_native_id())
+            while t.get32(0, abi.S_MISSES) < 2:
+                time.sleep(checker.check())
+        with t.service_lock:
+            th = threading.Thread(target=second_miss)
+            th.start()
+            wait_until(lambda: tid and asleep_in_futex(os.getpid(), tid[0]) and t.get32(0, abi.S_MISSES) == 2,
+                       10, "the checker to wait for the lock to mark the slot hung")
+            t.set32(0, abi.S_STATE, abi.State.EXITED)          # the state changes under it
+        th.join(10)
+        assert t.get32(0, abi.S_STATE) == abi.State.EXITED    # refused: not ALIVE or HUNG
+        t.set32(0, abi.S_STATE, abi.State.ALIVE)              # and sane again
+        while t.get32(0, abi.S_STATE) != abi.State.HUNG:
+            assert time.monotonic() < deadline, "the hang was never declared once the slot was sane"
+            time.sleep(checker.check())
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
+        t.detach()
