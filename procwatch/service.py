@@ -307,6 +307,8 @@ class Service:
                     break
                 if msg == _RELOAD:
                     self.reload()
+                    # A new reconcile_interval applies at once, not after the old one ran out.
+                    next_reconcile = min(next_reconcile, _time.monotonic() + self.reconcile_interval)
                 elif msg == _OVERFLOW:
                     self.reporter.overflow_pending = False     # first: see Reporter.overflow()
                     self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW, full=True)

@@ -215,6 +215,8 @@ class Watchlist:
                      NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None)
         for w in dropped:
             if t.state(w.slot) == _abi.State.UNREGISTERED:
+                # An end by its own hand: counted as procwatch_exits_total{cause="unregistered"}.
+                self.reporter.stats.record_exit(_abi.Cause.UNREGISTERED)
                 emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
                      NAME=w.name, PID=w.pid, SLOT=w.slot)
         if fresh or dropped or self._shared_names:

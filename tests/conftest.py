@@ -257,6 +257,28 @@ def wait_ended(key, i, timeout=10):
     return wait_until(ended, timeout, f"slot {i} to be ended")
 
 
+def plant_slot(t, i, pid, start, owner_uid=0, name=None):
+    """Write slot ``i`` of Table ``t`` as no client did: ALIVE, 100 ms heartbeat, PID word last.
+
+    No generation bump: the service learns of it at its next full sync (a
+    reconcile), unless the test wakes it.
+    """
+    import time as _t
+    from procwatch import abi
+    now = _t.time_ns()
+    t.u32[t.pid_index(i)] = 0
+    t.set32(i, abi.S_STATE, abi.State.CLAIMING)
+    t.clear_slot_body(i)
+    t.set64(i, abi.S_START_TIME, start)
+    t.write_name(i, (name or f"planted-{i}").encode())
+    t.set32(i, abi.S_HEARTBEAT_MS, 100)
+    t.set64(i, abi.S_REGISTERED_NS, now)
+    t.set64(i, abi.S_LAST_BEAT_NS, now)
+    t.set32(i, abi.S_OWNER_UID, owner_uid)
+    t.set32(i, abi.S_STATE, abi.State.ALIVE)
+    t.u32[t.pid_index(i)] = pid
+
+
 @pytest.fixture
 def table(key):
     """A table of 8 slots at the test's key and no service (the client API needs none)."""
@@ -277,13 +299,13 @@ def key():
 class ServiceProcess:
     """``procwatch serve`` in a subprocess, its stderr kept for event checks."""
 
-    def __init__(self, key, log_path, *args, env=None, preexec=None):
+    def __init__(self, key, log_path, *args, env=None, preexec=None, log_level="debug"):
         self.key = key
         self.log_path = log_path
         self._log = open(log_path, "ab")
+        level = ["--log-level", log_level] if log_level else []     # None: the configuration's
         self.proc = subprocess.Popen(
-            [PY, "-m", "procwatch", "serve", "--key", hex(key), "--log", "stderr",
-             "--log-level", "debug", *args],
+            [PY, "-m", "procwatch", "serve", "--key", hex(key), "--log", "stderr", *level, *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             env=env, cwd=ROOT, preexec_fn=preexec)
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, asleep_in_futex, require_root, wait_until
+from conftest import PY, ROOT, asleep_in_futex, plant_slot, require_root, wait_until
 from procwatch import abi, cheader, procfs
 from procwatch.segment import Table
 
@@ -151,6 +151,55 @@ def test_action_log_never_kills_and_a_beat_recovers(key, service, clients, servi
     assert t.get32(quiet.slot, abi.S_STATE) == abi.State.ALIVE and quiet.proc.poll() is None
 
 
+def test_register_hang_action_log_under_a_kill_default(key, service, clients, service_table):
+    """register_pid(hang_action="log") under a service whose default is kill: the hang
+    is only logged, however long it lasts; a client without the override is killed,
+    so the default really was kill."""
+    svc = service()
+    gentle = clients(key, "gentle", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02",
+                     "--hang-action", "log")
+    control = clients(key, "control", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    t = service_table()
+    for c in (gentle, control):
+        beat_seen(t, c)
+        ask(c, "stop")
+    assert svc.wait_event("hung", name="gentle")["action"] == "log"
+    assert svc.wait_event("hung", name="control")["action"] == "kill"
+    assert ended(t, control).cause == abi.Cause.KILLED_HUNG
+    wait_until(lambda: t.get32(gentle.slot, abi.S_MISSES) >= 8, 10, "five more missed checks of gentle")
+    s = t.read_slot(gentle.slot)
+    assert gentle.proc.poll() is None and s.pid == gentle.pid and s.state == abi.State.HUNG
+    assert [e["name"] for e in svc.events("killed")] == ["control"]
+
+
+def test_set_heartbeat_zero_turns_hang_detection_off(key, service, clients, service_table):
+    """set_heartbeat(0) under a running service (default kill): a client that then stops
+    beating is never declared hung, while a witness with the same interval that stopped
+    at the same time misses check after check; and a hung slot that turns detection
+    off is no longer hung."""
+    svc = service()
+    off = clients(key, "off", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02")
+    witness = clients(key, "witness", "--heartbeat", "0.1", "--then", "beat", "--beat-every", "0.02",
+                      "--hang-action", "log")
+    t = service_table()
+    for c in (off, witness):
+        beat_seen(t, c)
+    ask(off, "hb 0")
+    assert t.get32(off.slot, abi.S_HEARTBEAT_MS) == 0
+    ask(off, "stop")
+    ask(witness, "stop")
+    svc.wait_event("hung", name="witness")
+    wait_until(lambda: t.get32(witness.slot, abi.S_MISSES) >= 8, 10, "eight missed checks of the witness")
+    s = t.read_slot(off.slot)
+    assert off.proc.poll() is None and s.pid == off.pid and s.state == abi.State.ALIVE and s.misses == 0
+    assert not [e for e in svc.events("hung") if e["name"] == "off"] and not svc.events("killed")
+    # Turned off while hung: no longer hung.
+    ask(witness, "hb 0")
+    e = svc.wait_event("recovered", name="witness")
+    assert "turned hang detection off" in e["message"]
+    assert t.get32(witness.slot, abi.S_STATE) == abi.State.ALIVE and witness.proc.poll() is None
+
+
 def test_two_misses_then_resume_is_not_killed_and_misses_reset(key, service, clients, service_table):
     svc = service()
     c = clients(key, "hiccup", "--heartbeat", "0.4", "--then", "beat", "--beat-every", "0.05")
@@ -169,22 +218,6 @@ def test_two_misses_then_resume_is_not_killed_and_misses_reset(key, service, cli
     assert wait_until(lambda: t.get32(c.slot, abi.S_MISSES), 10, "a new miss") == 1
     ask(c, "start")
     assert not svc.events("hung") and not svc.events("killed")
-
-
-def _plant(t, i, pid, start, owner_uid=0, name=None):
-    """Write a slot no client wrote: state ALIVE, 100 ms heartbeat, PID word last."""
-    now = time.time_ns()
-    t.u32[t.pid_index(i)] = 0
-    t.set32(i, abi.S_STATE, abi.State.CLAIMING)
-    t.clear_slot_body(i)
-    t.set64(i, abi.S_START_TIME, start)
-    t.write_name(i, (name or f"planted-{i}").encode())
-    t.set32(i, abi.S_HEARTBEAT_MS, 100)
-    t.set64(i, abi.S_REGISTERED_NS, now)
-    t.set64(i, abi.S_LAST_BEAT_NS, now)
-    t.set32(i, abi.S_OWNER_UID, owner_uid)
-    t.set32(i, abi.S_STATE, abi.State.ALIVE)
-    t.u32[t.pid_index(i)] = pid
 
 
 def test_hostile_slots_are_never_signalled(key, service, clients, service_table):
@@ -220,7 +253,7 @@ def test_hostile_slots_are_never_signalled(key, service, clients, service_table)
             n - 7: (waiter.pid, procfs.start_time(waiter.pid), 0, "read_only"),
         }
         for i, (pid, start, uid, why) in planted.items():
-            _plant(t, i, pid, start, uid, name=f"hostile-{why}")
+            plant_slot(t, i, pid, start, uid, name=f"hostile-{why}")
 
         def refused():
             got = {e["name"]: e for e in svc.events("hung") if "refused" in e}
@@ -418,7 +451,7 @@ def test_a_hang_refused_by_a_changed_state_is_declared_at_the_next_check(key):
     t, _ = Table.create_or_adopt(key, 4)
     target = subprocess.Popen(["sleep", "600"])
     try:
-        _plant(t, 0, target.pid, procfs.start_time(target.pid), name="torn")
+        plant_slot(t, 0, target.pid, procfs.start_time(target.pid), name="torn")
         t.set32(0, abi.S_HEARTBEAT_MS, 10)
         checker = HeartbeatChecker(t, action=abi.HangAction.LOG, max_misses=2)
         deadline = time.monotonic() + 10

@@ -11,11 +11,10 @@ import signal
 import socket
 import subprocess
 import textwrap
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import PY, require_root, wait_until
+import procwatch
+from conftest import (PY, ROOT, metric_value, plant_slot, proc_state, require_root, scrape_metrics, start_time,
+                      wait_until)
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -44,20 +43,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.status == 200
-        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
-
-
-def sample(families, name, **labels):
-    for family in families.values():
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    raise KeyError((name, labels))
-
-
 def slot_word(key, slot):
     t = Table.attach(key)
     try:
@@ -68,11 +53,7 @@ def slot_word(key, slot):
 
 def hook_pid_alive(pid):
     """The hook process exists and is not a zombie (the service reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return proc_state(pid) not in (None, "Z")
 
 
 def log_lines(svc):
@@ -222,21 +203,21 @@ def test_metrics_scrape_after_a_real_kill(key, service, clients, tmp_path):
     assert f"metrics on http://127.0.0.1:{port}/metrics" in svc.log()
     c = clients(key, "scraped")
     keep = clients(key, "kept")
-    before = scrape(port)
-    assert sample(before, "procwatch_registered_processes") == 2
-    assert sample(before, "procwatch_exits_total", cause="exited") == 0
-    assert sample(before, "procwatch_detection_latency_seconds_count") == 0
+    before = scrape_metrics(port)
+    assert metric_value(before, "procwatch_registered_processes") == 2
+    assert metric_value(before, "procwatch_exits_total", cause="exited") == 0
+    assert metric_value(before, "procwatch_detection_latency_seconds_count") == 0
     c.kill()
     svc.wait_event("exit", name="scraped")
-    after = scrape(port)
-    assert sample(after, "procwatch_registered_processes") == 1
-    assert sample(after, "procwatch_exits_total", cause="exited") == 1
-    assert sample(after, "procwatch_detection_latency_seconds_count") == 1
-    assert sample(after, "procwatch_detection_latency_seconds_bucket", le="+Inf") == 1
-    assert sample(after, "procwatch_detection_latency_seconds_sum") > 0
+    after = scrape_metrics(port)
+    assert metric_value(after, "procwatch_registered_processes") == 1
+    assert metric_value(after, "procwatch_exits_total", cause="exited") == 1
+    assert metric_value(after, "procwatch_detection_latency_seconds_count") == 1
+    assert metric_value(after, "procwatch_detection_latency_seconds_bucket", le="+Inf") == 1
+    assert metric_value(after, "procwatch_detection_latency_seconds_sum") > 0
     # The respawn is counted by the main loop once the detector thread has
     # returned, which is after it logged the exit: poll for it.
-    wait_until(lambda: sample(scrape(port), "procwatch_detector_respawns_total") >= 1, 10,
+    wait_until(lambda: metric_value(scrape_metrics(port), "procwatch_detector_respawns_total") >= 1, 10,
                "the detector respawn to be counted")
     labels = {k for f in after.values() for s in f.samples for k in s.labels}
     assert labels == {"cause", "le", "verdict"}, "a label of unbounded cardinality crept in"
@@ -296,7 +277,7 @@ def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients,
     assert f"configuration: slots = 8 in {cfg} needs a restart; still running with 1024" in log
     second.kill()
     wait_until(lambda: (out / "hup-2-exit.json").exists(), 15, "the hook the reload added")
-    assert sample(scrape(port), "procwatch_exits_total", cause="exited") == 2
+    assert metric_value(scrape_metrics(port), "procwatch_exits_total", cause="exited") == 2
 
     bad = good.replace('name = "hup-*"', 'name = "hup-*"\n        heartbeat = "1s"')
     write(cfg, bad)
@@ -310,7 +291,7 @@ def test_sighup_applies_a_good_file_and_refuses_a_bad_one(key, service, clients,
     # The old settings stay: the hook and the metrics endpoint still work.
     third.kill()
     wait_until(lambda: (out / "hup-3-exit.json").exists(), 15, "the hook of the old settings")
-    assert sample(scrape(port), "procwatch_exits_total", cause="exited") == 3
+    assert metric_value(scrape_metrics(port), "procwatch_exits_total", cause="exited") == 3
     assert svc.proc.poll() is None
     assert slot_word(key, third.slot)[1].state == abi.State.EXITED
 
@@ -431,12 +412,12 @@ def test_rule_hang_settings_hung_hook_and_hang_metrics(key, service, clients, tm
     assert env["PROCWATCH_VERDICT"] == ""
     assert json.loads((out / "dp-own-hung.json").read_text())["PROCWATCH_SIGNAL"] == "SIGTERM"
     svc.wait_event("exit", name="dp-own")
-    m = scrape(port)
-    assert sample(m, "procwatch_hung_total", verdict="blocked") == 2
-    assert sample(m, "procwatch_killed_total", verdict="blocked") == 2
-    assert sample(m, "procwatch_hung_total", verdict="busy") == 0
-    assert sample(m, "procwatch_exits_total", cause="killed_hung") == 2
-    assert sample(m, "procwatch_checker_duration_seconds_count") > 0
+    m = scrape_metrics(port)
+    assert metric_value(m, "procwatch_hung_total", verdict="blocked") == 2
+    assert metric_value(m, "procwatch_killed_total", verdict="blocked") == 2
+    assert metric_value(m, "procwatch_hung_total", verdict="busy") == 0
+    assert metric_value(m, "procwatch_exits_total", cause="killed_hung") == 2
+    assert metric_value(m, "procwatch_checker_duration_seconds_count") > 0
 
 
 def test_sighup_gives_registered_processes_the_new_hang_policy(key, service, clients, tmp_path):
@@ -502,3 +483,134 @@ def test_a_refused_hang_kill_and_a_junk_signal_are_told_as_they_are(key, service
     assert junk.proc.wait(10) == -signal.SIGKILL
     assert refused.proc.poll() is None and not [e for e in svc.events("killed") if e["name"] == "ro-uid"]
     assert len([e for e in svc.events("hung") if e["name"] == "ro-uid"]) == 1
+
+
+def _subscribed(key, pid):
+    """The service at ``pid`` owns the table and has its backend open (its exits are queued)."""
+    try:
+        t = Table.attach(key)
+    except procwatch.ProcwatchError:       # not made yet, or its header not written yet
+        return False
+    try:
+        return t.hget32(abi.H_SERVICE_PID) == pid and t.hget32(abi.H_BACKEND) != abi.Backend.NONE
+    finally:
+        t.detach()
+
+
+def _dead_pid():
+    """(PID, start time) of a process that ran and was reaped."""
+    p = subprocess.Popen(["sleep", "60"])
+    start = start_time(p.pid)
+    p.kill()
+    p.wait()
+    return p.pid, start
+
+
+def test_sighup_changes_log_level_and_reconcile_interval_at_once(key, service, clients, tmp_path):
+    """One SIGHUP, two changes that take effect at once: log_level warning -> info
+    (a registration line appears), reconcile_interval 3600 -> 0.2 s (a dead process
+    that only a periodic reconcile can find is found)."""
+    cfg = write(tmp_path / "procwatch.toml", """
+        [service]
+        log_level = "warning"
+        reconcile_interval = 3600
+        """)
+    svc = service("--config", str(cfg), log_level=None, ready=False)
+    wait_until(lambda: svc.proc.poll() is None and _subscribed(key, svc.pid), 15, "the service to subscribe",
+               detail=svc.log)
+    a = clients(key, "quiet-a")
+    a.kill()
+    svc.wait_event("exit", name="quiet-a")        # a warning
+    assert not svc.events("registered"), svc.log()[-2000:]     # info, logged before the exit if at all
+    # Planted with no generation bump: only a reconcile (periodic, or after a
+    # respawn, which no exit causes from here on) looks at it.
+    pid, start = _dead_pid()
+    t = Table.attach(key)
+    try:
+        plant_slot(t, 5, pid, start, name="dead-d")
+        t.set32(5, abi.S_HEARTBEAT_MS, 0)
+    finally:
+        t.detach()
+    write(cfg, """
+        [service]
+        log_level = "info"
+        reconcile_interval = 0.2
+        """)
+    assert slot_word(key, 5)[0] == pid                 # not found before the reload
+    svc.proc.send_signal(signal.SIGHUP)
+    line = wait_until(lambda: next((ln for ln in log_lines(svc) if "configuration reloaded from" in ln), None),
+                      10, "the reload line (info)", detail=lambda: svc.log()[-2000:])
+    assert "log_level" in line and "reconcile_interval" in line, line
+    b = clients(key, "loud-b")
+    svc.wait_event("registered", name="loud-b", pid=b.pid)
+    e = svc.wait_event("found_dead", name="dead-d", pid=pid)
+    assert e["cause"] == "found_dead"
+
+
+def test_metrics_of_a_real_service_count_what_happened(key, service, clients, compiled, tmp_path):
+    """Scraped from a real service, each counter after the real thing it counts:
+    an overflow (a 4 KiB socket buffer in a fork storm), a found-dead slot, a
+    corrupt slot, a hook run, an unregister."""
+    port = free_port()
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [[rule]]
+        name = "m-*"
+        [rule.hooks]
+        on_exit = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}]
+        """)
+    svc = service("--config", str(cfg), "--metrics", f"127.0.0.1:{port}", "--backend", "connector",
+                  "--rcvbuf", "4096", "--reconcile-interval", "0.2")
+    m = scrape_metrics(port)
+    for name in ("procwatch_overflows_total", "procwatch_found_dead_total", "procwatch_corrupt_slots_total",
+                 "procwatch_hook_runs_total"):
+        assert metric_value(m, name) == 0, name
+    assert metric_value(m, "procwatch_exits_total", cause="unregistered") == 0
+
+    storm = subprocess.Popen([str(compiled("storm")), "-n", "200000", "-d", "10"])
+    try:
+        svc.wait_event("overflow")
+    finally:
+        storm.terminate()
+        storm.wait(30)
+    hooked = clients(key, "m-1")
+    hooked.kill()
+    wait_until(lambda: (out / "m-1-exit.json").exists(), 15, "the exit hook to run", detail=lambda: svc.log()[-2000:])
+    code = ("import procwatch, sys; r = procwatch.register_pid('leaver', key=int(sys.argv[1], 0)); "
+            "print('R', flush=True); sys.stdin.readline(); r.unregister()")
+    leaver = subprocess.Popen([PY, "-c", code, hex(key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert leaver.stdout.readline() == "R\n"
+        svc.wait_event("registered", name="leaver")
+        leaver.communicate("go\n", timeout=60)
+        assert leaver.returncode == 0
+    finally:
+        if leaver.poll() is None:
+            leaver.kill()
+            leaver.wait()
+    svc.wait_event("unregistered", name="leaver")
+    pid, start = _dead_pid()
+    t = Table.attach(key)
+    try:
+        plant_slot(t, 20, pid, start, name="gone-by")
+        plant_slot(t, 21, 0xFFFFFFF0, 1, name="forged")     # no kernel hands out that PID
+        for i in (20, 21):
+            t.set32(i, abi.S_HEARTBEAT_MS, 0)
+    finally:
+        t.detach()
+    svc.wait_event("found_dead", name="gone-by", pid=pid)
+    svc.wait_event("corrupt", slot=21)
+
+    def counted():
+        m = scrape_metrics(port)
+        return m if (metric_value(m, "procwatch_hook_runs_total") == 1
+                     and metric_value(m, "procwatch_exits_total", cause="unregistered") == 1
+                     and metric_value(m, "procwatch_corrupt_slots_total") >= 1) else None
+    m = wait_until(counted, 10, "the counters to catch up", detail=lambda: svc.log()[-2000:])
+    assert metric_value(m, "procwatch_overflows_total") >= 1
+    assert metric_value(m, "procwatch_found_dead_total") >= 1
+    assert metric_value(m, "procwatch_exits_total", cause="found_dead") >= 1
+    assert metric_value(m, "procwatch_exits_total", cause="exited") >= 1
+    assert metric_value(m, "procwatch_hook_failures_total") == 0

@@ -6,10 +6,11 @@ import random
 import signal
 import subprocess
 
+import pytest
 import sysv_ipc
 
 import procwatch
-from conftest import PY, ROOT, require_root, run_cli, wait_until
+from conftest import PY, ROOT, end_process, fresh_key, remove_ipc, require_root, run_cli, wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -97,6 +98,59 @@ def test_sigterm_stops_cleanly_and_keeps_the_table(key, service, clients):
     finally:
         t.detach()
     assert "event=stopping" in svc.log()
+
+
+def test_sigint_stops_cleanly_and_keeps_the_table(key, service, clients):
+    """SIGINT (Ctrl-C in a terminal) stops ``serve`` as SIGTERM does: exit 0, table kept."""
+    svc = service()
+    c = clients(key, "stays")
+    svc.wait_event("registered", name="stays")
+    assert svc.stop(signal.SIGINT) == 0
+    assert not procwatch.monitor_alive(key)
+    t = Table.attach(key)
+    try:
+        s = t.read_slot(c.slot)
+        assert s.pid == c.pid and s.state == abi.State.ALIVE
+        assert t.hget32(abi.H_SERVICE_PID) == 0
+    finally:
+        t.detach()
+    assert svc.events("stopping") and "Traceback" not in svc.log() and "KeyboardInterrupt" not in svc.log()
+
+
+def test_procwatch_key_wins_over_the_files_key(key, tmp_path):
+    """For ``serve`` the key is --key, else $PROCWATCH_KEY, else the file's service.key."""
+    file_key = fresh_key()
+    remove_ipc(file_key)
+    cfg = tmp_path / "procwatch.toml"
+    cfg.write_text(f"[service]\nkey = {file_key:#x}\n")
+    log = open(tmp_path / "service.log", "wb")
+    p = subprocess.Popen([PY, "-m", "procwatch", "serve", "--config", str(cfg), "--log", "stderr"],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
+                         env=dict(os.environ, PROCWATCH_KEY=hex(key)))
+    try:
+        wait_until(lambda: p.poll() is None and procwatch.monitor_alive(key), 15, "a service on $PROCWATCH_KEY",
+                   detail=lambda: (tmp_path / "service.log").read_text())
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.SharedMemory(file_key)
+        assert f"key={key:#010x}" in (tmp_path / "service.log").read_text()
+    finally:
+        end_process(p)
+        log.close()
+        remove_ipc(file_key)
+
+
+def test_status_summary_line(key, service, clients):
+    """Under the service line: the table, its live and used slots of all, and the exits."""
+    svc = service("--slots", "16")
+    clients(key, "alive-one")
+    gone = clients(key, "gone-one")
+    gone.kill()
+    svc.wait_event("exit", name="gone-one")
+    out = run_cli("status", "--key", hex(key))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"procwatch: running, PID {svc.pid}, connector backend"
+    assert lines[1] == f"table {key:#010x}: 1 live, 2 used of 16 slots, 1 exits"
 
 
 def test_status_json_and_exit_codes(key, service, clients):

@@ -4,7 +4,7 @@ Modes (--then): sleep (until killed or stdin closes), exit (exit with --code
 once stdin gives a line), beat (call beat() every --beat-every seconds, after
 --work-ms of CPU work each time; a 'stop' line on stdin stops the beats and
 the client sleeps in read() until the next line, 'start' resumes them,
-'spin' stops them and burns CPU, 'deadlock' stops them and waits on a lock
+'spin' stops them and burns CPU, 'hb SECONDS' calls set_heartbeat(SECONDS), 'deadlock' stops them and waits on a lock
 it holds itself (each bounded to 60 s), each answered with a line 'OK
 <command>'; once stdin closes, sleep without beating).
 """
@@ -67,7 +67,10 @@ if args.then == "beat":
             if not line:
                 break
             command = line.strip()
-            beating = command == "start"
+            if command.startswith("hb "):
+                reg.set_heartbeat(float(command.split()[1]))
+            else:
+                beating = command == "start"
             print(f"OK {command}", flush=True)
             if command == "spin":
                 deadline = time.monotonic() + 60
