@@ -79,7 +79,10 @@ def test_hundred_register_then_die_at_once_none_missed(key, service, clients):
     try:
         def all_ended():
             used = {s.name: s for s in t.used_slots()}
-            return len(used) == 100 and all(s.pid == 0 for s in used.values()) and used
+            # Ended: the word zeroed *and* the end recorded (the record may follow the
+            # zeroing by a moment: the recorder thread, when a client held the lock).
+            return len(used) == 100 and all(s.pid == 0 and s.state != abi.State.ALIVE
+                                            for s in used.values()) and used
         used = wait_until(all_ended, 30, "all 100 slots to be ended")
         for i in range(100):
             s = used.get(f"flash-{i}")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import wait_until
+from conftest import proc_state, wait_until
 from procwatch import abi
 from procwatch.hooks import HookEvent, HookRunner
 from procwatch.signals import describe_status
@@ -31,11 +31,7 @@ def children():
 
 def is_dead(pid):
     """Gone, or a zombie nobody reaped yet (killed either way)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    return proc_state(pid) in (None, "Z")
 
 
 def event(**fields):

@@ -6,11 +6,10 @@ import subprocess
 import sys
 import threading
 import types
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import metric_value, scrape_metrics
 from procwatch import abi, metrics
 from procwatch.hooks import HookEvent, HookRunner
 from procwatch.stats import LATENCY_BUCKETS, Stats
@@ -20,23 +19,6 @@ WAIT = 30
 
 def slot(state):
     return types.SimpleNamespace(state=state)
-
-
-def scrape(server):
-    url = f"http://127.0.0.1:{server.port}/metrics"
-    with urllib.request.urlopen(url, timeout=WAIT) as response:
-        assert response.status == 200
-        text = response.read().decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
-
-
-def value(families, name, **labels):
-    """The sample ``name`` with exactly ``labels``, from any family."""
-    for family in families.values():
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    raise KeyError((name, labels))
 
 
 @pytest.fixture
@@ -130,7 +112,7 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     table = [slot(abi.State.ALIVE), slot(abi.State.HUNG), slot(abi.State.EXITED),
              slot(abi.State.CLAIMING)]
     srv = server(stats, lambda: table)
-    before = scrape(srv)
+    before = scrape_metrics(srv.port)
     assert {name: f.type for name, f in before.items()} == {
         "procwatch_registered_processes": "gauge",
         "procwatch_exits": "counter",
@@ -147,9 +129,9 @@ def test_scrape_shows_every_metric_and_counters_move(server):
         "procwatch_corrupt_slots": "counter",
         "procwatch_checker_duration_seconds": "histogram",
     }
-    assert value(before, "procwatch_registered_processes") == 2
-    assert value(before, "procwatch_exits_total", cause="exited") == 0
-    assert value(before, "procwatch_hook_runs_total") == 0
+    assert metric_value(before, "procwatch_registered_processes") == 2
+    assert metric_value(before, "procwatch_exits_total", cause="exited") == 0
+    assert metric_value(before, "procwatch_hook_runs_total") == 0
 
     # Move the counters with real work: a hook run, and the records the
     # detector and the checker make.
@@ -169,34 +151,34 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     stats.record_corrupt()
     table.pop(0)
 
-    after = scrape(srv)
-    assert value(after, "procwatch_registered_processes") == 1
-    assert value(after, "procwatch_exits_total", cause="killed_hung") == 1
-    assert value(after, "procwatch_exits_total", cause="found_dead") == 1
-    assert value(after, "procwatch_found_dead_total") == 1
-    assert value(after, "procwatch_hung_total", verdict="starved") == 1
-    assert value(after, "procwatch_hung_total", verdict="busy") == 1
-    assert value(after, "procwatch_killed_total", verdict="busy") == 1
-    assert value(after, "procwatch_killed_total", verdict="unknown") == 1     # a label outside the set
+    after = scrape_metrics(srv.port)
+    assert metric_value(after, "procwatch_registered_processes") == 1
+    assert metric_value(after, "procwatch_exits_total", cause="killed_hung") == 1
+    assert metric_value(after, "procwatch_exits_total", cause="found_dead") == 1
+    assert metric_value(after, "procwatch_found_dead_total") == 1
+    assert metric_value(after, "procwatch_hung_total", verdict="starved") == 1
+    assert metric_value(after, "procwatch_hung_total", verdict="busy") == 1
+    assert metric_value(after, "procwatch_killed_total", verdict="busy") == 1
+    assert metric_value(after, "procwatch_killed_total", verdict="unknown") == 1     # a label outside the set
     assert {s.labels["verdict"] for s in after["procwatch_hung"].samples if s.name.endswith("_total")} == {
         "stopped", "starved", "stuck", "busy", "blocked", "unknown"}
-    assert value(after, "procwatch_overflows_total") == 1
-    assert value(after, "procwatch_detector_respawns_total") == 1
-    assert value(after, "procwatch_hook_runs_total") == 1
-    assert value(after, "procwatch_hook_failures_total") == 1
-    assert value(after, "procwatch_detection_latency_seconds_count") == 1
-    assert value(after, "procwatch_detection_latency_seconds_bucket", le="0.0002") == 1
-    assert value(after, "procwatch_detection_latency_seconds_bucket", le="0.0001") == 0
-    assert value(after, "procwatch_detection_latency_seconds_sum") == pytest.approx(120e-6)
-    assert value(after, "procwatch_checker_duration_seconds_bucket", le="0.0005") == 1
-    assert value(after, "procwatch_checker_duration_seconds_count") == 1
-    assert value(after, "procwatch_corrupt_slots_total") == 1
+    assert metric_value(after, "procwatch_overflows_total") == 1
+    assert metric_value(after, "procwatch_detector_respawns_total") == 1
+    assert metric_value(after, "procwatch_hook_runs_total") == 1
+    assert metric_value(after, "procwatch_hook_failures_total") == 1
+    assert metric_value(after, "procwatch_detection_latency_seconds_count") == 1
+    assert metric_value(after, "procwatch_detection_latency_seconds_bucket", le="0.0002") == 1
+    assert metric_value(after, "procwatch_detection_latency_seconds_bucket", le="0.0001") == 0
+    assert metric_value(after, "procwatch_detection_latency_seconds_sum") == pytest.approx(120e-6)
+    assert metric_value(after, "procwatch_checker_duration_seconds_bucket", le="0.0005") == 1
+    assert metric_value(after, "procwatch_checker_duration_seconds_count") == 1
+    assert metric_value(after, "procwatch_corrupt_slots_total") == 1
 
 
 def test_no_label_of_unbounded_cardinality(server):
     stats = Stats()
     stats.record_exit(abi.Cause.EXITED, latency_us=99)
-    families = scrape(server(stats, lambda: [slot(abi.State.ALIVE)]))
+    families = scrape_metrics(server(stats, lambda: [slot(abi.State.ALIVE)]).port)
     labels = {label for f in families.values() for s in f.samples for label in s.labels}
     assert labels == {"cause", "le", "verdict"}
     # Every label's values form a fixed set, whatever was recorded.
@@ -208,7 +190,7 @@ def test_no_label_of_unbounded_cardinality(server):
 
 
 def test_without_table_there_is_no_registered_gauge(server):
-    families = scrape(server(Stats()))
+    families = scrape_metrics(server(Stats()).port)
     assert "procwatch_registered_processes" not in families
 
 

@@ -64,20 +64,52 @@ def notify_socket(tmp_path):
     s.close()
 
 
+# asm/unistd.h: __NR_sendmsg
+SYS_SENDMSG = {"x86_64": 46, "aarch64": 211}[os.uname().machine]
+
+
+def _fill(path):
+    """Queue datagrams on the notify socket until it is full (net.unix.max_dgram_qlen):
+    the next sender blocks in sendmsg(2) until the queue is read."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    n = 0
+    try:
+        while True:
+            filler.sendto(b"FILLER=%d" % n, socket.MSG_DONTWAIT, path)
+            n += 1
+    except BlockingIOError:
+        return n
+    finally:
+        filler.close()
+
+
+def _in_syscall(pid, nr):
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0] == str(nr)
+
+
 def test_ready_after_start_up_then_status_watchdog_and_stopping(key, service, clients, notify_socket):
+    """READY=1 goes out once the table is set up, the backend subscribed and the
+    first reconcile done.  Checked at the moment it is sent: the notify socket is
+    full, so the service blocks in sendmsg(2) with READY=1 until the test reads;
+    a READY sent early would find the start-up unfinished."""
+    filled = _fill(notify_socket.path)
     env = dict(os.environ, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="3000000")
     svc = service(env=env, ready=False)
-    pid, ready = notify_socket.wait_for("READY", "1")
-    assert pid == svc.pid                                   # from the main process
-    # READY=1 comes after the table is set up, the backend subscribed and the
-    # first reconcile done: STARTED is logged at the end of exactly that.
+    wait_until(lambda: svc.proc.poll() is None and _in_syscall(svc.pid, SYS_SENDMSG), 15,
+               "the service to block sending its first notification", detail=svc.log)
     t = Table.attach(key)
     try:
         assert t.hget32(abi.H_SERVICE_PID) == svc.pid
         assert t.hget32(abi.H_BACKEND) != abi.Backend.NONE
     finally:
         t.detach()
-    assert "event=started" in svc.log()
+    assert "event=started" in svc.log()       # logged at the end of exactly that start-up
+    assert not notify_socket.seen
+    pid, ready = notify_socket.wait_for("READY", "1")
+    assert [m for _p, m in notify_socket.seen][:filled + 1] == \
+        [{"FILLER": str(i)} for i in range(filled)] + [ready]       # the blocked message was READY=1
+    assert pid == svc.pid                                   # from the main process
     assert ready["STATUS"] == "watching 0 processes, 0 exits"
 
     c = clients(key, "notified")

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import procwatch
-from conftest import ROOT, require_root, wait_until
+from conftest import ROOT, proc_state, require_root, wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -215,7 +215,7 @@ def test_zombie_registered_before_the_service_saw_it_is_found_dead_not_reused(ke
     try:
         reg = procwatch.register_pid("zombie", pid=p.pid, key=key)
         os.kill(p.pid, signal.SIGKILL)
-        wait_until(lambda: open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+        wait_until(lambda: proc_state(p.pid) == "Z",
                    10, "the target to be a zombie")
         svc2 = service()
         e = svc2.wait_event("found_dead", name="zombie")

@@ -18,7 +18,7 @@ import time
 import pytest
 import sysv_ipc
 
-from conftest import PY, ROOT, ServiceProcess, require_root, wait_until
+from conftest import PY, ROOT, ServiceProcess, proc_state, require_root, wait_until
 from procwatch import abi
 from procwatch.journal import Event
 from pwrel import (MS_BIND, MadeUsers, attached, cap_eff, connector_sockets, forked,  # noqa: F401
@@ -145,7 +145,7 @@ def test_process_hidden_by_proc_is_not_reported_dead(key, tmp_path, outsider, hi
             assert t.u32[t.pid_index(reg.slot)] == target.pid
         target.kill()
         e = svc.wait_event("exit", name="hidden", pid=target.pid)
-        assert e["signal"] == "SIGKILL" and e["latency_us"] != "?"
+        assert e["signal"] == "SIGKILL" and int(e["latency_us"]) >= 0     # measured: a kernel event
         assert "Traceback" not in svc.log()
     finally:
         target.kill()
@@ -172,7 +172,7 @@ def test_connector_socket_closed_under_the_detector(key, service, forked):  # no
     assert len(socks) == 1 and inode not in socks.values(), socks      # a new socket, no leak
     after.kill()
     e = svc.wait_event("exit", name="after", pid=after.pid, signal="SIGKILL")
-    assert e["latency_us"] != "?"               # from a kernel event on the new socket
+    assert int(e["latency_us"]) >= 0            # measured: from a kernel event on the new socket
     assert svc.log().count("detector thread failed") == 1, svc.log()[-3000:]  # not a respawn loop
     assert count(svc, "exit", name="during") + count(svc, "found_dead", name="during") == 1
     assert svc.proc.poll() is None
@@ -290,7 +290,7 @@ def test_unreaped_zombie_is_found_dead_not_pid_reused(key, service, forked):  # 
     c = forked(key, "zombie")
     svc.stop()
     os.kill(c.pid, signal.SIGKILL)              # not reaped: a zombie with its own start time
-    wait_until(lambda: open(f"/proc/{c.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
+    wait_until(lambda: proc_state(c.pid) == "Z", 10,
                "the client to be a zombie")
     svc2 = service()
     e = svc2.wait_event("found_dead", name="zombie", pid=c.pid)

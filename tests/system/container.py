@@ -56,7 +56,7 @@ import subprocess as _subprocess
 import time as _time
 from pathlib import Path as _Path
 
-__all__ = ("Container", "ContainerError", "reap_stale", "wait_until", "STATE_ROOT")
+__all__ = ("Container", "ContainerError", "reap_stale", "poll_until", "STATE_ROOT")
 
 # Per-container state on the host: state.json, console.log, the preset,
 # the /usr overlay's upper directory.  Not /tmp: nothing there may be
@@ -195,10 +195,12 @@ def _cgroup_kill(name):
 
 # -- helpers -----------------------------------------------------------------
 
-def wait_until(predicate, timeout=10.0, interval=0.05):
+def poll_until(predicate, timeout=10.0, interval=0.05):
     """Poll ``predicate`` until it returns a true value or ``timeout`` passes.
 
-    Returns the last value.  Tests use this instead of sleeping: a deadline
+    Returns the last value, and never fails a test: teardown code uses it
+    too, and callers assert (tests/conftest.py's ``wait_until`` is the one
+    that fails the test).  Tests use this instead of sleeping: a deadline
     bounds the wait, the interval only bounds the cost of asking.
     """
     deadline = _time.monotonic() + timeout
@@ -497,15 +499,15 @@ class Container:
             if _os.environ.get("PROCWATCH_CT_KEEP_LOG") == "1" and self._leader_alive():
                 self._save_journal()
             _os.kill(self._state["nspawn"][0], _signal.SIGTERM)   # nspawn: SIGRTMIN+3 to PID 1
-            wait_until(lambda: not self._nspawn_alive(), timeout, 0.02)
+            poll_until(lambda: not self._nspawn_alive(), timeout, 0.02)
         if self._leader_alive(shutting_down=True):
             # No orderly poweroff in time (or nspawn died and left PID 1
             # running): SIGKILL to the namespace's init kills all in it.
             _os.kill(self._state["leader"][0], _signal.SIGKILL)
-            wait_until(lambda: not self._leader_alive(shutting_down=True), 5.0)
-        if not wait_until(lambda: not self._nspawn_alive(), 5.0):
+            poll_until(lambda: not self._leader_alive(shutting_down=True), 5.0)
+        if not poll_until(lambda: not self._nspawn_alive(), 5.0):
             _os.kill(self._state["nspawn"][0], _signal.SIGKILL)
-            wait_until(lambda: not self._nspawn_alive(), 5.0)
+            poll_until(lambda: not self._nspawn_alive(), 5.0)
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=5)         # reap our child: no zombie
@@ -516,7 +518,7 @@ class Container:
         if left and _cgroup_pids(self.name):
             # Something survived nspawn: end exactly the members of our cgroup.
             _cgroup_kill(self.name)
-            wait_until(lambda: not _cgroup_pids(self.name), 5.0)
+            poll_until(lambda: not _cgroup_pids(self.name), 5.0)
             left = _cgroup_remove(self.name)
         self._cleanup_files(keep_log=_os.environ.get("PROCWATCH_CT_KEEP_LOG") == "1")
         self.leader = None

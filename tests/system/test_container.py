@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, REPO_INSIDE, container_name, systemd_site
-from .container import Container, ContainerError, _cgroup_dirs, reap_stale, wait_until
+from .container import Container, ContainerError, _cgroup_dirs, reap_stale, poll_until
 
 HERE = Path(__file__).resolve().parent
 PROBE_KEY = 0x7077CA91
@@ -83,7 +83,7 @@ def test_exec_timeout_kills_the_command_inside(ct):
     with pytest.raises(subprocess.TimeoutExpired):
         ct.exec("sh", "-c", "sleep 300", timeout=0.5)
     # nothing left inside, once the container's PID 1 has reaped the orphaned sleep
-    assert wait_until(lambda: ct.exec("pgrep", "-x", "sleep").returncode == 1, 10), \
+    assert poll_until(lambda: ct.exec("pgrep", "-x", "sleep").returncode == 1, 10), \
         ct.exec("ps", "-ef").stdout
 
 

@@ -32,7 +32,7 @@ import pytest
 from procwatch.journal import Event
 
 from .conftest import REPO_INSIDE
-from .container import wait_until
+from .container import poll_until
 
 UNIT = "procwatch.service"
 KEY = "0x70770001"                         # the default: the container has its own IPC namespace
@@ -57,7 +57,7 @@ def events(ct, kind, **match):
 
 
 def wait_event(ct, kind, timeout=15.0, **match):
-    return require(wait_until(lambda: events(ct, kind, **match), timeout, 0.1),
+    return require(poll_until(lambda: events(ct, kind, **match), timeout, 0.1),
                    f"no {kind} entry {match} within {timeout:g} s", ct)[-1]
 
 
@@ -145,8 +145,9 @@ def test_2_a_killed_client_is_one_structured_journal_entry(ct):
     assert e["MESSAGE_ID"] == Event.EXIT.message_id.hex and e["PRIORITY"] == "4"
     assert e["PROCWATCH_SLOT"].isdigit() and e["_SYSTEMD_UNIT"] == UNIT
     assert e["MESSAGE"].startswith(f"dp-1 (pid {pid}) killed by SIGKILL")
-    # The pidfd backend has no kernel timestamp: an unknown latency is left out, not 4294967295.
-    assert e.get("PROCWATCH_LATENCY_US", "0").isdigit() and e.get("PROCWATCH_LATENCY_US") != "4294967295"
+    # The container forces the pidfd backend (test 1), which has no kernel timestamp:
+    # an unknown latency is left out of the entry, not written as 4294967295 or empty.
+    assert "PROCWATCH_LATENCY_US" not in e, e
 
     # journalctl OBJECT_PID= finds it, and the catalog explains it (journalctl -x)
     text = ct.exec("journalctl", "-x", "--no-pager", f"OBJECT_PID={pid}",
@@ -168,7 +169,7 @@ def test_2_a_killed_client_is_one_structured_journal_entry(ct):
     def followed():
         text = ct.exec("cat", "/root/follow.jsonl").stdout
         return [json.loads(line) for line in text.splitlines()]
-    seen = require(wait_until(followed, 10, 0.1), "events --follow printed nothing", ct)
+    seen = require(poll_until(followed, 10, 0.1), "events --follow printed nothing", ct)
     assert [(s["event"], s["pid"]) for s in seen] == [("exit", pid)], seen
     ct.systemctl("stop", "pwevents.service")
 
@@ -184,9 +185,9 @@ def test_3_a_frozen_service_is_restarted_by_the_watchdog_and_readopts(ct):
     t0 = time.monotonic()
     ct.exec("kill", "-STOP", str(old), check=True)
     ct.exec("kill", "-KILL", str(doomed), check=True)          # dies while nobody watches
-    require(wait_until(lambda: int(ct.show(UNIT, "NRestarts")) >= 1, 30, 0.1),
+    require(poll_until(lambda: int(ct.show(UNIT, "NRestarts")) >= 1, 30, 0.1),
             "the watchdog did not restart the frozen service", ct)
-    require(wait_until(lambda: ct.show(UNIT, "ActiveState") == "active"
+    require(poll_until(lambda: ct.show(UNIT, "ActiveState") == "active"
                        and int(ct.show(UNIT, "MainPID")) not in (0, old), 30, 0.1),
             "the restarted service did not become active", ct)
     print(f"SIGSTOP -> restarted and active: {time.monotonic() - t0:.3f} s")
@@ -197,7 +198,7 @@ def test_3_a_frozen_service_is_restarted_by_the_watchdog_and_readopts(ct):
     dead = wait_event(ct, "found_dead", name="doomed")
     assert dead["PROCWATCH_PID"] == str(doomed) and dead["OBJECT_PID"] == str(doomed)
     assert dead["_PID"] == str(new) and dead["PROCWATCH_CAUSE"] == "found_dead"
-    started = wait_until(lambda: [e for e in events(ct, "started") if e["_PID"] == str(new)], 10, 0.1)
+    started = poll_until(lambda: [e for e in events(ct, "started") if e["_PID"] == str(new)], 10, 0.1)
     assert started and "adopted" in started[0]["MESSAGE"], started
     rc, snap = status(ct)
     assert rc == 0 and snap["service"]["pid"] == new
@@ -218,20 +219,20 @@ def test_4_reload_then_a_clean_stop_that_leaves_the_table(ct):
     ct.exec("systemd-analyze", "log-level", "debug", check=True)
     # systemctl reload (ExecReload=): SIGHUP, the same process goes on, RELOADING=1 then READY=1
     assert ct.systemctl("reload", UNIT, timeout=60).returncode == 0
-    require(wait_until(lambda: [n for n in notifications(ct, main) if n.startswith("READY=1")], 10, 0.1),
+    require(poll_until(lambda: [n for n in notifications(ct, main) if n.startswith("READY=1")], 10, 0.1),
             "no READY=1 after the reload", ct)
     said = [n.split("=")[0] for n in notifications(ct, main) if n.startswith(("RELOADING", "READY"))]
     assert said == ["RELOADING", "READY"], said
     assert int(ct.show(UNIT, "MainPID")) == main and ct.show(UNIT, "ActiveState") == "active"
     r = ct.systemctl("stop", UNIT, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert wait_until(lambda: "STOPPING=1" in notifications(ct, main), 10, 0.1)
+    assert poll_until(lambda: "STOPPING=1" in notifications(ct, main), 10, 0.1)
     assert ct.show(UNIT, "ActiveState") == "inactive"
     assert ct.show(UNIT, "Result") == "success"
     assert ct.show(UNIT, "ExecMainStatus") == "0"
     log = unit_log(ct)
     assert f"{UNIT}: Main process exited, code=exited, status=0/SUCCESS" in log    # not killed
-    stopping = wait_until(lambda: [e for e in events(ct, "stopping") if e["_PID"] == str(main)], 10, 0.1)
+    stopping = poll_until(lambda: [e for e in events(ct, "stopping") if e["_PID"] == str(main)], 10, 0.1)
     assert len(stopping) == 1 and stopping[0]["PROCWATCH_KEY"] == KEY, stopping
     assert KEY in ct.exec("ipcs", "-m").stdout                   # RemoveIPC=no: the table stays
     rc, snap = status(ct)
