@@ -461,3 +461,36 @@ def test_etcd_mistakes_are_one_line(body, where, what):
 def test_rule_publish_must_be_a_boolean():
     with pytest.raises(config.ConfigError, match=r"key 'rule\[0\].publish': expected true or false"):
         config.parse('[[rule]]\nname = "x"\npublish = "no"\n')
+
+
+def test_check_config_without_an_argument_checks_the_default_file(tmp_path):
+    """No FILE: the default path.  Absent, it says the built-in defaults would
+    apply (exit 0); present, it is checked like any file.  The present case runs
+    in a private mount namespace with a tmpfs over /etc (the host's /etc is not
+    touched); that needs root."""
+    import os
+    import subprocess
+    import sys
+    from procwatch import config
+    if not os.path.exists(config.DEFAULT_PATH):
+        out = check_config()
+        assert (out.returncode, out.stderr) == (0, "")
+        assert out.stdout == (f"{config.DEFAULT_PATH}: no such file; 'procwatch serve' would run "
+                              f"with the built-in defaults\n")
+    if os.geteuid() != 0:
+        pytest.skip("the present-file case needs root (a private mount namespace)")
+    script = (f"mount -t tmpfs none /etc && mkdir -p {os.path.dirname(config.DEFAULT_PATH)} && "
+              f"cp \"$0\" {config.DEFAULT_PATH} && exec \"$1\" -m procwatch check-config")
+    good = tmp_path / "good.toml"
+    good.write_text('[service]\nkey = 0x7e000042\n\n[[rule]]\nname = "dp-*"\n')
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(good),
+                          sys.executable], capture_output=True, text=True, cwd=EXAMPLE.parent, timeout=60)
+    assert (out.returncode, out.stderr) == (0, ""), out
+    assert out.stdout == f"{config.DEFAULT_PATH}: OK (1 rule, metrics off, etcd off, key 0x7e000042)\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[service]\nslots = "many"\n')
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(bad),
+                          sys.executable], capture_output=True, text=True, cwd=EXAMPLE.parent, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith(f"procwatch: {config.DEFAULT_PATH}:2: key 'service.slots'"), out.stderr
+    assert len(out.stderr.splitlines()) == 1

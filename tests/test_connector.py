@@ -269,3 +269,30 @@ def test_ack_decode_agrees_with_pyroute2():
     msg.decode()
     assert msg["what"] == connector.PROC_EVENT_NONE
     assert connector.decode_ack(buf, n)[:2] == (msg["seq"], msg["ack"])
+
+
+_RCVBUF_PROBE = """
+import sys
+import procwatch.connector as c
+conn = c.ProcConnector(int(sys.argv[1]))
+print(conn.rcvbuf_effective)
+conn.close()
+"""
+
+
+@require_root()
+def test_rcvbuf_above_rmem_max_needs_cap_net_admin():
+    """--rcvbuf past net.core.rmem_max: granted with CAP_NET_ADMIN (SO_RCVBUFFORCE),
+    capped at rmem_max without it (the kernel doubles what it grants, for its
+    bookkeeping: socket(7))."""
+    rmem_max = int(open("/proc/sys/net/core/rmem_max").read())
+    want = max(4 * rmem_max, connector.DEFAULT_RCVBUF * 2)
+    root = subprocess.run([os.sys.executable, "-c", _RCVBUF_PROBE, str(want)], capture_output=True,
+                          text=True, cwd=Path(__file__).parent.parent, timeout=60)
+    assert int(root.stdout) >= want, root
+    if not connector.kernel_has_filter():
+        pytest.skip("kernel < 6.6: an unprivileged process cannot subscribe at all")
+    nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             os.sys.executable, "-c", _RCVBUF_PROBE, str(want)], capture_output=True,
+                            text=True, cwd=Path(__file__).parent.parent, timeout=60)
+    assert int(nobody.stdout) <= 2 * rmem_max < want, nobody

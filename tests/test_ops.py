@@ -12,6 +12,8 @@ import socket
 import subprocess
 import textwrap
 
+import pytest
+
 import procwatch
 from conftest import (PY, ROOT, metric_value, plant_slot, proc_state, require_root, scrape_metrics, start_time,
                       wait_until)
@@ -614,3 +616,42 @@ def test_metrics_of_a_real_service_count_what_happened(key, service, clients, co
     assert metric_value(m, "procwatch_exits_total", cause="found_dead") >= 1
     assert metric_value(m, "procwatch_exits_total", cause="exited") >= 1
     assert metric_value(m, "procwatch_hook_failures_total") == 0
+
+
+def test_a_real_core_dump_is_reported_with_core_dumped_1(key, service, tmp_path):
+    """SIGABRT with core dumps allowed: the kernel writes a core and says so in the
+    wait status (WCOREDUMP), and the exit hook gets PROCWATCH_CORE_DUMPED=1."""
+    import resource
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = write(tmp_path / "procwatch.toml", f"""
+        [[rule]]
+        name = "dumper"
+        hooks = {{ on_exit = [{q(PY)}, "-c", {q(DUMP_ENV)}, {q(out)}] }}
+        """)
+    svc = service("--config", str(cfg))
+    cores = tmp_path / "cores"
+    cores.mkdir()
+    p = subprocess.Popen(["sleep", "600"], cwd=cores,       # core_pattern "core": written in its cwd
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2))
+    status = None
+    try:
+        reg = procwatch.register_pid("dumper", pid=p.pid, key=key)
+        svc.wait_event("registered", name="dumper")
+        os.kill(p.pid, signal.SIGABRT)
+        _, status = os.waitpid(p.pid, 0)    # the raw wait status: Popen drops the core flag
+        p.returncode = -signal.SIGABRT      # reaped here: Popen must not wait for it again
+    finally:
+        if status is None:
+            p.kill()
+            p.wait()
+    if not os.WCOREDUMP(status):
+        pytest.skip(f"this host wrote no core (kernel.core_pattern "
+                    f"{open('/proc/sys/kernel/core_pattern').read().strip()!r})")
+    e = svc.wait_event("exit", name="dumper", pid=p.pid)
+    assert (e["signal"], e["core_dumped"]) == ("SIGABRT", "1") and "(core dumped)" in e["message"]
+    wait_until(lambda: (out / "dumper-exit.json").exists(), 15, "the exit hook", detail=lambda: svc.log()[-2000:])
+    env = json.loads((out / "dumper-exit.json").read_text())
+    assert (env["PROCWATCH_SIGNAL"], env["PROCWATCH_CORE_DUMPED"], env["PROCWATCH_PID"]) == \
+        ("SIGABRT", "1", str(p.pid))
+    reg.unregister()

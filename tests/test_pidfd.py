@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from conftest import PROGS, PY, ROOT, read_slot, require_root, wait_ended, wait_until
-from procwatch import abi, cheader, pidfd_backend, procfs
+from procwatch import abi, cheader, connector, pidfd_backend, procfs
 from procwatch.segment import Table
 
 pytestmark = [require_root()]
@@ -90,6 +90,11 @@ def test_auto_picks_pidfd_in_a_new_network_namespace(key, service, clients):
     assert json.loads(out.stdout)["service"]["backend"] == "pidfd"
 
 
+def test_readme_states_the_fallback_deadline_the_code_has():
+    readme = (ROOT / "README.md").read_text()
+    assert f"within {connector.ACK_DEADLINE:g} s where it never acknowledges it" in " ".join(readme.split())
+
+
 def test_connector_backend_refuses_in_a_new_network_namespace(key, service):
     svc = service("--backend", "connector", preexec=_unshare_net, ready=False)
     assert svc.proc.wait(30) == 1
@@ -146,7 +151,10 @@ def test_auto_picks_pidfd_in_a_new_pid_namespace(key, tmp_path):
         slot, inner_pid = int(line[1]), int(line[2])
         assert read_slot(key, slot).pid == inner_pid          # a PID of the inner namespace
         text = log.read_text()
-        assert "backend=pidfd" in text and "did not acknowledge the subscription" in text, text
+        # The README's promise: auto falls back "within 2 s where it never acknowledges
+        # it"; the line names the deadline the code waited (no deadline: no start at all).
+        assert "backend=pidfd" in text, text
+        assert f"did not acknowledge the subscription within {connector.ACK_DEADLINE:g} s" in text, text
         driver.stdin.write("kill\n")
         driver.stdin.flush()
         s = wait_ended(key, slot)

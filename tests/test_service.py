@@ -132,7 +132,8 @@ def test_procwatch_key_wins_over_the_files_key(key, tmp_path):
                    detail=lambda: (tmp_path / "service.log").read_text())
         with pytest.raises(sysv_ipc.ExistentialError):
             sysv_ipc.SharedMemory(file_key)
-        assert f"key={key:#010x}" in (tmp_path / "service.log").read_text()
+        wait_until(lambda: f"event=started key={key:#010x}" in (tmp_path / "service.log").read_text(), 10,
+                   "the started line naming $PROCWATCH_KEY")
     finally:
         end_process(p)
         log.close()
