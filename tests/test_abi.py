@@ -31,7 +31,8 @@ import time
 import pytest
 import sysv_ipc
 
-from conftest import RACE_MIN_OVERLAP, RACE_ROUNDS, barrier_file, fresh_key, overlapped, run_race
+from conftest import (RACE_MIN_OVERLAP, RACE_ROUNDS, asleep_in_futex, barrier_file, fresh_key, futex_waits,
+                      overlapped, run_race, start_time, wait_until)
 from procwatch import abi, cheader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -486,26 +487,6 @@ def table(make_table):
     return make_table()
 
 
-def start_time(pid):
-    """Field 22 of /proc/PID/stat."""
-    stat = open(f"/proc/{pid}/stat", "rb").read()
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
-
-
-def wait_until_in_syscall(path, sysno, timeout=10.0):
-    """Until the task at /proc/.../syscall sleeps in syscall ``sysno`` (a condition, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            words = open(path).read().split()
-        except FileNotFoundError:
-            raise AssertionError(f"{path} vanished")
-        if words and words[0] == str(sysno):
-            return
-        os.sched_yield()
-    raise AssertionError(f"{path} never entered syscall {sysno}")
-
-
 def register(clients, table, name, **kw):
     c = clients("register", name, hex(table.key), **kw)
     m = re.fullmatch(r"rc=(-?\d+) slot=(\d+) pid=(-?\d+)", c.line())
@@ -560,7 +541,8 @@ def test_register_wakes_generation_waiters(pwtest, clients, table):
     t.start()
     while "tid" not in result:
         os.sched_yield()
-    wait_until_in_syscall(f"/proc/self/task/{result['tid']}/syscall", pwtest["sys_futex"])
+    wait_until(lambda: "tid" in result and asleep_in_futex(os.getpid(), result["tid"]), 10,
+               "the waiter to sleep in futex()")
     c = register(clients, table, "wake-the-service")
     t.join(30)
     assert c.rc_ == 0
@@ -682,7 +664,10 @@ def test_wait_exit_sleeps_on_the_futex_until_woken(pwtest, clients, table):
     c = register(clients, table, "victim")
     w = clients("wait", "victim", hex(table.key), -1)
     assert w.line() == "waiting"
-    wait_until_in_syscall(f"/proc/{w.pid}/syscall", pwtest["sys_futex"])
+    wait_until(lambda: asleep_in_futex(w.pid), 10, "pwtest wait to sleep in futex()")
+    # With no timeout (-1) the sleep has none either: only FUTEX_WAKE ends it, no poll.
+    (uaddr, timeout), = futex_waits(w.pid).values()
+    assert timeout == 0
     assert table.zero_and_wake(c.slot) == 1          # exactly our waiter was asleep on it
     assert w.line() == "1"
     assert w.wait() == 0
@@ -692,7 +677,7 @@ def test_wait_exit_woken_by_unregister(pwtest, clients, table):
     c = register(clients, table, "polite")
     w = clients("wait", "polite", hex(table.key), -1)
     assert w.line() == "waiting"
-    wait_until_in_syscall(f"/proc/{w.pid}/syscall", pwtest["sys_futex"])
+    wait_until(lambda: asleep_in_futex(w.pid), 10, "pwtest wait to sleep in futex()")
     assert c.send("unreg") == 0
     assert w.line() == "1"
 

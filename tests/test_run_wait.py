@@ -8,7 +8,8 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, asleep_in_futex, require_root, run_cli, start_time, wait_until
+from conftest import (PY, ROOT, asleep_in_futex, ctx_switches, futex_waits, require_root, run_cli, start_time,
+                      wait_until)
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -192,6 +193,11 @@ def test_wait_blocks_until_killed_and_says_how(key, service, clients):
                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     try:
         wait_until(lambda: asleep_in_futex(w.pid), 10, "procwatch wait to sleep in futex()")
+        # No --timeout: an untimed sleep that no clock ends, so no wake-up until the kill.
+        assert [timeout for _uaddr, timeout in futex_waits(w.pid).values()] == [0]
+        before = ctx_switches(w.pid)
+        time.sleep(0.5)
+        assert ctx_switches(w.pid) == before, "procwatch wait woke up before its target died: a poller"
         c.kill(signal.SIGKILL)
         out, err = w.communicate(timeout=10)
         assert w.returncode == 0, err
