@@ -28,7 +28,7 @@ import time
 
 import procwatch
 
-SPIN_LIMIT = 60.0           # s at one barrier: a racer that never comes has died
+SPIN_LIMIT = 10.0           # s at one barrier: a racer that never comes has died (stop spinning)
 
 
 def barrier(words, index, phase):
