@@ -258,7 +258,11 @@ def test_journald_not_reading_never_stalls_detection(key, tmp_path, stderr_is_jo
             with attached(key) as t:
                 used = t.used_slots()
             return all(s.pid == 0 and s.state == abi.State.EXITED for s in used)
-        wait_until(all_ended, 30, "every churned process to be ended in the table")
+        def unended():
+            with attached(key) as t:
+                return [s for s in t.used_slots() if not (s.pid == 0 and s.state == abi.State.EXITED)]
+        wait_until(all_ended, 30, "every churned process to be ended in the table",
+                   detail=lambda: f"{unended()}\n{svc.log()[-2000:]}")
         assert svc.proc.poll() is None
         if not stderr_is_journal:
             wait_until(lambda: "journald has not taken the last 1024 records" in svc.log(), 10,
