@@ -59,13 +59,21 @@ class Storm:
         return False
 
 
+def _default_signals():
+    for sig in SIGNALS:
+        if sig != signal.SIGKILL:
+            signal.signal(sig, signal.SIG_DFL)
+
+
 class Targets:
     """``sleep`` children registered by PID, each to be killed with its own signal."""
 
     def __init__(self, key, n, prefix):
         self.procs, self.regs, self.sigs = [], [], []
         for i in range(n):
-            p = subprocess.Popen(["sleep", "120"])
+            # SIGINT back to its default: a shell ignores it in a background job (sh -c '... &'),
+            # and the ignored disposition is inherited, so a SIGINT would not end the target.
+            p = subprocess.Popen(["sleep", "120"], preexec_fn=_default_signals)
             self.procs.append(p)
             self.regs.append(procwatch.register_pid(f"{prefix}-{i}", pid=p.pid, key=key))
             self.sigs.append(SIGNALS[i % len(SIGNALS)])
