@@ -257,7 +257,7 @@ def test_5_metrics_configured_under_the_unit_are_served(ct):
         require(r.returncode == 0, f"{UNIT} with [metrics] did not start: {r.stderr.strip()}", ct)
         scrape = (f"import urllib.request; print(urllib.request.urlopen("
                   f"'http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
-        text = require(wait_until(lambda: ct.exec(PY, "-c", scrape).stdout, 15, 0.2),
+        text = require(poll_until(lambda: ct.exec(PY, "-c", scrape).stdout, 15, 0.2),
                        "no metrics scraped from the unit's service", ct)
         assert "procwatch_registered_processes" in text, text[:500]
         assert ct.show(UNIT, "ActiveState") == "active"
