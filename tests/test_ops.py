@@ -565,8 +565,8 @@ def test_metrics_of_a_real_service_count_what_happened(key, service, clients, co
     svc = service("--config", str(cfg), "--metrics", f"127.0.0.1:{port}", "--backend", "connector",
                   "--rcvbuf", "4096", "--reconcile-interval", "0.2")
     m = scrape_metrics(port)
-    for name in ("procwatch_overflows_total", "procwatch_found_dead_total", "procwatch_corrupt_slots_total",
-                 "procwatch_hook_runs_total"):
+    # (Not the overflows: with 8 KiB, any burst of exits elsewhere on the machine may overflow.)
+    for name in ("procwatch_found_dead_total", "procwatch_corrupt_slots_total", "procwatch_hook_runs_total"):
         assert metric_value(m, name) == 0, name
     assert metric_value(m, "procwatch_exits_total", cause="unregistered") == 0
 
