@@ -234,7 +234,7 @@ def test_wait_imports_nothing_once_woken(key, service, clients):
     w = subprocess.Popen([PY, "-X", "importtime", *procwatch_cmd("wait", "quick", "--key", hex(key))[1:]],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
     try:
-        wait_until(lambda: _in_futex_wait(w.pid), 15, "wait to sleep in FUTEX_WAIT")
+        wait_until(lambda: asleep_in_futex(w.pid), 15, "wait to sleep in FUTEX_WAIT")
         before = _read_available(w.stdout.fileno()).decode()
         assert "import time:" in before and "procwatch.runwait" in before
         c.kill()
@@ -262,7 +262,7 @@ def test_wait_wake_to_exit_figures(key, service, clients):
         c = clients(key, f"fig-{n}")
         w = subprocess.Popen(procwatch_cmd("wait", f"fig-{n}", "--key", hex(key)), stdout=subprocess.PIPE,
                              text=True, cwd=ROOT, env=ENV)
-        wait_until(lambda: _in_futex_wait(w.pid), 15, "wait to sleep in FUTEX_WAIT")
+        wait_until(lambda: asleep_in_futex(w.pid), 15, "wait to sleep in FUTEX_WAIT")
         fd = os.pidfd_open(w.pid)
         try:
             c.kill()
