@@ -31,10 +31,10 @@ WARMUP = 500
 RSS_GROWTH_KIB = 4096
 
 
-def churn(key, count, prefix, pids):
-    """Run churn.py; the seconds it took.  ``pids`` gets its "NAME PID" lines."""
+def churn(key, count, prefix, pids=None):
+    """Run churn.py; the seconds it took.  ``pids``, if given, gets its "NAME PID" lines."""
     out = subprocess.run([PY, str(ROOT / "tests/progs/churn.py"), "--key", hex(key), "--count", str(count),
-                          "--parallel", "6", "--prefix", prefix, "--pids", str(pids)],
+                          "--parallel", "6", "--prefix", prefix, *(["--pids", str(pids)] if pids else [])],
                          capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert f"registered={count} none=0 errors=0" in out.stdout, out.stdout + out.stderr[-2000:]
