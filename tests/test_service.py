@@ -150,7 +150,7 @@ def test_status_summary_line(key, service, clients):
     out = run_cli("status", "--key", hex(key))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == f"procwatch: running, PID {svc.pid}, connector backend"
+    assert lines[0].startswith(f"procwatch: running, PID {svc.pid}, connector backend")
     assert lines[1] == f"table {key:#010x}: 1 live, 2 used of 16 slots, 1 exits"
 
 
