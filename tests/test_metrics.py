@@ -183,7 +183,7 @@ def test_no_label_of_unbounded_cardinality(server):
     assert labels == {"cause", "le", "verdict"}
     # Every label's values form a fixed set, whatever was recorded.
     stats.record_hung("no such verdict")
-    again = scrape(server(stats, lambda: [slot(abi.State.ALIVE)]))
+    again = scrape_metrics(server(stats, lambda: [slot(abi.State.ALIVE)]).port)
     verdicts = {s.labels["verdict"] for f in again.values() for s in f.samples if "verdict" in s.labels}
     assert verdicts == {"stopped", "starved", "stuck", "busy", "blocked", "unknown"}
     assert all(name.startswith("procwatch_") for name in families)
