@@ -52,14 +52,18 @@
 
 /* Table layout: procwatch/abi.py owns it; these mirror it and
  * tests/test_hotstep.py holds them to abi.py (layout()). */
-#define HEADER_SIZE 128
-#define SLOT_SIZE 128
+#define HEADER_SIZE 192
+#define SLOT_SIZE 192
 #define H_GENERATION 28
 #define S_PID 0
 #define S_STATE 4
 #define S_START_TIME 8
 #define S_NAME 16
 #define NAME_SIZE 32
+#define S_DEATH_ARM 116          /* issue 14: the death word, abi.death_word_dead() */
+#define S_DEATH_MUTEX 136
+#define ARM_ARMED 1
+#define FUTEX_OWNER_DIED_BIT 0x40000000u
 #define STATE_EMPTY 0
 #define STATE_CLAIMING 1
 
@@ -349,7 +353,9 @@ static PyObject *py_any_set(PyObject *self, PyObject *args)
 
 static PyObject *py_layout(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:I}",
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:I}",
+                         "S_DEATH_ARM", S_DEATH_ARM, "S_DEATH_MUTEX", S_DEATH_MUTEX, "ARMED", ARM_ARMED,
+                         "FUTEX_OWNER_DIED", FUTEX_OWNER_DIED_BIT,
                          "HEADER_SIZE", HEADER_SIZE, "SLOT_SIZE", SLOT_SIZE,
                          "H_GENERATION", H_GENERATION, "S_PID", S_PID, "S_STATE", S_STATE,
                          "S_START_TIME", S_START_TIME, "S_NAME", S_NAME, "NAME_SIZE", NAME_SIZE,
@@ -1022,10 +1028,15 @@ typedef struct {
     uint32_t known;     /* the PID the peer expects there */
 } PeerWord;
 
-/* The target's PID as the table says it now.  One word today; a further check (issue 14's
- * death word: "gone" although the PID word still holds the PID) is one more load here. */
+/* The target's PID as the table says it now: 0 also when its armed death word says
+ * FUTEX_OWNER_DIED (issue 14, abi.death_word_dead(): the kernel marked the death and the
+ * service has not zeroed the PID word yet).  The PID word is at the slot's start, so the
+ * slot's death fields are at fixed distances from it. */
 static inline uint32_t word_pid(PeerWord *p)
 {
+    if (load32(p->word + S_DEATH_ARM) == ARM_ARMED
+        && (load32(p->word + S_DEATH_MUTEX) & FUTEX_OWNER_DIED_BIT))
+        return 0;
     return load32(p->word);
 }
 

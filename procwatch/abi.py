@@ -7,8 +7,8 @@ checks that document against this module and against the C header.
 
 Layout (all integers native-endian, naturally aligned)::
 
-    header   HEADER_SIZE (128) bytes at offset 0
-    slot[i]  SLOT_SIZE (128) bytes at HEADER_SIZE + i * SLOT_SIZE
+    header   HEADER_SIZE (192) bytes at offset 0
+    slot[i]  SLOT_SIZE (192) bytes at HEADER_SIZE + i * SLOT_SIZE
 
 The PID word of a slot is the contract of the whole project: non-zero means
 "this process is registered and alive", 0 means "empty, or gone".  Three
@@ -24,6 +24,17 @@ rules keep a reader from ever seeing a wrong answer:
   waiters sleep in FUTEX_WAIT instead of polling.  The header's generation
   word is a futex too: registration changes bump it and wake the service.
 
+The death word (layout version 2, issue 14).  Each slot carries a glibc
+process-shared *robust* mutex (S_DEATH_MUTEX; its first u32 is the futex
+word, "the death word") that the registered process locks from a sentinel
+thread for as long as it is registered.  When the process dies, the kernel
+walks the dying thread's robust list at the *start* of exit_mm()
+(kernel/futex/core.c, exit_robust_list()), sets FUTEX_OWNER_DIED in the word
+and wakes one waiter, before the address space is torn down; the exit event
+and a pidfd come only after the teardown (about 50 ms per GiB touched).  The
+service waits on the armed death words (deathword.py) and zeroes the PID
+word at once.  S_DEATH_ARM says whether the word is armed, and if not, why.
+
 Not thread safe by itself: slot allocation is serialised by the table's
 SysV semaphore (see :mod:`procwatch.segment`), service-side writes by the
 service's own lock.
@@ -33,9 +44,9 @@ import enum as _enum
 import struct as _struct
 
 MAGIC = b"PWTABLE\0"
-VERSION = 1
-HEADER_SIZE = 128
-SLOT_SIZE = 128
+VERSION = 2             # 2: the death word (issue 14); 1: before it
+HEADER_SIZE = 192
+SLOT_SIZE = 192
 NAME_SIZE = 32          # <= 31 bytes of UTF-8, NUL padded
 NAME_MAX = NAME_SIZE - 1
 
@@ -61,6 +72,8 @@ H_EXITS = 56             # u64  exits reported since the segment was made
 H_PENDING_ENDS = 64      # u64[8]  ends the service zeroed but has not logged yet (service only):
                          #         (pid << 32) | (slot + 1); 0 = free.  See segment.Table.clear_pid.
 PENDING_ENDS = 8
+H_DEATH_WATCH = 128      # u32  DeathWatch: whether the service waits on death words, and if not, why
+# 132..191 reserved, zero.
 
 HEADER_STATIC = _struct.Struct("=8sIIII")   # magic .. slot_count, packed once at creation
 
@@ -84,7 +97,19 @@ S_LAST_BEAT_NS = 96      # u64  CLOCK_REALTIME ns the service last saw progress
 S_HEARTBEAT_ACTION = 104  # u32  HangAction for this slot (0 = service default)
 S_HEARTBEAT_SIGNAL = 108  # u32  signal number for HangAction.KILL (0 = service default)
 S_VERDICT = 112          # u32  Verdict of the last hang (service); 0 while none
-# 116..127 reserved, zero.
+S_DEATH_ARM = 116        # u32  Arm: whether the death word is armed, and if not, why (client)
+S_DEATH_TID = 120        # u32  TID of the sentinel thread holding S_DEATH_MUTEX (client)
+S_DETECTED_BY = 124      # u32  Detection: what zeroed the PID word (service)
+S_TEARDOWN_US = 128      # u32  death word -> pidfd readable, µs (the teardown); LATENCY_UNKNOWN
+# 132..135 reserved, zero.
+S_DEATH_MUTEX = 136      # 56   pthread_mutex_t, robust, process-shared; its first u32 is the
+                         #      death word (glibc's __lock).  Futex word, waited on by the service only.
+DEATH_MUTEX_SIZE = 56    # >= sizeof(pthread_mutex_t): 40 on x86_64, 48 on aarch64 (glibc)
+
+# include/uapi/linux/futex.h: the robust-futex bits of a death word.
+FUTEX_WAITERS = 0x80000000
+FUTEX_OWNER_DIED = 0x40000000
+FUTEX_TID_MASK = 0x3FFFFFFF
 
 # Slot fields by name for column reads: name -> (offset, 64-bit?).
 SLOT_FIELDS = {
@@ -92,7 +117,7 @@ SLOT_FIELDS = {
     "heartbeat_seq": (S_HEARTBEAT_SEQ, True), "heartbeat_ms": (S_HEARTBEAT_MS, False),
     "misses": (S_MISSES, False), "cause": (S_CAUSE, False), "exit_time_ns": (S_EXIT_TIME_NS, True),
     "registered_ns": (S_REGISTERED_NS, True), "owner_uid": (S_OWNER_UID, False),
-    "last_beat_ns": (S_LAST_BEAT_NS, True),
+    "last_beat_ns": (S_LAST_BEAT_NS, True), "death_arm": (S_DEATH_ARM, False),
 }
 
 LATENCY_UNKNOWN = 0xFFFFFFFF
@@ -101,8 +126,20 @@ EXIT_STATUS_UNKNOWN = -1
 SLOT_IDENTITY = _struct.Struct("=Q32s")      # start_time, name (at S_START_TIME)
 SLOT_END = _struct.Struct("=iIQ")            # exit_status, cause, exit_time_ns (at S_EXIT_STATUS)
 # One whole slot, field by field in the order above (for snapshots; never to write a PID word).
-SLOT = _struct.Struct("=IIQ32sQIIiIQQIIQIII12x")
+SLOT = _struct.Struct("=IIQ32sQIIiIQQIIQIIIIIII4x56x")
 assert SLOT.size == SLOT_SIZE
+
+
+def death_word_dead(arm, word):
+    """Whether an armed death word says its process died: the one rule every reader uses.
+
+    ``arm`` is the slot's S_DEATH_ARM, ``word`` its death word.  Dead when the
+    slot is ARMED and the kernel set FUTEX_OWNER_DIED.  Peer.alive, the C
+    header's procwatch_peer_current() and the service all apply exactly
+    this; the service then confirms the process is really exiting (an
+    execve(2) fires the word too) before it zeroes the PID word.
+    """
+    return arm == Arm.ARMED and word & FUTEX_OWNER_DIED != 0
 
 
 class State(_enum.IntEnum):
@@ -128,6 +165,36 @@ class Cause(_enum.IntEnum):
     FOUND_DEAD_OVERFLOW = 4  # reconcile after the connector socket overflowed
     PID_REUSED = 5         # the PID is alive but its start time changed
     UNREGISTERED = 6       # Registration.unregister()
+
+
+class Arm(_enum.IntEnum):
+    """Whether a slot's death word is armed (slot field S_DEATH_ARM).  Values are ABI.
+
+    Anything but ARMED is "connector-only": the service learns of the end
+    from the exit event (or pidfd), after the address-space teardown.
+    """
+    NONE = 0           # not armed: an older client, or one built without threads
+    ARMED = 1          # a sentinel thread of the process holds the death mutex
+    DISARMED = 2       # unregistering: marked before the sentinel unlocks (not a death)
+    OTHER_PID = 3      # registered for another process (register_pid(pid=X)): cannot arm
+    UNAVAILABLE = 4    # the client could not arm (no robust pthread mutex here)
+    PRELOAD = 5        # 'procwatch run': the preload library arms it once CMD starts
+    NOT_PRELOADABLE = 6  # 'procwatch run' of a static or setuid program: no preload
+    LOST = 7           # the word fired but the process lives on (execve): connector-only since
+
+
+class Detection(_enum.IntEnum):
+    """What zeroed a slot's PID word (slot field S_DETECTED_BY).  Values are ABI."""
+    EXIT_EVENT = 0     # the exit event (connector) or pidfd: after the teardown
+    DEATH_WORD = 1     # the death word: before the teardown
+
+
+class DeathWatch(_enum.IntEnum):
+    """Whether the service waits on death words (header field H_DEATH_WATCH).  Values are ABI."""
+    OFF = 0            # no service, or it has not started watching
+    WATCHING = 1       # futex_waitv(2) on every armed slot
+    NO_WAITV = 2       # the kernel has no futex_waitv (Linux < 5.16): connector-only
+    NO_ATOMICS = 3     # neither procwatch._deathword nor libatomic: connector-only
 
 
 class HangAction(_enum.IntEnum):

@@ -92,7 +92,7 @@ def _choose_slot(table, raw, pid, start):
 class Registration:
     """A process's slot in the table.  Also a context manager that unregisters."""
 
-    def __init__(self, table, slot, pid, start_time, name):
+    def __init__(self, table, slot, pid, start_time, name, sentinel=None):
         self.table = table
         self.slot = slot
         self.pid = pid
@@ -100,6 +100,15 @@ class Registration:
         self.name = name
         self._u64, self._seq_index = table.beat_word(slot)
         self._registered = True
+        self._sentinel = sentinel
+
+    @property
+    def death_word(self):
+        """The slot's death-word state: 'armed', or why it is connector-only (abi.Arm, lowercase)."""
+        try:
+            return _abi.Arm(self.table.death_arm(self.slot)).name.lower()
+        except ValueError:
+            return "invalid"
 
     def beat(self):
         """Count progress: one aligned 8-byte store, no syscall, no lock."""
@@ -130,15 +139,20 @@ class Registration:
             return
         self._registered = False
         t = self.table
+        if self.pid != _os.getpid() and self._sentinel is not None:
+            t.detach()                # a fork(2)ed child: the registration is its parent's
+            return
         try:
             with t.lock():
-                t.release(self.slot, self.pid)
+                t.release(self.slot, self.pid)      # marks the death word DISARMED first
         except SegmentMissing:
             pass                      # the table went away: nothing left to clean
         except _UNUSABLE as e:        # lock held for seconds, or taken from us: never the client's problem
             log.error("procwatch: cannot unregister %s (%s); the service reports it ended "
                       "when the process exits", self.name, e)
         finally:
+            if self._sentinel is not None:
+                self._sentinel.release()            # unlocked after the mark: never a death
             t.detach()
 
     def __enter__(self):
@@ -178,7 +192,8 @@ def _heartbeat_ms(seconds):
     return ms
 
 
-def register_pid(name=None, *, pid=None, key=None, heartbeat=None, hang_action=None, hang_signal=None):
+def register_pid(name=None, *, pid=None, key=None, heartbeat=None, hang_action=None, hang_signal=None,
+                 arm=True):
     """Claim a slot for ``pid`` (default: this process) under ``name``.
 
     Returns a :class:`Registration`, or None when no table exists (no
@@ -206,6 +221,17 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=None, hang_action=N
     e.g. 'SIGABRT' for a core dump) override the service's defaults for this
     process; None keeps them (or, adopting, the slot's).  The kill needs the target to have the table attached (so
     ``pid=`` another process works only if that process attached it too).
+
+    The death word (issue 14): registering this process also starts a
+    sentinel thread that holds the slot's robust mutex, so the service learns
+    of the death when the kernel starts the exit, before the address space
+    is torn down.  A slot registered for another process cannot be armed
+    (only its own threads can hold the mutex): it stays connector-only, and
+    ``procwatch status`` says so.  ``arm=False`` (or an abi.Arm saying why)
+    leaves it connector-only on purpose (``procwatch run`` arms in the new
+    image instead).  An armed process that calls execve(2) fires its death
+    word; unregister first, or peers polling ``Peer.alive`` see it dead until
+    the service has told the exec from a death (deathword.CONFIRM_WINDOW).
     """
     pid = _os.getpid() if pid is None else pid
     if not isinstance(pid, int) or not _procfs.valid_pid(pid):
@@ -233,6 +259,17 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=None, hang_action=N
                 table.bump_generation()
                 return Registration(table, i, pid, start, raw.decode("utf-8"))
             table.claim(i)
+            sentinel = None
+            if pid != _os.getpid():
+                table.set_arm(i, _abi.Arm.OTHER_PID)
+            elif arm is not True:
+                table.set_arm(i, arm or _abi.Arm.NONE)
+            else:                               # armed before it is published (deathword.Sentinel)
+                from .deathword import Sentinel
+                sentinel = Sentinel(table, i, pid)
+                if sentinel.arm() != _abi.Arm.ARMED:
+                    log.warning("procwatch: could not arm the death word of %r; its death is seen only "
+                                "after the address-space teardown (connector-only)", raw.decode("utf-8"))
             table.publish(i, pid, start, raw, heartbeat_ms=hb_ms or 0, hang_action=action,
                           hang_signal=sig, owner_uid=_os.getuid())
     except _UNUSABLE as e:
@@ -241,7 +278,7 @@ def register_pid(name=None, *, pid=None, key=None, heartbeat=None, hang_action=N
     except BaseException:
         table.detach()
         raise
-    return Registration(table, i, pid, start, raw.decode("utf-8"))
+    return Registration(table, i, pid, start, raw.decode("utf-8"), sentinel)
 
 
 _UNUSABLE = (SegmentMissing, SegmentPermissionError, SegmentCorrupt, TableBusy)
@@ -296,25 +333,40 @@ def _find_slot(table, raw):
     return live[0] if live is not None else best
 
 
+# Peer.pid/alive inline abi.death_word_dead() with these two numbers (and so does _hotstep.c).
+assert _abi.Arm.ARMED == 1 and _abi.FUTEX_OWNER_DIED == 0x40000000
+
+
 class _PyPeerWord:
-    """What procwatch._hotstep.PeerWord does, in Python (where the extension did not load)."""
+    """What procwatch._hotstep.PeerWord does, in Python (where the extension did not load).
+
+    Both also read the death word (abi.death_word_dead, inlined as in
+    _hotstep.c's word_pid()): a peer that polls sees a death the moment the
+    kernel marks the word, before the service wakes.
+    """
     __slots__ = ("__dict__", "__weakref__", "_known")
 
     def _bind(self, address):
-        pass                            # reads go through self._u32[self._index]
+        _, self._arm_index, self._word_index = self.table.death_word_view(self.slot)
 
     @property
     def pid(self):
         """The target's PID, or 0 when it is gone (or was never started)."""
-        pid = self._u32[self._index]
+        u32 = self._u32
+        pid = u32[self._index]
+        if u32[self._arm_index] == 1 and u32[self._word_index] & 0x40000000:   # ARMED, OWNER_DIED
+            return 0
         if pid == self._known or pid == 0:
             return pid
         return self._follow(pid)
 
     @property
     def alive(self):
-        """Whether the target lives: ``pid != 0``, inlined (a property call is most of its cost)."""
-        pid = self._u32[self._index]
+        """Whether the target lives: ``pid != 0`` and its death word has not fired."""
+        u32 = self._u32
+        pid = u32[self._index]
+        if u32[self._arm_index] == 1 and u32[self._word_index] & 0x40000000:   # ARMED, OWNER_DIED
+            return False
         if pid == self._known or pid == 0:
             return pid != 0
         return self._follow(pid) != 0
@@ -375,7 +427,12 @@ class Peer(_native.hot.PeerWord if _native.hot else _PyPeerWord):
         polling.
         """
         deadline = None if timeout is None else _time.monotonic() + timeout
-        first = self.pid                 # follows the name to its current slot
+        # The PID word, not the death word: the wait ends when the service has zeroed the
+        # word (and is about to record the end), so a supervisor that re-registers the
+        # name at once never takes the slot before the old end is reported.
+        first = self._u32[self._index]
+        if first != self._known and first != 0:
+            first = self._follow(first)  # follows the name to its current slot
         if first == 0:
             return True
         slot, index = self.slot, self._index

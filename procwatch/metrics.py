@@ -84,8 +84,15 @@ class Collector:
                 family.add_metric([verdict], n)
             yield family
         yield self._histogram("procwatch_detection_latency_seconds",
-                              "Kernel exit event to slot zeroed (exits reported by the kernel).",
+                              "Kernel exit event to slot zeroed (ends zeroed by the exit event; the event "
+                              "comes after the address-space teardown, which this leaves out).",
                               s.latency)
+        yield self._histogram("procwatch_death_word_latency_seconds",
+                              "Death word seen to slot zeroed (ends zeroed by the death word, before "
+                              "the teardown).", s.death_latency)
+        yield self._histogram("procwatch_teardown_seconds",
+                              "Death word seen to pidfd seen readable: the address-space teardown every "
+                              "exit-event or pidfd watcher waits for (ends zeroed by the death word).", s.teardown)
         for name, doc, value in (
             ("procwatch_found_dead", "Ends noticed by reconcile rather than by an exit event.",
              s.found_dead),

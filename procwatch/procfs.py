@@ -91,6 +91,77 @@ def _boot_time(procfs=PROCFS):
     return 0
 
 
+PF_EXITING = 0x00000004      # include/linux/sched.h: set by exit_signals() at the top of do_exit()
+
+
+def group_exiting(pid, expected_start, procfs=PROCFS):
+    """Whether the process (``pid``, ``expected_start``) is dying as a whole.
+
+    True when every thread is exiting: PF_EXITING in field 9 of
+    /proc/PID/task/TID/stat, or a zombie, or already gone, or SIGKILL pending
+    on it (``SigPnd``: a fatal signal and exit_group() queue SIGKILL on every
+    other thread, complete_signal()/zap_other_threads(), and a thread not yet
+    scheduled has not reached do_exit()); or when the process dumps core
+    (``CoreDumping: 1``: the other threads are killed first); or when the PID
+    now names another process.  False when a thread is none of these: the
+    one that calls execve(2) (de_thread() kills the others with SIGKILL, never
+    itself), so an exec is never taken for a death.  None when /proc hides
+    it (hidepid=): unreadable is never read as gone.
+    """
+    base = f"{procfs}/{pid}/task"
+    try:
+        tids = _os.listdir(base)
+    except (FileNotFoundError, ProcessLookupError):
+        try:                            # gone, or hidden by hidepid=2 (ENOENT too): ask the kernel
+            _os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return None
+    except PermissionError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue                    # that thread is gone already (ESRCH: while being read)
+        except PermissionError:
+            return None
+        rest = data[data.rindex(b")") + 2:].split()
+        if tid == str(pid) and int(rest[19]) != expected_start:
+            return True                 # the PID was reused: ours is gone
+        if rest[0] in (b"Z", b"X") or int(rest[6]) & PF_EXITING:
+            continue
+        pending = _status_field(f"{base}/{tid}/status", b"SigPnd:")
+        if pending is None:
+            continue                    # gone meanwhile
+        if int(pending, 16) & _SIGKILL_BIT:
+            continue
+        core = _status_field(f"{procfs}/{pid}/status", b"CoreDumping:")
+        return None if core is None else core.strip() == b"1"
+    return True
+
+
+_SIGKILL_BIT = 1 << (9 - 1)     # signal 9 in a /proc sigset mask
+
+
+def _status_field(path, name):
+    """The value of line ``name`` of a /proc status file (bytes), or None if it is gone."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return b"0"
+    at = data.find(b"\n" + name)
+    if at < 0:
+        return b"0"
+    return data[at + 1 + len(name):data.index(b"\n", at + 1)].strip()
+
+
 def real_uid(pid, procfs=PROCFS):
     """Real uid of ``pid`` from /proc/PID/status, or None if gone."""
     try:

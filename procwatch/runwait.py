@@ -21,6 +21,15 @@ environment.  A command that registers that name itself (``register_pid``,
 ``procwatch_register``) adopts the slot ``run`` made for its PID, and with
 ``--heartbeat S`` its beats are what keep it from being declared hung.
 
+The death word (issue 14): execve(2) releases the robust mutexes of the old
+image, so ``run`` cannot arm before the exec.  It registers the slot as
+PRELOAD and puts the package's preload library (procwatch/_preload*.so) in
+LD_PRELOAD with PROCWATCH_ARM=key:slot:pid:start_time; its constructor arms
+the slot from inside CMD, and only in CMD itself (children inherit the
+environment but have other PIDs).  A statically linked CMD never loads it
+and glibc ignores it for a setuid/setgid one: those slots are
+NOT_PRELOADABLE, connector-only, and ``status`` says so.
+
 ``wait`` sleeps in FUTEX_WAIT on the name's PID word (Peer.wait_exit: no
 polling) and prints how the process ended, from its slot.
 """
@@ -127,6 +136,73 @@ def _find_command(cmd):
     return None, seen
 
 
+def _elf_interpreter(path):
+    """Whether the ELF file at ``path`` has a PT_INTERP (is dynamically linked); None if not ELF.
+
+    A damaged ELF header is None too: the exec will say what is wrong with it.
+    """
+    import struct
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF":
+                return None
+            is64, little = head[4] == 2, head[5] == 1
+            end = "<" if little else ">"
+            if is64:
+                phoff, = struct.unpack_from(end + "Q", head, 32)
+                phentsize, phnum = struct.unpack_from(end + "HH", head, 54)
+            else:
+                phoff, = struct.unpack_from(end + "I", head, 28)
+                phentsize, phnum = struct.unpack_from(end + "HH", head, 42)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+        PT_INTERP = 3                       # include/uapi/linux/elf.h
+        return any(struct.unpack_from(end + "I", table, k * phentsize)[0] == PT_INTERP for k in range(phnum))
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def _script_interpreter(path):
+    """The interpreter path of a '#!' script, or None."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(256)
+    except OSError:
+        return None
+    if not line.startswith(b"#!"):
+        return None
+    parts = line[2:].split()
+    return _os.fsdecode(parts[0]) if parts else None
+
+
+def preload_library():
+    """Path of the package's preload library, or None when it was not built."""
+    import glob
+    found = sorted(glob.glob(_os.path.join(_os.path.dirname(__file__), "_preload*.so")))
+    return found[0] if found else None
+
+
+def preload_arm(path):
+    """(abi.Arm, library) for running ``path`` under 'run': PRELOAD with the library, or why not."""
+    lib = preload_library()
+    if lib is None:
+        return _abi.Arm.UNAVAILABLE, None
+    target = _os.path.realpath(path)
+    for _ in range(4):                     # '#!' chains, as the kernel allows (binfmt_script)
+        interp = _script_interpreter(target)
+        if interp is None:
+            break
+        target = _os.path.realpath(interp)
+    try:
+        st = _os.stat(target)
+    except OSError:
+        return _abi.Arm.UNAVAILABLE, None
+    if st.st_mode & 0o6000 or _elf_interpreter(target) is False:   # setuid, setgid: inode(7)
+        return _abi.Arm.NOT_PRELOADABLE, None      # secure execution, or static: no LD_PRELOAD
+    return _abi.Arm.PRELOAD, lib
+
+
 def _default_name(cmd):
     """CMD's file name, cut to NAME_MAX bytes of UTF-8 on a character boundary."""
     raw = _os.path.basename(cmd).encode("utf-8", "surrogateescape")[:_abi.NAME_MAX]
@@ -152,8 +228,9 @@ def cmd_run(args):
         _say("run", f"{cmd[0]}: permission denied: not an executable file (chmod +x?)")
         return EXIT_CANNOT_EXECUTE
     name = args.name if args.name is not None else _default_name(cmd[0])
+    arm, lib = preload_arm(path)
     try:
-        reg = client.register_pid(name, key=args.key, heartbeat=args.heartbeat)
+        reg = client.register_pid(name, key=args.key, heartbeat=args.heartbeat, arm=arm)
     except (ProcwatchError, ValueError) as e:
         _say("run", f"{e}; {cmd[0]} not started")
         return EXIT_RUN_FAILED
@@ -162,10 +239,17 @@ def cmd_run(args):
     if reg is not None:             # so that CMD can register the same name (adopt) and beat
         _os.environ["PROCWATCH_NAME"] = reg.name
         _os.environ["PROCWATCH_KEY"] = f"{reg.table.key:#010x}"
+    env = None
+    if reg is not None and lib is not None:
+        env = dict(_os.environ)
+        env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
+        env["PROCWATCH_ARM"] = f"{reg.table.key}:{reg.slot}:{reg.pid}:{reg.start_time}"
     _sys.stdout.flush()
     _sys.stderr.flush()
     try:
-        _os.execv(path, cmd)
+        if env is None:
+            _os.execv(path, cmd)
+        _os.execve(path, cmd, env)
     except OSError as e:
         if reg is not None:
             reg.unregister()

@@ -90,7 +90,8 @@ def resolve_key(key=None):
 _SlotFields = _collections.namedtuple(
     "Slot", "index pid state start_time name heartbeat_seq heartbeat_ms misses exit_status cause "
             "exit_time_ns registered_ns latency_us owner_uid last_beat_ns heartbeat_action "
-            "heartbeat_signal verdict raw_name", defaults=(0, b""))
+            "heartbeat_signal verdict death_arm death_tid detected_by teardown_us raw_name",
+    defaults=(0, 0, 0, 0, _abi.LATENCY_UNKNOWN, b""))
 
 
 class Slot(_SlotFields):
@@ -113,6 +114,13 @@ class Slot(_SlotFields):
             return _abi.Verdict(self.verdict).name.lower()
         except ValueError:
             return f"invalid({self.verdict})"
+
+    @property
+    def arm_name(self):
+        try:
+            return _abi.Arm(self.death_arm).name.lower()
+        except ValueError:
+            return f"invalid({self.death_arm})"
 
     @property
     def cause_name(self):
@@ -241,6 +249,9 @@ class Table:
         if magic != _abi.MAGIC:
             return f"magic is {magic!r}, expected {_abi.MAGIC!r}"
         if version != _abi.VERSION:
+            if magic == _abi.MAGIC and version < _abi.VERSION:
+                return (f"it has layout version {version}, made by an older procwatch; this one needs "
+                        f"version {_abi.VERSION} (the death word)")
             return f"layout version {version}, this procwatch reads {_abi.VERSION}"
         if hsize != _abi.HEADER_SIZE or ssize != _abi.SLOT_SIZE:
             return f"header/slot sizes {hsize}/{ssize}, expected {_abi.HEADER_SIZE}/{_abi.SLOT_SIZE}"
@@ -429,6 +440,7 @@ class Table:
         self.hset32(_abi.H_SERVICE_PID, 0)
         if backend:
             self.hset32(_abi.H_BACKEND, _abi.Backend.NONE)
+            self.hset32(_abi.H_DEATH_WATCH, _abi.DeathWatch.OFF)
         return True
 
     def set_backend(self, backend):
@@ -529,6 +541,12 @@ class Table:
         """
         return self.u32, (_abi.HEADER_SIZE + i * _abi.SLOT_SIZE) >> 2
 
+    def death_word_view(self, i):
+        """(u32 view, arm index, word index) of slot ``i``'s death word, for readers that
+        inline abi.death_word_dead() (Peer.alive).  Never write through it."""
+        off = _abi.slot_offset(i)
+        return self.u32, (off + _abi.S_DEATH_ARM) >> 2, (off + _abi.S_DEATH_MUTEX) >> 2
+
     def beat_word(self, i):
         """(u64 view, index) of slot ``i``'s heartbeat sequence: ``view[index] += 1`` is beat()."""
         return self.u64, (_abi.slot_offset(i) + _abi.S_HEARTBEAT_SEQ) >> 3
@@ -589,6 +607,66 @@ class Table:
         return [i for i, (pid, state) in enumerate(zip(self.pid_words(), self.state_words()))
                 if pid == 0 and state == _abi.State.CLAIMING]
 
+    # -- the death word (issue 14) ----------------------------------------------
+    def death_mutex_address(self, i):
+        """Virtual address of slot ``i``'s death mutex here (its first u32 is the death word)."""
+        return self.address + _abi.slot_offset(i) + _abi.S_DEATH_MUTEX
+
+    def death_word(self, i):
+        return self.u32[(_abi.slot_offset(i) + _abi.S_DEATH_MUTEX) >> 2]
+
+    def death_arm(self, i):
+        return self.u32[(_abi.slot_offset(i) + _abi.S_DEATH_ARM) >> 2]
+
+    def death_fired(self, i):
+        """Whether slot ``i``'s armed death word says its process died (abi.death_word_dead)."""
+        off = _abi.slot_offset(i)
+        return _abi.death_word_dead(self.u32[(off + _abi.S_DEATH_ARM) >> 2],
+                                    self.u32[(off + _abi.S_DEATH_MUTEX) >> 2])
+
+    def arm(self, i, tid):
+        """Sentinel thread ``tid`` holds slot ``i``'s death mutex: the TID first, then ARMED.
+
+        A client arms before it publishes the PID word, under the table lock
+        (client.register_pid); the preload library of 'procwatch run' arms a
+        published slot and then bumps the generation itself.
+        """
+        off = _abi.slot_offset(i)
+        self.u32[(off + _abi.S_DEATH_TID) >> 2] = tid
+        self.u32[(off + _abi.S_DEATH_ARM) >> 2] = _abi.Arm.ARMED
+
+    def set_arm(self, i, arm):
+        """Say why slot ``i`` is not armed (an Arm other than ARMED), or that it is being disarmed."""
+        self.u32[(_abi.slot_offset(i) + _abi.S_DEATH_ARM) >> 2] = arm
+
+    def disarm(self, i, pid):
+        """Unregistering ``pid``: DISARMED first, so the unlock that follows is never a death."""
+        off = _abi.slot_offset(i)
+        if (self.u32[(off + _abi.S_PID) >> 2] == pid
+                and self.u32[(off + _abi.S_DEATH_ARM) >> 2] == _abi.Arm.ARMED):
+            self.u32[(off + _abi.S_DEATH_ARM) >> 2] = _abi.Arm.DISARMED
+
+    def lose_arm_if_fired(self, i):
+        """The word fired but the process lives on (execve): the slot is connector-only now.
+
+        Only while the word still says OWNER_DIED: a new image that re-armed
+        it meanwhile (the preload library) keeps its arming.  XXX: a re-arm
+        between this check and the store loses the arming (the slot is then
+        connector-only: late, never falsely dead).
+        """
+        if self.death_fired(i):
+            self.set_arm(i, _abi.Arm.LOST)
+            return True
+        return False
+
+    def armed_slots(self):
+        """[(slot, pid)] of every slot with a non-zero PID word and an ARMED death word."""
+        return [(i, p) for i, (p, a) in enumerate(zip(self.column("pid"), self.column("death_arm")))
+                if p and a == _abi.Arm.ARMED]
+
+    def set_death_watch(self, value):
+        self.hset32(_abi.H_DEATH_WATCH, value)
+
     # -- whole slots ----------------------------------------------------------
     def read_slot(self, i):
         if not 0 <= i < self.slot_count:
@@ -646,6 +724,7 @@ class Table:
         self.set32(i, _abi.S_EXIT_STATUS, _abi.EXIT_STATUS_UNKNOWN)
         self.set64(i, _abi.S_REGISTERED_NS, now)
         self.set32(i, _abi.S_LATENCY_US, _abi.LATENCY_UNKNOWN)
+        self.set32(i, _abi.S_TEARDOWN_US, _abi.LATENCY_UNKNOWN)
         self.set32(i, _abi.S_OWNER_UID, owner_uid)
         self.set64(i, _abi.S_LAST_BEAT_NS, now)
         self.set32(i, _abi.S_STATE, _abi.State.ALIVE)
@@ -661,6 +740,7 @@ class Table:
         idx = self.pid_index(i)
         if self.u32[idx] != pid:
             return False
+        self.disarm(i, pid)                             # marked first: the unlock that follows is no death
         self.u32[idx] = 0                               # cleared first
         _futex.wake(self.pid_address(i))
         self.set32(i, _abi.S_CAUSE, _abi.Cause.UNREGISTERED)
@@ -935,7 +1015,8 @@ class Table:
 
     def record_end(self, i, state, cause, exit_status=_abi.EXIT_STATUS_UNKNOWN,
                    latency_us=_abi.LATENCY_UNKNOWN, when_ns=None, start_time=None,
-                   lock_timeout=RECORD_LOCK_TIMEOUT):
+                   lock_timeout=RECORD_LOCK_TIMEOUT, detected_by=_abi.Detection.EXIT_EVENT,
+                   teardown_us=_abi.LATENCY_UNKNOWN):
         """Write how slot ``i`` ended (after clear_pid()).
 
         A peer that saw the word turn 0 may register the same name at once,
@@ -963,6 +1044,8 @@ class Table:
             self.set32(i, _abi.S_CAUSE, cause)
             self.set64(i, _abi.S_EXIT_TIME_NS, when_ns if when_ns is not None else _time.time_ns())
             self.set32(i, _abi.S_LATENCY_US, min(latency_us, _abi.LATENCY_UNKNOWN))
+            self.set32(i, _abi.S_DETECTED_BY, detected_by)
+            self.set32(i, _abi.S_TEARDOWN_US, min(max(teardown_us, 0), _abi.LATENCY_UNKNOWN))
             self.set32(i, _abi.S_STATE, state)
             self._count_exit()
             return True
@@ -978,8 +1061,9 @@ class Table:
         """
         locked = self._try_lock(self.RECORD_LOCK_TIMEOUT)
         try:
-            for args in batch:
-                self.record_end(*args, lock_timeout=None)
+            for args in batch:      # (i, state, cause, status, latency, when, start[, detected_by, teardown])
+                self.record_end(*args[:7], lock_timeout=None,
+                                **dict(zip(("detected_by", "teardown_us"), args[7:])))
         finally:
             if locked:
                 self.unlock()
@@ -1050,4 +1134,5 @@ class Table:
             "backend": self.hget32(_abi.H_BACKEND),
             "generation": self.generation,
             "exits": self.hget64(_abi.H_EXITS),
+            "death_watch": self.hget32(_abi.H_DEATH_WATCH),
         }

@@ -81,6 +81,7 @@ class Service:
         self.pidfds = None              # the pidfd backend's epoll set (pidfd_backend.py)
         self.reporter = None
         self.detector = None
+        self.death_watch = None         # deathwatch.DeathWatch: the death-word waiters
         self.backend_name = None
         self.backend_reason = None
         self._queue = _queue.SimpleQueue()     # put() is safe from signal handlers
@@ -185,6 +186,7 @@ class Service:
         found = self.reporter.reconcile(immediate=True, full=True, sweep=True)
         self.ops.apply_rules(self.reporter.watch)
         self._spawn_detector()
+        self._start_death_watch()
         self._registrations = _threading.Thread(target=self._watch_registrations,
                                                 name="procwatch-registrations", daemon=True)
         self._registrations.start()
@@ -196,15 +198,25 @@ class Service:
                                         starved=_abi.HangAction[hang.starved.upper()])
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
-             "with the %s backend (%s), %s", "adopted" if adopted else "created", self.key,
+             "with the %s backend (%s), %s; %s", "adopted" if adopted else "created", self.key,
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
-             self.backend_reason, _native.describe(),
-             KEY=f"{self.key:#010x}", BACKEND=self.backend_name, HOT_STEP="c" if _native.AVAILABLE else "python")
+             self.backend_reason, _native.describe(), self.death_watch.reason,
+             KEY=f"{self.key:#010x}", BACKEND=self.backend_name, HOT_STEP="c" if _native.AVAILABLE else "python",
+             DEATH_WORDS=self.death_watch.state.name.lower())
         wd = watchdog_interval()
         if wd is not None and wd < self.heartbeat_period:
             log.warning("WatchdogSec= is %g s but WATCHDOG=1 goes every %g s: set WatchdogSec=%g or more",
                         2 * wd, self.heartbeat_period, max(2 * self.heartbeat_period, 2 * DETECTOR_STALE))
         notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _start_death_watch(self):
+        """Wait on the armed slots' death words where the kernel allows it (issue 14)."""
+        from .deathwatch import DeathWatch
+        self.death_watch = DeathWatch(self.reporter, self._queue.put)
+        self.table.set_death_watch(self.death_watch.state)
+        if not self.death_watch.enabled:
+            log.warning("%s", self.death_watch.reason)      # said once; status says it too
+        self.death_watch.ensure()
 
     def _watch_registrations(self):
         """Sleep on the header's generation futex; sync the watch list when it moves.
@@ -228,6 +240,8 @@ class Service:
                 return
             self.reporter.watch.sync()
             self.ops.apply_rules(self.reporter.watch)
+            if self.death_watch is not None:
+                self.death_watch.ensure()
 
     def _new_detector(self, parked):
         self._generation += 1
@@ -364,6 +378,20 @@ class Service:
 
     def _detector_ended(self, detector):
         """The patent's respawn: a detector ended (an exit handled, or an error)."""
+        if self.death_watch is not None and getattr(detector, "watch", None) is self.death_watch:
+            if detector.ended_pid is None and detector.error is None:
+                self.death_watch.respawn(detector)      # its shard emptied: not respawned
+                return
+            self.stats.record_detector_respawn()
+            if detector.error is not None:
+                tb = "".join(_traceback.format_exception(detector.error))
+                emit(Event.RESPAWN, "death-word waiter failed; starting a new one:\n%s", tb,
+                     RESPAWNS=self.stats.respawns, level=_logging.ERROR)
+            else:
+                emit(Event.RESPAWN, "death-word waiter ended after pid %s died; starting a new one",
+                     detector.ended_pid, RESPAWNS=self.stats.respawns, level=_logging.DEBUG)
+            self.death_watch.respawn(detector)
+            return
         if detector is not self.detector:
             return
         self.stats.record_detector_respawn()
@@ -464,6 +492,8 @@ class Service:
             self.checker.stop()
         if self.detector is not None:
             self._stop_detectors()
+        if self.death_watch is not None:
+            self.death_watch.stop()
         if self.connector is not None:
             self.connector.close()
         if self.pidfds is not None:

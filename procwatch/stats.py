@@ -34,9 +34,13 @@ __all__ = ("Stats", "Snapshot", "HistogramSnapshot", "LATENCY_BUCKETS", "CHECKER
            "cause_label", "VERDICTS")
 
 # Upper bounds in seconds.  Detection latency is kernel exit event -> slot
-# zeroed: about 100 µs on an idle box, milliseconds only under a storm.
+# zeroed: about 100 µs on an idle box, milliseconds only under a storm.  It
+# does not include the address-space teardown that comes before the event.
 LATENCY_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 200e-6, 500e-6,
                    1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
+# Death word (issue 14): death word seen -> slot zeroed (the same buckets),
+# and death word -> pidfd readable, the teardown (about 50 ms per GiB touched).
+TEARDOWN_BUCKETS = (1e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 0.5, 1.0, 2.5, 5.0)
 # One heartbeat check of the whole table: well under 1 ms for 1024 slots.
 CHECKER_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25)
 
@@ -104,6 +108,8 @@ class Snapshot:
     etcd_dropped: int = 0
     etcd_puts: int = 0
     etcd_deletes: int = 0
+    death_latency: HistogramSnapshot = None
+    teardown: HistogramSnapshot = None
 
 
 class Stats:
@@ -141,6 +147,8 @@ class Stats:
         self._etcd = {"put": 0, "delete": 0, "dropped": 0}
         self.etcd_up = None
         self._latency = _Histogram(LATENCY_BUCKETS)
+        self._death_latency = _Histogram(LATENCY_BUCKETS)
+        self._teardown = _Histogram(TEARDOWN_BUCKETS)
         self._checker = _Histogram(CHECKER_BUCKETS)
         self.events = 0             # exit events decoded (detector thread only)
         self.reconciles = 0         # reconcile passes (main loop only): the long-run test's count
@@ -176,7 +184,9 @@ class Stats:
 
     # -- counting ---------------------------------------------------------------
 
-    def record_exit(self, cause, latency_us=None):
+    def record_exit(self, cause, latency_us=None, teardown_us=None):
+        """One end.  ``teardown_us`` given (even unknown): the death word zeroed it, and
+        ``latency_us`` is death word -> zeroed; otherwise exit event -> zeroed."""
         label = cause_label(cause)
         found_dead = cause in _FOUND_DEAD
         known = latency_us is not None and latency_us != _abi.LATENCY_UNKNOWN
@@ -184,7 +194,12 @@ class Stats:
             self._exits[label] += 1
             if found_dead:
                 self._found_dead += 1
-            if known:
+            if teardown_us is not None:
+                if known:
+                    self._death_latency.observe(latency_us / 1e6)
+                if teardown_us != _abi.LATENCY_UNKNOWN:
+                    self._teardown.observe(teardown_us / 1e6)
+            elif known:
                 self._latency.observe(latency_us / 1e6)
 
     def record_overflow(self):
@@ -247,6 +262,8 @@ class Stats:
                 hung=dict(self._hung),
                 killed=dict(self._killed),
                 latency=self._latency.snapshot(),
+                death_latency=self._death_latency.snapshot(),
+                teardown=self._teardown.snapshot(),
                 checker=self._checker.snapshot(),
                 hook_runs=self._hook_runs,
                 hook_failures=self._hook_failures,

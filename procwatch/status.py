@@ -26,6 +26,10 @@ def slot_json(s, now_ns):
         "cause": s.cause_name if ended else None,
         "exit_status": status, "exit_code": code, "signal": sig, "core_dumped": core,
         "latency_us": None if s.latency_us == _abi.LATENCY_UNKNOWN else s.latency_us,
+        "detected_by": _enum_name(_abi.Detection, s.detected_by) if s.state == _abi.State.EXITED else None,
+        "teardown_us": None if s.teardown_us == _abi.LATENCY_UNKNOWN or s.state != _abi.State.EXITED
+        else s.teardown_us,
+        "death_word": _enum_name(_abi.Arm, s.death_arm),
         "heartbeat_ms": s.heartbeat_ms,
         "misses": s.misses,
         "last_beat_age_s": round((now_ns - s.last_beat_ns) / 1e9, 3) if s.heartbeat_ms and s.last_beat_ns else None,
@@ -37,6 +41,30 @@ def slot_json(s, now_ns):
         "verdict": s.verdict_name if s.state == _abi.State.HUNG or (
             ended and s.cause == _abi.Cause.KILLED_HUNG) else None,
     }
+
+
+def _enum_name(enum, value):
+    """An ABI value's name, lowercase: 'armed', 'death_word', 'watching' (or 'invalid(N)')."""
+    try:
+        return enum(value).name.lower()
+    except ValueError:
+        return f"invalid({value})"
+
+
+# The head line's word on the death words, and the DEATH WORD column: armed, or why not.
+_DEATH_WATCH_TEXT = {
+    "watching": "death words watched",
+    "no_waitv": "death words NOT watched (Linux < 5.16: no futex_waitv): every slot connector-only",
+    "no_atomics": "death words NOT watched (no procwatch._deathword, no libatomic): every slot connector-only",
+    "off": "death words not watched yet",
+}
+_DEATH_WORD_TEXT = {
+    "armed": "armed", "none": "connector-only (client did not arm)",
+    "disarmed": "disarmed", "other_pid": "connector-only (registered for another pid)",
+    "unavailable": "connector-only (client could not arm)", "preload": "arming (preload)",
+    "not_preloadable": "connector-only (static or setuid program)",
+    "lost": "connector-only (fired at execve)",
+}
 
 
 def _hang_action_name(value):
@@ -87,7 +115,8 @@ def status_snapshot(key=None):
             "key": f"{table.key:#010x}",
             "service": {"pid": h["service_pid"] or None, "alive": alive,
                         "backend": backend if alive else None, "heartbeat": h["service_heartbeat"],
-                        "hot_step": hot_step},
+                        "hot_step": hot_step,
+                        "death_words": _enum_name(_abi.DeathWatch, h["death_watch"]) if alive else None},
             "slot_count": table.slot_count,
             "exits": h["exits"],
             "slots": [slot_json(s, now_ns) for s in table.used_slots()],
@@ -104,6 +133,7 @@ def format_status(snap):
             head += ", native hot step"
         elif svc.get("hot_step") == "python":
             head += ", pure-Python hot step (the C extension is not loaded)"
+        head += ", " + _DEATH_WATCH_TEXT.get(svc.get("death_words"), f"death words: {svc.get('death_words')}")
     else:
         head = "procwatch: NOT running" + (f" (last PID {svc['pid']})" if svc["pid"] else "")
     used = snap["slots"]
@@ -111,7 +141,7 @@ def format_status(snap):
     lines = [head, f"table {snap['key']}: {live} live, {len(used)} used of {snap['slot_count']} slots, "
                    f"{snap['exits']} exits", ""]
     now = _time.time()
-    rows = [("SLOT", "NAME", "PID", "STATE", "SINCE", "LAST EXIT", "BEAT")]
+    rows = [("SLOT", "NAME", "PID", "STATE", "SINCE", "LAST EXIT", "DEATH WORD", "BEAT")]
     for s in used:
         if s["signal"]:
             last = f"killed by {s['signal']}" + (" (core)" if s["core_dumped"] else "")
@@ -132,9 +162,12 @@ def format_status(snap):
                 beat += f" ({s['hang_action'] or 'kill'}" + (f" {s['hang_signal']})" if s["hang_signal"] else ")")
             if s["kill_sent"]:
                 beat += ", kill sent"
+        if s.get("detected_by") == "death_word" and s.get("teardown_us") is not None:
+            last += f" (death word, {s['teardown_us'] / 1000:.0f} ms before its pidfd)"
         state = s["state"] + (f" ({s['verdict']})" if s["state"] == "hung" and s.get("verdict") else "")
         rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), state,
-                     age_text(now - s["since"]) if s["since"] else "-", last, beat))
+                     age_text(now - s["since"]) if s["since"] else "-", last,
+                     _DEATH_WORD_TEXT.get(s.get("death_word"), s.get("death_word") or "-"), beat))
     if len(rows) == 1:
         lines.append("no registered processes")
     else:

@@ -43,16 +43,42 @@ _CAUSE_NAMES = {c: c.name.lower() for c in _abi.Cause}
 
 class Watched:
     """One registered process the detector watches."""
-    __slots__ = ("slot", "pid", "start_time", "name", "pidfd", "gone_since", "reused")
+    __slots__ = ("slot", "pid", "start_time", "name", "pidfd", "gone_since", "reused", "death")
 
     def __init__(self, slot, pid, start_time, name, pidfd, reused=False):
         self.slot, self.pid, self.start_time, self.name = slot, pid, start_time, name
         self.pidfd = pidfd
         self.gone_since = None if pidfd is not None else _time.monotonic()
         self.reused = reused
+        self.death = None               # (fired_ns, zeroed_ns) once its death word zeroed it
 
     def gone(self):
         return self.pidfd is None or _procfs.pidfd_exited(self.pidfd)
+
+
+_ARM_TEXT = {
+    _abi.Arm.ARMED: "death word armed",
+    _abi.Arm.NONE: "connector-only: the client did not arm a death word",
+    _abi.Arm.DISARMED: "death word disarmed: unregistering",
+    _abi.Arm.OTHER_PID: "connector-only: registered for another process, which alone can arm",
+    _abi.Arm.UNAVAILABLE: "connector-only: the client could not arm a death word",
+    _abi.Arm.PRELOAD: "death word not armed yet: the preload library arms it when the program starts",
+    _abi.Arm.NOT_PRELOADABLE: "connector-only: a static or setuid program takes no preload library",
+    _abi.Arm.LOST: "connector-only: the death word fired but the process lives on (execve)",
+}
+
+
+def arm_name(arm):
+    """The Arm state as a lowercase word (journal field, status --json)."""
+    try:
+        return _abi.Arm(arm).name.lower()
+    except ValueError:
+        return f"invalid({arm})"
+
+
+def arm_text(arm):
+    """What a slot's Arm state means for its detection, in a few words."""
+    return _ARM_TEXT.get(arm, f"connector-only: unknown death-word state {arm}")
 
 
 class Watchlist:
@@ -211,8 +237,10 @@ class Watchlist:
         t = self.table
         for w in fresh:
             if w.pidfd is not None:
-                emit(Event.REGISTERED, "%s (pid %d) registered in slot %d", w.name, w.pid, w.slot,
-                     NAME=w.name, PID=w.pid, SLOT=w.slot, HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None)
+                arm = t.death_arm(w.slot)
+                emit(Event.REGISTERED, "%s (pid %d) registered in slot %d (%s)", w.name, w.pid, w.slot,
+                     arm_text(arm), NAME=w.name, PID=w.pid, SLOT=w.slot,
+                     HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None, DEATH_WORD=arm_name(arm))
         for w in dropped:
             if t.state(w.slot) == _abi.State.UNREGISTERED:
                 # An end by its own hand: counted as procwatch_exits_total{cause="unregistered"}.
@@ -369,17 +397,90 @@ class Reporter:
         self.stats.record_exit(cause, latency_us)
         self.stats.record_end(w.name, text)
         how = "killed: hung, " if hung else ""
+        # Said as what it is: the exit event comes after the address-space teardown,
+        # which this figure does not include (issue 14).
         if latency_us != _abi.LATENCY_UNKNOWN:
-            detected = f"detected in {latency_us} µs" + (f"; {note}" if note else "")
+            detected = (f"zeroed {latency_us} µs after the exit event (sent after the address-space "
+                        f"teardown; {arm_text(t.death_arm(w.slot))})") + (f"; {note}" if note else "")
         else:
             detected = note or "detection latency unknown"
         cause_name = _CAUSE_NAMES[cause]
         emit(Event.EXIT, "%s (pid %d) %s%s; %s", w.name, w.pid, how, text, detected,
-             NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us,
+             NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us, DETECTED_BY="exit_event",
              CAUSE=cause_name, STATUS_SOURCE=source, **fields)
         t.end_logged(w.slot, w.pid)
         if self.on_end:
             self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us))
+
+    def report_death(self, w, fired_ns):
+        """``w``'s death word fired and the death is confirmed: zero the word and wake, now.
+
+        Returns a duplicate of ``w``'s pidfd (or -1 when it has none) for the
+        caller to complete the report with (finish_death()) once the pidfd is
+        readable, i.e. after the teardown: the exit status comes from it.
+        The exit event that follows finds the word zeroed and reports nothing
+        (its clear fails), so the end is reported once.  None if somebody else
+        already ended it.
+        """
+        zeroed_ns = _time.monotonic_ns()
+        if not self.table.clear_pid(w.slot, w.pid, pend=True):
+            return None
+        w.death = (fired_ns, zeroed_ns)
+        # A pidfd of its own, never a dup of w.pidfd: the pidfd backend's epoll set
+        # holds w.pidfd's file, and a dup would keep that file (and its readiness)
+        # registered under a number the watch list closes and a new registration
+        # reuses -- a false death.  Not reaped yet (its death word fired before the
+        # teardown), so the PID is still this process; the start time says so.
+        try:
+            fd = _os.pidfd_open(w.pid)
+        except OSError:
+            return -1
+        if _procfs.start_time(w.pid) not in (w.start_time, None):   # None: reaped after the open: ours
+            _os.close(fd)
+            return -1
+        return fd
+
+    def finish_death(self, w, status, seen_ns):
+        """Record and log the end of ``w`` its death word zeroed, once its status is known.
+
+        Two figures, each saying what it measures: ``latency_us`` is death
+        word seen -> PID word zeroed (the service's own part), ``teardown_us``
+        death word seen -> the pidfd seen readable (``seen_ns``): about the time
+        every exit-event or pidfd watcher loses to the address-space teardown.
+        ``status`` as for report_exit().
+        """
+        fired_ns, zeroed_ns = w.death
+        source = note = None
+        if callable(status):
+            status, source, note = status()
+        latency_us = max(0, zeroed_ns - fired_ns) // 1000
+        teardown_us = max(0, seen_ns - fired_ns) // 1000 if seen_ns else _abi.LATENCY_UNKNOWN
+        t = self.table
+        hung = t.killed_hung(w.slot)
+        cause = _abi.Cause.KILLED_HUNG if hung else _abi.Cause.EXITED
+        self._record(w, _abi.State.EXITED, cause, status, latency_us, _abi.Detection.DEATH_WORD, teardown_us)
+        self.watch.forget(w)
+        text, fields = describe_status(status)
+        self.stats.record_exit(cause, latency_us, teardown_us)
+        self.stats.record_end(w.name, text)
+        how = "killed: hung, " if hung else ""
+        after = (f"{teardown_us / 1000:.1f} ms before its pidfd was readable (address-space teardown)"
+                 if teardown_us != _abi.LATENCY_UNKNOWN else "teardown not measured")
+        cause_name = _CAUSE_NAMES[cause]
+        emit(Event.EXIT, "%s (pid %d) %s%s; death word: zeroed %d µs after it fired, %s%s", w.name, w.pid,
+             how, text, latency_us, after, f"; {note}" if note else "",
+             NAME=w.name, PID=w.pid, SLOT=w.slot, LATENCY_US=latency_us, TEARDOWN_US=teardown_us,
+             DETECTED_BY="death_word", CAUSE=cause_name, STATUS_SOURCE=source, **fields)
+        t.end_logged(w.slot, w.pid)
+        if self.on_end:
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us))
+
+    def death_word_lost(self, w):
+        """A fired death word whose process lives on (execve): say once that it is connector-only now."""
+        emit(Event.REGISTERED, "%s (pid %d): its death word fired but the process lives on (execve?); "
+             "connector-only from now on (re-register, or run it under 'procwatch run', to arm again)",
+             w.name, w.pid, NAME=w.name, PID=w.pid, SLOT=w.slot, DEATH_WORD="lost",
+             level=_logging.WARNING)
 
     def report_found_dead(self, w, cause=_abi.Cause.FOUND_DEAD):
         t = self.table
@@ -402,14 +503,17 @@ class Reporter:
             self.on_end(Event.FOUND_DEAD, w, {"CAUSE": _abi.Cause(cause).name.lower()})
         return True
 
-    def _record(self, w, state, cause, status=_abi.EXIT_STATUS_UNKNOWN, latency_us=_abi.LATENCY_UNKNOWN):
+    def _record(self, w, state, cause, status=_abi.EXIT_STATUS_UNKNOWN, latency_us=_abi.LATENCY_UNKNOWN,
+                detected_by=_abi.Detection.EXIT_EVENT, teardown_us=_abi.LATENCY_UNKNOWN):
         """record_end() under the table's lock, never making the caller wait for a client.
 
         The lock is free most of the time; when a client holds it (registering,
         perhaps into this very slot), the record goes to the recorder thread.
         """
-        args = (w.slot, state, cause, status, latency_us, _time.time_ns(), w.start_time)
-        if self.table.record_end(*args, lock_timeout=0) is None:
+        args = (w.slot, state, cause, status, latency_us, _time.time_ns(), w.start_time,
+                detected_by, teardown_us)
+        if self.table.record_end(*args[:7], lock_timeout=0, detected_by=detected_by,
+                                 teardown_us=teardown_us) is None:
             self.recorder.put(args)
 
     def clear_corrupt(self, slot, pid, problem):

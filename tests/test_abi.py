@@ -141,7 +141,9 @@ def test_doc_types_match_abi_structs():
 
 
 @pytest.mark.parametrize("heading,enum", [("### State", abi.State), ("### Cause", abi.Cause),
-                                          ("### Backend", abi.Backend), ("### Verdict", abi.Verdict)])
+                                          ("### Backend", abi.Backend), ("### Verdict", abi.Verdict),
+                                          ("### Arm", abi.Arm), ("### Detection", abi.Detection),
+                                          ("### DeathWatch", abi.DeathWatch)])
 def test_doc_values_match_abi(heading, enum):
     documented = {cells[1].strip("`"): int(cells[0]) for cells in _doc_table(heading)}
     assert documented == {m.name: m.value for m in enum}
@@ -151,8 +153,10 @@ def test_doc_constants_match_abi():
     text = open(DOC, encoding="utf-8").read()
     assert f"`{abi.DEFAULT_KEY:#010x}`" in text
     assert f"Layout version: **{abi.VERSION}**" in text
-    for name in ("NAME_SIZE", "NAME_MAX", "MAX_SLOTS", "DEFAULT_SLOTS", "PENDING_ENDS"):
+    for name in ("NAME_SIZE", "NAME_MAX", "MAX_SLOTS", "DEFAULT_SLOTS", "PENDING_ENDS", "DEATH_MUTEX_SIZE"):
         assert f"`{name} = {getattr(abi, name)}`" in text, name
+    for name in ("FUTEX_WAITERS", "FUTEX_OWNER_DIED", "FUTEX_TID_MASK"):
+        assert f"`{name} = {getattr(abi, name):#x}`" in text.lower().replace(name.lower(), name), name
     assert f"`LATENCY_UNKNOWN = 0x{abi.LATENCY_UNKNOWN:X}`" in text
     assert f"`EXIT_STATUS_UNKNOWN = {abi.EXIT_STATUS_UNKNOWN}`" in text
 
@@ -172,6 +176,18 @@ def _compile(tmp_path, source, flags=STRICT, name="prog", lang="c"):
     return proc.returncode, proc.stderr, str(out)
 
 
+C_CONSTS = ["VERSION", "HEADER_SIZE", "SLOT_SIZE", "NAME_SIZE", "NAME_MAX", "DEFAULT_KEY",
+            "MAX_SLOTS", "PENDING_ENDS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN", "DEATH_MUTEX_SIZE",
+            "FUTEX_WAITERS", "FUTEX_OWNER_DIED", "FUTEX_TID_MASK"]
+C_ENUMS = (abi.State, abi.Cause, abi.Backend, abi.HangAction, abi.Verdict, abi.Arm, abi.Detection, abi.DeathWatch)
+_C_PREFIX = {abi.HangAction: "HANGACTION"}      # procwatch.h's spelling, older than this map
+
+
+def _c_enum_prefix(enum):
+    """procwatch.h's prefix of an abi enum: PROCWATCH_STATE_..., PROCWATCH_DEATH_WATCH_..."""
+    return _C_PREFIX.get(enum) or re.sub(r"(?<=[a-z])(?=[A-Z])", "_", enum.__name__).upper()
+
+
 def _dump_source():
     lines = ['#include "procwatch.h"', "#include <stdio.h>",
              "static struct procwatch_header zh;", "static struct procwatch_slot zs;",
@@ -180,22 +196,21 @@ def _dump_source():
         z = "zh" if cstruct == "procwatch_header" else "zs"
         reserved = ["reserved"] if "reserved" in {f[3] for f in _doc_fields(_heading)} else []
         for field in list(_abi_offsets(prefix)) + reserved:
-            scalar = field not in ("magic", "name", "reserved", "pending_ends")
+            scalar = field not in ("magic", "name", "reserved", "pending_ends", "death_mutex")
             signed = f"({z}.{field} * 0 - 1 < 0)" if scalar else "0"
             lines.append(f'    printf("{cstruct} {field} %zu %zu %d\\n", offsetof(struct {cstruct}, {field}), '
                          f"sizeof {z}.{field}, {signed});")
         lines.append(f'    printf("sizeof {cstruct} %zu\\n", sizeof(struct {cstruct}));')
-    consts = ["VERSION", "HEADER_SIZE", "SLOT_SIZE", "NAME_SIZE", "NAME_MAX", "DEFAULT_KEY",
-              "MAX_SLOTS", "PENDING_ENDS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN"]
+    consts = C_CONSTS
     for c in consts:
         lines.append(f'    printf("const {c} %lld\\n", (long long)PROCWATCH_{c});')
     lines.append('    printf("const MAGIC %zu", sizeof PROCWATCH_MAGIC);')
     lines.append('    { size_t i; for (i = 0; i < sizeof PROCWATCH_MAGIC; i++) printf(" %02x", '
                  '(unsigned)(unsigned char)PROCWATCH_MAGIC[i]); }')
     lines.append('    printf("\\n");')
-    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction, abi.Verdict):
+    for enum in C_ENUMS:
         for m in enum:
-            cname = f"PROCWATCH_{enum.__name__.upper()}_{m.name}"
+            cname = f"PROCWATCH_{_c_enum_prefix(enum)}_{m.name}"
             lines.append(f'    printf("enum {enum.__name__}.{m.name} %d\\n", (int){cname});')
     lines += ["    return 0;", "}"]
     return "\n".join(lines) + "\n"
@@ -225,12 +240,11 @@ def test_c_layout_matches_abi(tmp_path):
             assert seen[(cstruct, "reserved")][:2] == doc["reserved"][:2]
         assert seen[("sizeof", cstruct)] == [str(total)]
 
-    for c in ("VERSION", "HEADER_SIZE", "SLOT_SIZE", "NAME_SIZE", "NAME_MAX", "DEFAULT_KEY",
-              "MAX_SLOTS", "PENDING_ENDS", "LATENCY_UNKNOWN", "EXIT_STATUS_UNKNOWN"):
+    for c in C_CONSTS:
         assert int(seen[("const", c)][0]) == getattr(abi, c), c
     magic = seen[("const", "MAGIC")]
     assert int(magic[0]) == len(abi.MAGIC) and bytes.fromhex("".join(magic[1:])) == abi.MAGIC
-    for enum in (abi.State, abi.Cause, abi.Backend, abi.HangAction, abi.Verdict):
+    for enum in C_ENUMS:
         for m in enum:
             assert int(seen[("enum", f"{enum.__name__}.{m.name}")][0]) == m.value
 
@@ -516,8 +530,13 @@ def test_register_fills_the_slot(pwtest, clients, table):
     assert table.field(0, "last_beat_ns") == table.field(0, "registered_ns")
     assert table.field(0, "latency_us") == abi.LATENCY_UNKNOWN
     assert table.field(0, "owner_uid") == os.getuid()
-    off = abi.slot_offset(0)
-    assert bytes(table.buf[off + 116:off + 128]) == bytes(12)
+    # The death word: armed by a sentinel thread of the client, which holds the robust mutex.
+    assert table.field(0, "death_arm") == abi.Arm.ARMED
+    tid = table.field(0, "death_tid")
+    assert tid != c.pid and os.path.exists(f"/proc/{c.pid}/task/{tid}")
+    assert table.u32[(abi.slot_offset(0) + abi.S_DEATH_MUTEX) // 4] == tid    # glibc: __lock = owner TID
+    assert table.field(0, "detected_by") == abi.Detection.EXIT_EVENT
+    assert table.field(0, "teardown_us") == abi.LATENCY_UNKNOWN
     assert table.generation == gen + 1
     # a second name takes the next slot; the header is left alone
     assert register(clients, table, "other").slot == 1
@@ -837,7 +856,7 @@ def test_missing_and_corrupt_tables(pwtest, clients, make_table):
     assert clients("register", "x", hex(missing)).line().startswith(f"rc={-errno.ENOENT} ")
     assert int(clients("peer", "x", hex(missing)).line()) == -errno.ENOENT
     assert int(clients("peer", "x", hex(missing)).line()) == -errno.ENOENT
-    for off, fmt, bad in ((abi.H_MAGIC, "8s", b"PWTABLX\0"), (abi.H_VERSION, "I", 2),
+    for off, fmt, bad in ((abi.H_MAGIC, "8s", b"PWTABLX\0"), (abi.H_VERSION, "I", 1),
                           (abi.H_SLOT_SIZE, "I", 64), (abi.H_SLOT_COUNT, "I", 5),
                           (abi.H_SLOT_COUNT, "I", 0)):
         good = struct.unpack_from("=" + fmt, t.buf, off)[0]

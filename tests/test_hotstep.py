@@ -49,6 +49,8 @@ def test_layout_matches_abi():
     assert (c["S_PID"], c["S_STATE"], c["S_START_TIME"], c["S_NAME"], c["NAME_SIZE"]) == \
         (abi.S_PID, abi.S_STATE, abi.S_START_TIME, abi.S_NAME, abi.NAME_SIZE)
     assert (c["EMPTY"], c["CLAIMING"]) == (abi.State.EMPTY, abi.State.CLAIMING)
+    assert (c["S_DEATH_ARM"], c["S_DEATH_MUTEX"], c["ARMED"], c["FUTEX_OWNER_DIED"]) == \
+        (abi.S_DEATH_ARM, abi.S_DEATH_MUTEX, abi.Arm.ARMED, abi.FUTEX_OWNER_DIED)
     from procwatch.connector import EXIT_OFFSET, PROC_EVENT_EXIT
     assert (c["EXIT_OFFSET"], c["PROC_EVENT_EXIT"]) == (EXIT_OFFSET, PROC_EVENT_EXIT)
 
@@ -297,7 +299,7 @@ def test_next_detector_is_parked_before_the_exit(key, clients):
             first = svc.detector
             parked = first.successor
             assert parked is not None and parked.is_alive() and not parked.released()
-            c = clients(key, f"parked-{n}")
+            c = clients(key, f"parked-{n}", "--no-arm")     # ended by the connector, not a death word
             wait_until(lambda: any(w.name == f"parked-{n}" for w in svc.reporter.watch.entries()), 10,
                        "the registration to be watched")
             c.kill()

@@ -75,7 +75,7 @@ def test_watch_refreshes_in_place_in_a_terminal(key, service, clients, tmux):
     first = wait_until(both_alive, 15, "both clients alive on the live view", detail=term.screen)
     lines = first.splitlines()
     assert lines[0].startswith(f"procwatch status  key {key:#010x}  every 0.2 s")
-    assert lines[2] == f"procwatch: running, PID {svc.pid}, connector backend, native hot step"
+    assert lines[2] == f"procwatch: running, PID {svc.pid}, connector backend, native hot step, death words watched"
     assert str(a.pid) in row(first, "live-a")
 
     # States are coloured on a terminal (SGR sequences around the state word).

@@ -117,6 +117,8 @@ def test_scrape_shows_every_metric_and_counters_move(server):
         "procwatch_registered_processes": "gauge",
         "procwatch_exits": "counter",
         "procwatch_detection_latency_seconds": "histogram",
+        "procwatch_death_word_latency_seconds": "histogram",
+        "procwatch_teardown_seconds": "histogram",
         "procwatch_found_dead": "counter",
         "procwatch_overflows": "counter",
         "procwatch_detector_respawns": "counter",
@@ -145,6 +147,7 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     stats.record_hung("busy")
     stats.record_killed("busy")
     stats.record_killed("no such verdict")
+    stats.record_exit(abi.Cause.EXITED, latency_us=80, teardown_us=450_000)    # zeroed by a death word
     stats.record_overflow()
     stats.record_detector_respawn()
     stats.record_check(0.0004)
@@ -155,6 +158,12 @@ def test_scrape_shows_every_metric_and_counters_move(server):
     assert metric_value(after, "procwatch_registered_processes") == 1
     assert metric_value(after, "procwatch_exits_total", cause="killed_hung") == 1
     assert metric_value(after, "procwatch_exits_total", cause="found_dead") == 1
+    assert metric_value(after, "procwatch_exits_total", cause="exited") == 1
+    # Each figure in its own family: a death word's 80 µs is not an exit event's latency.
+    assert metric_value(after, "procwatch_death_word_latency_seconds_count") == 1
+    assert metric_value(after, "procwatch_death_word_latency_seconds_sum") == pytest.approx(80e-6)
+    assert metric_value(after, "procwatch_teardown_seconds_bucket", le="0.25") == 0
+    assert metric_value(after, "procwatch_teardown_seconds_bucket", le="0.5") == 1
     assert metric_value(after, "procwatch_found_dead_total") == 1
     assert metric_value(after, "procwatch_hung_total", verdict="starved") == 1
     assert metric_value(after, "procwatch_hung_total", verdict="busy") == 1

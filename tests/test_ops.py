@@ -210,13 +210,17 @@ def test_metrics_scrape_after_a_real_kill(key, service, clients, tmp_path):
     assert metric_value(before, "procwatch_exits_total", cause="exited") == 0
     assert metric_value(before, "procwatch_detection_latency_seconds_count") == 0
     c.kill()
-    svc.wait_event("exit", name="scraped")
+    e = svc.wait_event("exit", name="scraped")
     after = scrape_metrics(port)
     assert metric_value(after, "procwatch_registered_processes") == 1
     assert metric_value(after, "procwatch_exits_total", cause="exited") == 1
-    assert metric_value(after, "procwatch_detection_latency_seconds_count") == 1
-    assert metric_value(after, "procwatch_detection_latency_seconds_bucket", le="+Inf") == 1
-    assert metric_value(after, "procwatch_detection_latency_seconds_sum") > 0
+    # Counted in the family of what zeroed it: the exit event, or the death word (issue 14).
+    family, other = {"exit_event": ("procwatch_detection_latency_seconds", "procwatch_death_word_latency_seconds"),
+                     "death_word": ("procwatch_death_word_latency_seconds", "procwatch_detection_latency_seconds"),
+                     }[e["detected_by"]]
+    assert metric_value(after, f"{family}_count") == 1 and metric_value(after, f"{other}_count") == 0
+    assert metric_value(after, f"{family}_bucket", le="+Inf") == 1
+    assert metric_value(after, f"{family}_sum") > 0
     # The respawn is counted by the main loop once the detector thread has
     # returned, which is after it logged the exit: poll for it.
     wait_until(lambda: metric_value(scrape_metrics(port), "procwatch_detector_respawns_total") >= 1, 10,

@@ -389,3 +389,80 @@ def test_wait_prints_each_kind_of_end(table, state, cause, status, says):
     abi.SLOT_END.pack_into(table.buf, abi.slot_offset(0) + abi.S_EXIT_STATUS, status, cause, 1)
     out = run_cli("wait", "--key", hex(table.key), "ended")
     assert (out.returncode, out.stdout, out.stderr) == (0, f"ended {says}\n", "")
+
+
+# -- run: the death word through the preload library (issue 14) ----------------------
+
+def _threads(pid):
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def test_run_arms_the_command_itself_but_not_its_children(key, service):
+    from conftest import end_process
+    svc = service()
+    p = subprocess.Popen(procwatch_cmd("run", "--key", hex(key), "--name", "dw-run", "--",
+                                       "sh", "-c", "sleep 1000 & echo $!; wait"),
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    child = None
+    try:
+        child = int(p.stdout.readline())
+        s = wait_until(lambda: (lambda s: s if s and s.death_arm == abi.Arm.ARMED else None)(
+            find_slot(key, "dw-run")), 10, "the preload library to arm the slot")
+        assert s.pid == p.pid and s.death_tid in _threads(p.pid) and s.death_tid != p.pid
+        # The child loaded the library too (inherited LD_PRELOAD) but did not arm: no sentinel thread.
+        wait_until(lambda: "_preload" in open(f"/proc/{child}/maps").read(), 10, "the child's exec")
+        assert _threads(child) == [child]
+        p.kill()
+        e = svc.wait_event("exit", name="dw-run", signal="SIGKILL")
+        assert e["detected_by"] in ("death_word", "exit_event")
+    finally:
+        end_process(p)
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_big_run_target_is_reported_from_its_death_word(key, service):
+    from conftest import end_process
+    svc = service()
+    code = ("import mmap, time\nm = mmap.mmap(-1, 512 << 20)\nfor o in range(0, 512 << 20, 4096): m[o] = 1\n"
+            "print('ready', flush=True)\ntime.sleep(1000)\n")
+    p = subprocess.Popen(procwatch_cmd("run", "--key", hex(key), "--name", "dw-runbig", "--", PY, "-c", code),
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        wait_until(lambda: (find_slot(key, "dw-runbig") or abi).death_arm == abi.Arm.ARMED, 10, "armed")
+        t = Table.attach(key)
+        try:
+            slot = find_slot(key, "dw-runbig").index
+            wait_until(lambda: t.death_word(slot) & abi.FUTEX_WAITERS, 10, "the service to wait on it")
+        finally:
+            t.detach()
+        p.kill()
+        e = svc.wait_event("exit", timeout=30, name="dw-runbig", signal="SIGKILL")
+        assert e["detected_by"] == "death_word", e["message"]
+    finally:
+        end_process(p)
+
+
+def test_run_of_a_static_or_setuid_program_stays_connector_only(key, service, tmp_path):
+    import shutil
+    import stat
+    from procwatch import runwait
+    service()
+    static = "/sbin/ldconfig"
+    if runwait._elf_interpreter(static) is not False:
+        pytest.skip(f"{static} is not statically linked here")
+    r = run_cli("run", "--key", hex(key), "--name", "dw-static", "--", static, "-p")
+    assert r.returncode == 0, r.stderr
+    s = find_slot(key, "dw-static")
+    assert s.death_arm == abi.Arm.NOT_PRELOADABLE
+    out = run_cli("status", "--key", hex(key))
+    assert "connector-only (static or setuid program)" in out.stdout
+    suid = tmp_path / "suid-true"
+    shutil.copy("/bin/true", suid)
+    os.chmod(suid, 0o755 | stat.S_ISUID)
+    assert runwait.preload_arm(str(suid))[0] == abi.Arm.NOT_PRELOADABLE
+    assert runwait.preload_arm("/bin/true") == (abi.Arm.PRELOAD, runwait.preload_library())

@@ -166,7 +166,8 @@ def test_status_json_and_exit_codes(key, service, clients):
     assert out.returncode == 0, out.stderr
     snap = json.loads(out.stdout)
     assert snap["service"] == {"pid": svc.pid, "alive": True, "backend": "connector",
-                               "heartbeat": snap["service"]["heartbeat"], "hot_step": "c"}
+                               "heartbeat": snap["service"]["heartbeat"], "hot_step": "c",
+                               "death_words": "watching"}
     rows = {r["name"]: r for r in snap["slots"]}
     assert rows["alive-one"]["pid"] == alive.pid and rows["alive-one"]["state"] == "alive"
     d = rows["dead-one"]

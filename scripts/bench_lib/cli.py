@@ -10,6 +10,7 @@ import shlex as _shlex
 import sys as _sys
 import time as _time
 
+from . import bigtargets as _bigtargets
 from . import build as _build
 from . import etcdfleet as _etcdfleet
 from . import latency as _latency
@@ -81,6 +82,12 @@ def get_psr():
                      help="kills of the etcd row (issue 17; 500; --quick 200; 0 leaves the etcd rows out)")
     psr.add_argument("--etcd-lease-samples", type=int, default=20,
                      help="processes of the own-lease baseline row (each sample takes about etcd's minimum TTL)")
+    psr.add_argument("--big-sizes", default="64,1024,4096",
+                     help="MiB touched by the big targets (issue 14); a size is left out when memory is short")
+    psr.add_argument("--big-kills", type=int, default=None,
+                     help="kills per big-target row and size (10; --quick 5; 0 leaves the rows out)")
+    psr.add_argument("--only-big", action="store_true",
+                     help="measure only the big-target rows (issue 14), nothing else")
     psr.add_argument("--out", default=_os.path.join(ROOT, "bench-out"), help="directory for JSON, markdown, helpers")
     psr.add_argument("--json", default=None, help="JSON path (OUT/bench.json)")
     psr.add_argument("--markdown", default=None, help="markdown path (OUT/BENCHMARKS.md)")
@@ -295,6 +302,8 @@ def main(argv=None):
         args.etcd_kills = 200 if args.quick else 500
     if args.max_seconds is None:
         args.max_seconds = 300.0 if args.quick else 600.0
+    if args.big_kills is None:
+        args.big_kills = 5 if args.quick else 10
     if args.kills < 1 or args.rounds < 1 or args.storm_workers < 1 or args.storm_workers > 64:
         psr.error("--kills and --rounds must be >= 1 and --storm-workers in 1..64")
     args.conditions = ",".join(c.strip() for c in args.conditions.split(",") if c.strip())
@@ -313,14 +322,19 @@ def main(argv=None):
         return 1
     ctx = Ctx(args, bins, started)
     machine = _report.machine()
-    if "storm" in args.conditions.split(","):
+    if "storm" in args.conditions.split(",") and not args.only_big:
         ctx.top_rate = calibrate(ctx)
         print(f"bench: storm alone reaches {ctx.top_rate:,.0f} exits/s with {args.storm_workers} workers",
               file=_sys.stderr)
-    observers = _observers(ctx)
-    rows, by_row = measure_kills(ctx, observers)
-    head, tail = _pwsuite.sections(ctx, rows, by_row)
-    sections = head + latency_sections(ctx, rows) + tail + [_etcdfleet.section(ctx)]
+    if args.only_big:
+        sections = [_bigtargets.section(ctx)]
+    else:
+        observers = _observers(ctx)
+        rows, by_row = measure_kills(ctx, observers)
+        head, tail = _pwsuite.sections(ctx, rows, by_row)
+        sections = head + latency_sections(ctx, rows) + tail + [_etcdfleet.section(ctx)]
+        if args.big_kills:
+            sections.append(_bigtargets.section(ctx))
     machine["storm_top_rate"] = ctx.top_rate
     machine["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     result = {"machine": machine,

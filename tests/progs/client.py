@@ -28,11 +28,13 @@ ap.add_argument("--beat-every", type=float, default=0.1)
 ap.add_argument("--work-ms", type=float, default=0)
 ap.add_argument("--hang-action", default=None)
 ap.add_argument("--hang-signal", default=None)
+ap.add_argument("--no-arm", action="store_true", help="leave the death word unarmed (connector-only)")
 args = ap.parse_args()
 
 try:
     reg = procwatch.register_pid(args.name, key=args.key, heartbeat=args.heartbeat,
-                                 hang_action=args.hang_action, hang_signal=args.hang_signal)
+                                 hang_action=args.hang_action, hang_signal=args.hang_signal,
+                                 arm=not args.no_arm)
 except procwatch.ProcwatchError as e:
     print(f"ERROR {type(e).__name__} {e}", flush=True)
     sys.exit(3)
