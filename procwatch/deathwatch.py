@@ -120,14 +120,6 @@ class _Completer:
         self._wake = -1
 
     def put(self, w, fd):
-        if fd < 0:                     # reaped already (or gone when adopted): the kernel kept its status
-            from .pidfd_backend import pidfd_exit_status
-            with self.reporter.watch.lock:          # the watch list closes pidfds under it
-                st = pidfd_exit_status(w.pidfd) if w.pidfd is not None else None
-            status = ((st, "pidfd", "exit status from PIDFD_INFO_EXIT (reaped)") if st is not None else
-                      (_abi.EXIT_STATUS_UNKNOWN, "unknown", "reaped before procwatch could read its status"))
-            self.reporter.finish_death(w, lambda: status, None)
-            return
         with self._lock:
             if self.epoll is None:
                 self.epoll = _select.epoll()
@@ -183,6 +175,7 @@ class DeathWaiter(DetectorThread):
         self.shard = shard
         self.finished = False
         self.suspects = {}             # (slot, pid) -> monotonic_ns the word was seen fired
+        self.left = set()              # (slot, pid) dead but reaped already: its exit event ends it
 
     def _loop(self):
         watch, table, reporter = self.watch, self.watch.table, self.reporter
@@ -196,7 +189,7 @@ class DeathWaiter(DetectorThread):
                 return
             addresses, values, keys = [gen_address], [generation], [None]
             for slot, pid in mine:
-                if (slot, pid) in self.suspects:
+                if (slot, pid) in self.suspects or (slot, pid) in self.left:
                     continue
                 value = self._set_waiters(table, slot)
                 if value is None:                       # fired: confirm it
@@ -209,6 +202,7 @@ class DeathWaiter(DetectorThread):
             live = set(mine)
             for key in [k for k in self.suspects if k not in live]:
                 del self.suspects[key]
+            self.left &= live
             if self.suspects and self._check_suspects():
                 return
             # Idle, it sleeps until a word or the generation moves (no timer: issue 16's idle
@@ -254,6 +248,7 @@ class DeathWaiter(DetectorThread):
                     self.watch.completer.put(w, fd)     # the status, once the teardown is over
                     self.ended_pid = pid
                     return True
+                self.left.add((slot, pid))              # not ours to end: never confirm it again
             elif verdict == "alive":
                 del self.suspects[(slot, pid)]
             elif now - fired_ns > CONFIRM_WINDOW * 1e9:

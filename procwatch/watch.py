@@ -415,29 +415,37 @@ class Reporter:
     def report_death(self, w, fired_ns):
         """``w``'s death word fired and the death is confirmed: zero the word and wake, now.
 
-        Returns a duplicate of ``w``'s pidfd (or -1 when it has none) for the
-        caller to complete the report with (finish_death()) once the pidfd is
-        readable, i.e. after the teardown: the exit status comes from it.
-        The exit event that follows finds the word zeroed and reports nothing
-        (its clear fails), so the end is reported once.  None if somebody else
-        already ended it.
+        Returns a pidfd of the process for the caller to complete the report
+        with (finish_death()) once it is readable, i.e. after the teardown:
+        the exit status comes from it.  The exit event that follows finds the
+        word zeroed and reports nothing (its clear fails), so the end is
+        reported once.  None if the word was not zeroed here: somebody else
+        already ended it, or the process was reaped before this thread ran.
+
+        The pidfd is opened *before* the word is zeroed.  A small process
+        can be torn down and reaped by its parent between the kernel's wake
+        and this thread running; then no pidfd can be had and no status read,
+        but its exit event (sent before the reaping) carries the status, so
+        the end is left to the exit event or pidfd path: nothing is gained by
+        the death word once the teardown is over.  Zeroing first lost the
+        status of every such process (tests/reliability/test_soak.py).
         """
-        zeroed_ns = _time.monotonic_ns()
-        if not self.table.clear_pid(w.slot, w.pid, pend=True):
-            return None
-        w.death = (fired_ns, zeroed_ns)
         # A pidfd of its own, never a dup of w.pidfd: the pidfd backend's epoll set
         # holds w.pidfd's file, and a dup would keep that file (and its readiness)
         # registered under a number the watch list closes and a new registration
-        # reuses -- a false death.  Not reaped yet (its death word fired before the
-        # teardown), so the PID is still this process; the start time says so.
+        # reuses -- a false death.
         try:
             fd = _os.pidfd_open(w.pid)
         except OSError:
-            return -1
+            return None                 # reaped: its exit event has the status
         if _procfs.start_time(w.pid) not in (w.start_time, None):   # None: reaped after the open: ours
             _os.close(fd)
-            return -1
+            return None                 # the PID is another process's already
+        zeroed_ns = _time.monotonic_ns()
+        if not self.table.clear_pid(w.slot, w.pid, pend=True):
+            _os.close(fd)
+            return None
+        w.death = (fired_ns, zeroed_ns)
         return fd
 
     def finish_death(self, w, status, seen_ns):
