@@ -144,7 +144,7 @@ class _Completer:
                     self.epoll.unregister(fd)
                 try:
                     if w is not None:
-                        self.reporter.finish_death(w, lambda w=w, fd=fd: exit_status(w, fd), seen_ns)
+                        self.reporter.finish_death(w, lambda w=w, fd=fd: exit_status(w, fd, None), seen_ns)
                 finally:
                     _os.close(fd)
 

@@ -165,24 +165,27 @@ def zombie_exit_status(pid, start, procfs=_procfs.PROCFS):
 _SEEN = "seen through its pidfd (latency unknown)"
 
 
-def exit_status(w, pidfd):
+def exit_status(w, pidfd, seen=_SEEN):
     """``(status, source, note)`` of the exited process behind Watched ``w``.
 
     ``pidfd`` is the detector's own duplicate of ``w.pidfd``: the Watchlist
     closes ``w.pidfd`` as soon as a sync sees the zeroed word, which may be
-    before this runs.  See the module docstring for the order.
+    before this runs.  See the module docstring for the order.  ``seen``
+    opens the note: how the end was seen (None: the caller says it, as the
+    death word's completion does).
     """
+    lead = f"{seen}; " if seen else ""
     status = pidfd_exit_status(pidfd)
     if status is None:
         zombie = zombie_exit_status(w.pid, w.start_time)
         if not isinstance(zombie, str):
-            return zombie, "procfs", f"{_SEEN}; exit status read from /proc/PID/stat (zombie)"
+            return zombie, "procfs", f"{lead}exit status read from /proc/PID/stat (zombie)"
         status = pidfd_exit_status(pidfd)
     if status is not None:
-        return status, "pidfd", f"{_SEEN}; exit status from PIDFD_INFO_EXIT"
+        return status, "pidfd", f"{lead}exit status from PIDFD_INFO_EXIT"
     if zombie == "reaped":
         zombie = "reaped by its parent before procwatch read it, and the kernel keeps no status (< 6.15)"
-    return -1, "unknown", f"{_SEEN}; exit status unknown: {zombie}"
+    return -1, "unknown", f"{lead}exit status unknown: {zombie}"
 
 
 class PidfdSet:
