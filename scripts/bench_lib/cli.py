@@ -327,6 +327,7 @@ def main(argv=None):
         print(f"bench: storm alone reaches {ctx.top_rate:,.0f} exits/s with {args.storm_workers} workers",
               file=_sys.stderr)
     if args.only_big:
+        rows = []                       # no kill-latency rows: only the big-target section
         sections = [_bigtargets.section(ctx)]
     else:
         observers = _observers(ctx)
