@@ -262,6 +262,17 @@ static PyObject *py_find_name(PyObject *self, PyObject *args)
     return Py_BuildValue("ll", same, empty);
 }
 
+static int append_index(PyObject *out, unsigned int i)
+{
+    /* Append slot index i to list out: 0, or -1 with an exception set (the slot scans below). */
+    PyObject *n = PyLong_FromUnsignedLong(i);
+    if (!n)
+        return -1;
+    int rc = PyList_Append(out, n);
+    Py_DECREF(n);
+    return rc;
+}
+
 static PyObject *py_stale_claims(PyObject *self, PyObject *args)
 {
     /* stale_claims(table_address, slot_count) -> [slot]: PID word 0 and state CLAIMING. */
@@ -275,13 +286,10 @@ static PyObject *py_stale_claims(PyObject *self, PyObject *args)
     for (unsigned int i = 0; i < count; i++) {
         uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
         if (load32(s + S_STATE) == STATE_CLAIMING && load32(s + S_PID) == 0) {
-            PyObject *n = PyLong_FromUnsignedLong(i);
-            if (!n || PyList_Append(out, n) < 0) {
-                Py_XDECREF(n);
+            if (append_index(out, i) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(n);
         }
     }
     return out;
@@ -304,13 +312,10 @@ static PyObject *py_bad_states(PyObject *self, PyObject *args)
         uint32_t state = load32(s + S_STATE);
         uint32_t pid = load32(s + S_PID);
         if (pid ? (state != alive && state != hung) : state > max_state) {
-            PyObject *n = PyLong_FromUnsignedLong(i);
-            if (!n || PyList_Append(out, n) < 0) {
-                Py_XDECREF(n);
+            if (append_index(out, i) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(n);
         }
     }
     return out;
