@@ -59,6 +59,11 @@ class HookEvent:
     ``exit_code`` is set for a normal exit, ``signal`` (a name like
     ``SIGKILL``) for a death by signal, or for ``hung`` the signal the hang
     action is about to send; ``cause`` is an :class:`abi.Cause` or its label.
+    ``detected_by`` says what zeroed the slot for an ``exit`` (``death_word``
+    or ``exit_event``), so that ``latency_us`` can be read for what it is;
+    ``teardown_us`` is, for a death-word end, death word -> pidfd readable
+    (the address-space teardown the death word saved the peers), the same
+    figures journald gets (issue 14).
     """
     event: str
     name: str
@@ -70,16 +75,19 @@ class HookEvent:
     cause: object = None
     latency_us: int | None = None
     verdict: str | None = None
+    detected_by: str | None = None
+    teardown_us: int | None = None
     time_ns: int = _dc.field(default_factory=_time.time_ns)
     key: int | None = None
 
     @classmethod
     def from_fields(cls, event, name, pid, slot, fields, **more):
         """Build from the journal fields the Reporter logged the end with
-        (signals.describe_status's, plus CAUSE and LATENCY_US)."""
+        (signals.describe_status's, plus CAUSE, LATENCY_US, DETECTED_BY and TEARDOWN_US)."""
         return cls(event, name, pid, slot, exit_code=fields.get("EXIT_CODE"), signal=fields.get("SIGNAL"),
                    core_dumped=bool(fields.get("CORE_DUMPED")), cause=fields.get("CAUSE"),
-                   latency_us=fields.get("LATENCY_US"), verdict=fields.get("VERDICT"), **more)
+                   latency_us=fields.get("LATENCY_US"), verdict=fields.get("VERDICT"),
+                   detected_by=fields.get("DETECTED_BY"), teardown_us=fields.get("TEARDOWN_US"), **more)
 
     def env(self):
         """The ``PROCWATCH_*`` variables of this event, all strings."""
@@ -89,6 +97,7 @@ class HookEvent:
         if isinstance(cause, int):
             cause = cause_label(cause)
         latency = None if self.latency_us == _abi.LATENCY_UNKNOWN else self.latency_us
+        teardown = None if self.teardown_us == _abi.LATENCY_UNKNOWN else self.teardown_us
         when = _datetime.datetime.fromtimestamp(self.time_ns / 1e9, _datetime.timezone.utc)
         return {
             "PROCWATCH_EVENT": self.event,
@@ -100,6 +109,8 @@ class HookEvent:
             "PROCWATCH_CORE_DUMPED": "1" if self.core_dumped else "0",
             "PROCWATCH_CAUSE": text(cause),
             "PROCWATCH_LATENCY_US": text(latency),
+            "PROCWATCH_DETECTED_BY": text(self.detected_by),
+            "PROCWATCH_TEARDOWN_US": text(teardown),
             "PROCWATCH_VERDICT": text(self.verdict),
             "PROCWATCH_TIME": when.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "PROCWATCH_KEY": "" if self.key is None else f"{self.key:#010x}",

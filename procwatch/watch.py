@@ -410,7 +410,8 @@ class Reporter:
              CAUSE=cause_name, STATUS_SOURCE=source, **fields)
         t.end_logged(w.slot, w.pid)
         if self.on_end:
-            self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us))
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us,
+                                            DETECTED_BY="exit_event"))
 
     def report_death(self, w, fired_ns):
         """``w``'s death word fired and the death is confirmed: zero the word and wake, now.
@@ -481,7 +482,8 @@ class Reporter:
              DETECTED_BY="death_word", CAUSE=cause_name, STATUS_SOURCE=source, **fields)
         t.end_logged(w.slot, w.pid)
         if self.on_end:
-            self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us))
+            self.on_end(Event.EXIT, w, dict(fields, CAUSE=cause_name, LATENCY_US=latency_us,
+                                            DETECTED_BY="death_word", TEARDOWN_US=teardown_us))
 
     def death_word_lost(self, w):
         """A fired death word whose process lives on (execve): say once that it is connector-only now."""

@@ -1,4 +1,5 @@
-"""procwatch.hooks: real subprocesses, real process groups, real FIFOs for synchronisation."""
+"""procwatch.hooks: real subprocesses, real process groups, real FIFOs for synchronisation;
+and, at the end, what a real service hands its hooks for a real armed and a real unarmed death."""
 
 import json
 import logging
@@ -11,8 +12,8 @@ import sys
 
 import pytest
 
-from conftest import proc_state, wait_until
-from procwatch import abi
+from conftest import PROGS, PY, ROOT, end_process, proc_state, require_root, wait_until
+from procwatch import abi, deathword
 from procwatch.hooks import HookEvent, HookRunner
 from procwatch.signals import describe_status
 from procwatch.stats import Stats
@@ -86,6 +87,8 @@ def test_environment_carries_the_event(runner_factory, results, monkeypatch):
         "PROCWATCH_CORE_DUMPED": "0",
         "PROCWATCH_CAUSE": "exited",
         "PROCWATCH_LATENCY_US": "85",
+        "PROCWATCH_DETECTED_BY": "",
+        "PROCWATCH_TEARDOWN_US": "",
         "PROCWATCH_VERDICT": "",
         "PROCWATCH_TIME": "2023-11-14T22:13:20.123456Z",
         "PROCWATCH_KEY": "0x70770001",
@@ -105,6 +108,7 @@ def test_exit_code_and_unknown_status():
     env = HookEvent.from_fields("found_dead", "a", 1, 0, fields).env()
     assert (env["PROCWATCH_EXIT_CODE"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_LATENCY_US"]) == ("", "", "")
     assert env["PROCWATCH_CAUSE"] == "found_dead"
+    assert (env["PROCWATCH_DETECTED_BY"], env["PROCWATCH_TEARDOWN_US"]) == ("", "")
 
 
 def test_hanging_hook_is_killed_at_timeout_and_does_not_delay_others(runner_factory, results):
@@ -248,3 +252,68 @@ def test_a_broken_callback_does_not_kill_the_worker(runner_factory, results, cap
     runner.submit(["true"], event(name="two"))
     assert results.get(timeout=WAIT).event.name == "two"
     assert any(r.exc_info and "bug in callback" in str(r.exc_info[1]) for r in caplog.records)
+
+
+# -- with a real service ---------------------------------------------------------------
+
+# A hook that writes its PROCWATCH_* environment to DIR/<name>.json (renamed into place: whole or absent).
+DUMP_ENV = ("import json, os, sys; env = {k: v for k, v in os.environ.items() if k.startswith('PROCWATCH_')}; "
+            "path = os.path.join(sys.argv[1], env['PROCWATCH_NAME'] + '.json'); "
+            "open(path + '.tmp', 'w').write(json.dumps(env)); os.rename(path + '.tmp', path)")
+
+
+@require_root()
+@pytest.mark.skipif(deathword.availability()[0] != abi.DeathWatch.WATCHING,
+                    reason="no futex_waitv (Linux < 5.16) or no atomics here: nothing ends by the death word")
+def test_hooks_are_told_what_detected_the_end(key, service, clients, tmp_path):
+    """An armed client's end zeroed by its death word gives the hook DETECTED_BY=death_word and the
+    teardown it saved; an unarmed (connector-only) client's gives DETECTED_BY=exit_event and no teardown.
+
+    The armed target touches 256 MiB, so that its teardown (tens of ms) puts its exit event well after
+    the death word: an end seen as death_word is one the death word zeroed, not a race it happened to win.
+    """
+    out = tmp_path / "env"
+    out.mkdir()
+    cfg = tmp_path / "procwatch.toml"
+    cfg.write_text(f'[[rule]]\nname = "hk-*"\n'
+                   f'hooks = {{ on_exit = [{json.dumps(PY)}, "-c", {json.dumps(DUMP_ENV)}, {json.dumps(str(out))}] }}\n')
+    svc = service("--config", str(cfg))
+
+    armed = subprocess.Popen([PY, str(PROGS / "armed.py"), "--key", hex(key), "--name", "hk-armed", "--mib", "256"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert select.select([armed.stdout], [], [], WAIT)[0], "the armed target never registered"
+        line = armed.stdout.readline().decode().split()
+        assert line[0] == "READY", line
+        slot = int(line[1])
+        from procwatch.segment import Table
+        t = Table.attach(key)
+        try:
+            assert t.death_arm(slot) == abi.Arm.ARMED
+            wait_until(lambda: t.death_word(slot) & abi.FUTEX_WAITERS, 10, "the service to wait on the death word",
+                       detail=lambda: svc.log()[-2000:])
+        finally:
+            t.detach()
+        armed.kill()
+        wait_until(lambda: (out / "hk-armed.json").exists(), WAIT, "the armed client's exit hook",
+                   detail=lambda: svc.log()[-3000:])
+    finally:
+        end_process(armed)
+    env = json.loads((out / "hk-armed.json").read_text())
+    assert (env["PROCWATCH_EVENT"], env["PROCWATCH_SIGNAL"], env["PROCWATCH_PID"]) == ("exit", "SIGKILL", str(armed.pid))
+    assert env["PROCWATCH_DETECTED_BY"] == "death_word", env
+    assert env["PROCWATCH_TEARDOWN_US"].isdigit() and int(env["PROCWATCH_TEARDOWN_US"]) > 0, env
+    assert env["PROCWATCH_LATENCY_US"].isdigit(), env
+    # The same figures as the service's own line for that end.
+    e = svc.wait_event("exit", name="hk-armed")
+    assert (e["detected_by"], e["teardown_us"], e["latency_us"]) == \
+        ("death_word", env["PROCWATCH_TEARDOWN_US"], env["PROCWATCH_LATENCY_US"])
+
+    unarmed = clients(key, "hk-unarmed", "--no-arm")
+    unarmed.kill()
+    wait_until(lambda: (out / "hk-unarmed.json").exists(), WAIT, "the unarmed client's exit hook",
+               detail=lambda: svc.log()[-3000:])
+    env = json.loads((out / "hk-unarmed.json").read_text())
+    assert (env["PROCWATCH_SIGNAL"], env["PROCWATCH_PID"]) == ("SIGKILL", str(unarmed.pid))
+    assert (env["PROCWATCH_DETECTED_BY"], env["PROCWATCH_TEARDOWN_US"]) == ("exit_event", ""), env
