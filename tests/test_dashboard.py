@@ -5,7 +5,9 @@ leaves a panel silently empty.  So every ``procwatch_*`` name in every
 query must be a series that a running service (with metrics and an
 ``[etcd]`` table, so the etcd series exist too) really exposes, and every
 label a query groups by, other than the ones Prometheus adds itself, must
-be on that series.
+be on that series.  And every histogram the service exposes must have a
+panel drawing its quantiles: a histogram added later without a panel (as the
+death word's two were, issue 14) fails here.
 """
 
 import json
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_root, wait_until
+from conftest import ServiceProcess, fresh_key, remove_ipc, require_root, wait_until
 from etcdserver import EtcdServer, free_port
 
 pytest.importorskip("prometheus_client")
@@ -37,6 +39,11 @@ def queries(dashboard):
     return out
 
 
+def histograms(text):
+    """Names of the histogram families of a Prometheus text exposition (its ``# TYPE`` lines)."""
+    return {m[1] for m in re.finditer(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) histogram$", text, re.M)}
+
+
 def parse_exposition(text):
     """{series name: set of label names} of a Prometheus text exposition."""
     series = {}
@@ -55,22 +62,37 @@ def test_dashboard_is_well_formed():
     assert len(ids) == len(set(ids))
     assert all(p["targets"] and p["datasource"]["uid"] == "${datasource}" for p in d["panels"])
     titles = " ".join(p["title"].lower() for p in d["panels"])
-    for topic in ("exits by cause", "detection latency", "hung and killed", "overflows", "hooks", "etcd"):
+    for topic in ("exits by cause", "detection latency", "death-word latency", "teardown", "hung and killed",
+                  "overflows", "hooks", "etcd"):
         assert topic in titles, topic
 
 
-def test_every_queried_metric_exists_in_a_real_scrape(service, tmp_path):
-    etcd = EtcdServer(tmp_path / "etcd").start()
+@pytest.fixture(scope="module")
+def exposition(tmp_path_factory):
+    """The text of one real scrape of a real service with metrics and an ``[etcd]`` table."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    key = fresh_key()
+    remove_ipc(key)
+    etcd = EtcdServer(tmp / "etcd").start()
+    svc = None
     try:
-        cfg = tmp_path / "pw.toml"
+        cfg = tmp / "pw.toml"
         cfg.write_text(f'[etcd]\nendpoints = ["{etcd.url}"]\nhost = "dash"\n')
         port = free_port()
-        svc = service("--config", str(cfg), "--metrics", f"127.0.0.1:{port}")
+        svc = ServiceProcess(key, tmp / "service.log", "--config", str(cfg), "--metrics", f"127.0.0.1:{port}")
+        svc.wait_ready()
         wait_until(lambda: "publishing to" in svc.log(), what="the publisher to connect")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            scraped = parse_exposition(r.read().decode())
+            return r.read().decode()
     finally:
+        if svc is not None:
+            svc.stop()
         etcd.remove()
+        remove_ipc(key)
+
+
+def test_every_queried_metric_exists_in_a_real_scrape(exposition):
+    scraped = parse_exposition(exposition)
     d = json.loads(DASHBOARD.read_text())
     missing, bad_labels = [], []
     for expr in queries(d):
@@ -85,3 +107,15 @@ def test_every_queried_metric_exists_in_a_real_scrape(service, tmp_path):
     assert not missing, f"queried but not exposed: {missing}"
     assert not bad_labels, f"grouped by a label the series lacks: {bad_labels}"
     assert any("etcd" in n for n in scraped), "the etcd series were not exposed"
+
+
+def test_every_exposed_histogram_has_a_quantile_panel(exposition):
+    exposed = histograms(exposition)
+    assert "procwatch_teardown_seconds" in exposed, sorted(exposed)     # the scrape has the death word's too
+    d = json.loads(DASHBOARD.read_text())
+    drawn = set()
+    for panel in d["panels"]:
+        for t in panel.get("targets", []):
+            if "histogram_quantile(" in t["expr"]:
+                drawn |= set(re.findall(r"\b([a-z0-9_]+)_bucket\b", t["expr"]))
+    assert not exposed - drawn, f"histograms with no panel drawing their quantiles: {sorted(exposed - drawn)}"
