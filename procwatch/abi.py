@@ -193,7 +193,7 @@ class DeathWatch(_enum.IntEnum):
     """Whether the service waits on death words (header field H_DEATH_WATCH).  Values are ABI."""
     OFF = 0            # no service, or it has not started watching
     WATCHING = 1       # futex_waitv(2) on every armed slot
-    NO_WAITV = 2       # the kernel has no futex_waitv (Linux < 5.16): connector-only
+    NO_WAITV = 2       # futex_waitv failed ENOSYS/EPERM (Linux < 5.16, or seccomp): connector-only
     NO_ATOMICS = 3     # neither procwatch._deathword nor libatomic: connector-only
 
 

@@ -54,7 +54,8 @@ def _enum_name(enum, value):
 # The head line's word on the death words, and the DEATH WORD column: armed, or why not.
 _DEATH_WATCH_TEXT = {
     "watching": "death words watched",
-    "no_waitv": "death words NOT watched (Linux < 5.16: no futex_waitv): every slot connector-only",
+    "no_waitv": "death words NOT watched (no futex_waitv: Linux < 5.16, or a seccomp filter): "
+                "every slot connector-only",
     "no_atomics": "death words NOT watched (no procwatch._deathword, no libatomic): every slot connector-only",
     "off": "death words not watched yet",
 }
@@ -141,6 +142,8 @@ def format_status(snap):
     lines = [head, f"table {snap['key']}: {live} live, {len(used)} used of {snap['slot_count']} slots, "
                    f"{snap['exits']} exits", ""]
     now = _time.time()
+    # A service that cannot wait on death words (no futex_waitv) leaves armed slots connector-only too.
+    unwatched = svc["alive"] and svc.get("death_words") not in ("watching", None)
     rows = [("SLOT", "NAME", "PID", "STATE", "SINCE", "LAST EXIT", "DEATH WORD", "BEAT")]
     for s in used:
         if s["signal"]:
@@ -165,9 +168,11 @@ def format_status(snap):
         if s.get("detected_by") == "death_word" and s.get("teardown_us") is not None:
             last += f" (death word, {s['teardown_us'] / 1000:.0f} ms before its pidfd)"
         state = s["state"] + (f" ({s['verdict']})" if s["state"] == "hung" and s.get("verdict") else "")
+        word = _DEATH_WORD_TEXT.get(s.get("death_word"), s.get("death_word") or "-")
+        if unwatched and s.get("death_word") == "armed":
+            word = "connector-only (armed, not watched)"
         rows.append((str(s["slot"]), s["name"], str(s["pid"] or "-"), state,
-                     age_text(now - s["since"]) if s["since"] else "-", last,
-                     _DEATH_WORD_TEXT.get(s.get("death_word"), s.get("death_word") or "-"), beat))
+                     age_text(now - s["since"]) if s["since"] else "-", last, word, beat))
     if len(rows) == 1:
         lines.append("no registered processes")
     else:

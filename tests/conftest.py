@@ -300,15 +300,19 @@ def key():
 
 
 class ServiceProcess:
-    """``procwatch serve`` in a subprocess, its stderr kept for event checks."""
+    """``procwatch serve`` in a subprocess, its stderr kept for event checks.
 
-    def __init__(self, key, log_path, *args, env=None, preexec=None, log_level="debug"):
+    ``wrap``: a command that execs the rest (e.g. tests/progs/no_futex_waitv.c):
+    the service keeps its PID.
+    """
+
+    def __init__(self, key, log_path, *args, env=None, preexec=None, log_level="debug", wrap=()):
         self.key = key
         self.log_path = log_path
         self._log = open(log_path, "ab")
         level = ["--log-level", log_level] if log_level else []     # None: the configuration's
         self.proc = subprocess.Popen(
-            [PY, "-m", "procwatch", "serve", "--key", hex(key), "--log", "stderr", *level, *args],
+            [*wrap, PY, "-m", "procwatch", "serve", "--key", hex(key), "--log", "stderr", *level, *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             env=env, cwd=ROOT, preexec_fn=preexec)
 
