@@ -622,7 +622,10 @@ def test_metrics_of_a_real_service_count_what_happened(key, service, clients, co
     m = wait_until(counted, 10, "the counters to catch up", detail=lambda: svc.log()[-2000:])
     assert metric_value(m, "procwatch_overflows_total") >= 1
     assert metric_value(m, "procwatch_found_dead_total") >= 1
-    assert metric_value(m, "procwatch_exits_total", cause="found_dead") >= 1
+    # gone-by's end is labelled found_dead, or found_dead_overflow when the 4 KiB buffer overflowed
+    # again since the last reconcile (any burst of exits on a busy machine does it; seen in full runs).
+    assert (metric_value(m, "procwatch_exits_total", cause="found_dead")
+            + metric_value(m, "procwatch_exits_total", cause="found_dead_overflow")) >= 1
     assert metric_value(m, "procwatch_exits_total", cause="exited") >= 1
     assert metric_value(m, "procwatch_hook_failures_total") == 0
 
