@@ -604,8 +604,11 @@ class Publisher:
             now = table.read_slot(slot)
             if now.pid == pid and now.start_time == start and now.state in _LIVE_STATES:
                 continue        # still live: unpublishable since a reload; handled below
-            if now.state == _abi.State.ALIVE and now.start_time == start:
-                continue        # word zeroed, end not recorded yet: the reporter's update follows
+            if now.state in _LIVE_STATES and now.start_time == start:
+                # Word zeroed, end not recorded yet (a hang kill leaves the state HUNG until
+                # then): the reporter's update follows with the record.  Deleting here would
+                # delete without an ended record, and the update would find nothing to end.
+                continue
             self._delete(name, _record_from_slot(now, pid, start))
         for name, s in want.items():
             text = _dumps(live_value(s))

@@ -15,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
-from conftest import PY, ROOT, read_slot, require_root, wait_ended, wait_until
+from conftest import PY, ROOT, end_process, read_slot, require_root, wait_ended, wait_until
 from etcdserver import EtcdServer, free_port
 
 pyetcd = pytest.importorskip("pyetcd", reason="the etcd extra is not installed (scripts/setup installs it)")
@@ -169,6 +170,54 @@ def test_hang_kill_shows_hung_then_deletes(etcd, key, tmp_path, service, clients
         w.close()
     rec = ended(etcd, prefix)["hanger"]
     assert rec["cause"] == "killed_hung" and rec["signal"] == "SIGKILL"
+
+
+def test_a_hung_slot_zeroed_but_not_recorded_keeps_its_key_for_the_record(etcd, key):
+    """A hang kill's exit is zeroed first and recorded after, and the slot says HUNG in between.
+
+    A sync in that gap must leave the key to the reporter's update, which deletes it with
+    its ended record; deleting it there lost the record (a CI failure of the test above).
+    The Publisher runs in this process on a real table and a real etcd; the gap is held open.
+    """
+    from procwatch import abi, config, fleet, procfs, stats
+    from procwatch.journal import Event
+    from procwatch.segment import Table
+    prefix = f"/pwt-{key:x}/"
+    table, _ = Table.create_or_adopt(key, 4)
+    target = subprocess.Popen(["sleep", "60"])
+    pub = None
+    try:
+        start_time = procfs.start_time(target.pid)
+        with table.lock():
+            table.claim(0)
+            table.publish(0, target.pid, start_time, b"hanger", heartbeat_ms=200)
+        assert table.set_state_if(0, target.pid, (abi.State.ALIVE,), abi.State.HUNG)
+        settings = config.EtcdSettings(endpoints=(etcd.url,), prefix=prefix, host=HOST)
+        pub = fleet.Publisher(settings, lambda: table, stats.Stats())
+        pub.start()
+        pub.kick()
+        wait_until(lambda: live(etcd, prefix).get("hanger", {}).get("state") == "hung", what="hanger hung")
+        assert table.mark_kill(0, target.pid)
+        target.kill()
+        assert target.wait(5) == -signal.SIGKILL
+        assert table.clear_pid(0, target.pid)             # the reporter's first step; HUNG still
+        with table.lock():                               # a registration, and the sync it sets off
+            table.claim(1)
+            table.publish(1, os.getpid(), procfs.start_time(os.getpid()), b"witness")
+        pub.kick()
+        wait_until(lambda: "witness" in live(etcd, prefix), what="the sync after the zeroing")
+        assert "hanger" in live(etcd, prefix), "deleted in the gap, without its ended record"
+        table.record_end(0, abi.State.EXITED, abi.Cause.KILLED_HUNG, exit_status=signal.SIGKILL)
+        pub.on_end(Event.EXIT, types.SimpleNamespace(name="hanger", pid=target.pid, start_time=start_time),
+                   {"CAUSE": "killed_hung", "SIGNAL": "SIGKILL"})
+        rec = wait_until(lambda: ended(etcd, prefix).get("hanger"), what="hanger's ended record")
+        assert rec["cause"] == "killed_hung" and rec["signal"] == "SIGKILL"
+        assert "hanger" not in live(etcd, prefix)
+    finally:
+        if pub is not None:
+            pub.stop()
+        end_process(target)
+        table.remove()
 
 
 def test_hung_state_is_published(etcd, key, tmp_path, service, clients):
