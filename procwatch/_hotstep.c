@@ -536,6 +536,8 @@ typedef struct {
     uint32_t tgid;      /* 0: empty, TOMB: deleted */
     uint32_t slot;
     int fd;             /* our own dup of the pidfd, or -1 (process already unreadable) */
+    uint64_t gone_ns;   /* fd -1: CLOCK_MONOTONIC when it was found gone; only an exit event
+                         * stamped before that can be its own (a later one is a reused PID's) */
 } Entry;
 
 #define TOMB 0xFFFFFFFFu
@@ -653,11 +655,13 @@ static int HotStep_init(HotStep *h, PyObject *args, PyObject *kw)
 
 static PyObject *HotStep_add(HotStep *h, PyObject *args)
 {
-    /* add(slot, pid, pidfd): watch `pid` in `slot`; pidfd is duplicated (ours to close).
-     * pidfd -1: no descriptor (the process was already gone): its exit event ends it at once. */
+    /* add(slot, pid, pidfd, gone_ns=0): watch `pid` in `slot`; pidfd is duplicated (ours to
+     * close).  pidfd -1: no descriptor (the process was already gone at gone_ns, CLOCK_MONOTONIC):
+     * an exit event of that tgid stamped before gone_ns ends it at once, a later one is ignored. */
     unsigned int slot, pid;
     int fd;
-    if (!PyArg_ParseTuple(args, "IIi", &slot, &pid, &fd))
+    unsigned long long gone_ns = 0;
+    if (!PyArg_ParseTuple(args, "IIi|K", &slot, &pid, &fd, &gone_ns))
         return NULL;
     if (pid == 0 || pid == TOMB) {
         PyErr_Format(PyExc_ValueError, "pid %u cannot be watched", pid);
@@ -688,7 +692,7 @@ static PyObject *HotStep_add(HotStep *h, PyObject *args)
         j = (j + 1) & (h->cap - 1);
     if (h->map[j].tgid == 0)
         h->used++;
-    h->map[j] = (Entry){pid, slot, own};
+    h->map[j] = (Entry){pid, slot, own, (uint64_t)gone_ns};
     h->live++;
     pthread_mutex_unlock(&h->mu);
     Py_RETURN_NONE;
@@ -736,8 +740,9 @@ typedef struct {
 } Ended;
 
 /* Look tgid up and end every slot of it whose process is wholly gone (hold no lock; takes
- * the map's).  Returns how many were ended here (into out[], at most max). */
-static int end_tgid(HotStep *h, uint32_t tgid, Ended *out, int max, int *matched)
+ * the map's); ts is the exit event's kernel stamp.  Returns how many were ended here (into
+ * out[], at most max). */
+static int end_tgid(HotStep *h, uint32_t tgid, uint64_t ts, Ended *out, int max, int *matched)
 {
     int n = 0;
     *matched = 0;
@@ -749,9 +754,10 @@ static int end_tgid(HotStep *h, uint32_t tgid, Ended *out, int max, int *matched
         if (e->tgid != tgid)
             continue;
         *matched = 1;
-        /* No pidfd: the process was gone (reaped) when the watch list adopted it, and this
-         * is its exit event: report it with its status, as the Python path does. */
-        if (e->fd >= 0 && !fd_exited(e->fd))
+        /* No pidfd: the process was gone (reaped) when the watch list adopted it.  Its own
+         * exit event was sent before that; one sent after is a later process's that got the
+         * same PID, whose status it must not take (the reconcile finds it dead instead). */
+        if (e->fd < 0 ? ts > e->gone_ns : !fd_exited(e->fd))
             continue;                               /* one thread of a live process */
         uintptr_t word = h->table + HEADER_SIZE + (uintptr_t)e->slot * SLOT_SIZE + S_PID;
         pthread_mutex_lock(&h->service_lock->mu);
@@ -857,7 +863,7 @@ static PyObject *HotStep_step(HotStep *h, PyObject *noargs)
         uint32_t seen = __atomic_load_n(&h->synced_generation, __ATOMIC_ACQUIRE);
         int matched;
         zeroed = mono_ns();
-        n = end_tgid(h, tgid, out, MAX_ENDED, &matched);
+        n = end_tgid(h, tgid, ts, out, MAX_ENDED, &matched);
         if (n) {
             kind = 1;
             break;
@@ -885,15 +891,16 @@ static PyObject *HotStep_step(HotStep *h, PyObject *noargs)
 
 static PyObject *HotStep_end(HotStep *h, PyObject *args)
 {
-    /* end(tgid) -> [(slot, pid, pending_index)]: the step's lookup, pidfd check, CAS and wake
-     * for one tgid (after a "miss" and a sync). */
+    /* end(tgid, kernel_ts_ns) -> [(slot, pid, pending_index)]: the step's lookup, pidfd check,
+     * CAS and wake for one tgid's exit event (after a "miss" and a sync). */
     unsigned int tgid;
-    if (!PyArg_ParseTuple(args, "I", &tgid))
+    unsigned long long ts;
+    if (!PyArg_ParseTuple(args, "IK", &tgid, &ts))
         return NULL;
     Ended out[MAX_ENDED];
     int n, matched;
     Py_BEGIN_ALLOW_THREADS
-    n = end_tgid(h, tgid, out, MAX_ENDED, &matched);
+    n = end_tgid(h, tgid, (uint64_t)ts, out, MAX_ENDED, &matched);
     Py_END_ALLOW_THREADS
     PyObject *lst = PyList_New(n);
     if (!lst)

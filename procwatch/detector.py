@@ -30,7 +30,6 @@ import errno as _errno
 import threading as _threading
 import time as _time
 
-from . import procfs as _procfs
 from .connector import EXIT_EVENT as _EXIT
 from .connector import EXIT_OFFSET as _EXIT_OFFSET
 from .connector import MIN_EXIT_LEN as _MIN_EXIT_LEN
@@ -143,7 +142,7 @@ class NativeConnectorDetector(DetectorThread):
                 _, tgid, status, ts = r
                 zeroed_ns = _time.monotonic_ns()
                 watch.sync()
-                ended = hot.end(tgid)
+                ended = hot.end(tgid, ts)
                 if not ended:
                     continue
             elif kind == "overflow":
@@ -180,7 +179,6 @@ class ConnectorDetector(DetectorThread):
         watch = self.reporter.watch
         table = self.reporter.table
         stats = self.reporter.stats
-        pidfd_exited = _procfs.pidfd_exited
         monotonic = _time.monotonic
         while not self.stop_requested:
             try:
@@ -218,8 +216,8 @@ class ConnectorDetector(DetectorThread):
                     continue
             ended = False
             for w in ws:
-                if w.pidfd is not None and not pidfd_exited(w.pidfd):
-                    continue                    # one thread of a live process
+                if not w.accepts_exit(ts):
+                    continue                    # one thread of a live process, or a reused PID
                 ended |= self.reporter.report_exit(w, status, ts)
             if ended:
                 self.ended_pid = tgid

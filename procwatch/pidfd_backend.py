@@ -48,29 +48,14 @@ that matters.  Measure kill -> zeroed word from outside (scripts/bench).
 """
 
 import errno as _errno
-import fcntl as _fcntl
 import functools as _functools
 import os as _os
 import select as _select
-import struct as _struct
 import time as _time
 
 from . import procfs as _procfs
 from .detector import DetectorThread
 from .errors import ProcwatchError
-
-# include/uapi/linux/pidfd.h: PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11,
-# struct pidfd_info) (kernel >= 6.13), with the 64-byte first version of the
-# struct: mask, cgroupid, pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid,
-# fsuid, fsgid, exit_code.  PIDFD_INFO_EXIT (kernel >= 6.15).
-PIDFD_GET_INFO = 0xC040FF0B
-PIDFD_INFO_EXIT = 1 << 3
-_PIDFD_INFO = _struct.Struct("=QQ11Ii")
-assert _PIDFD_INFO.size == 64
-CAP_SYS_PTRACE = 19           # include/uapi/linux/capability.h
-
-_pidfd_info_missing = False   # set once the kernel answers ENOTTY (< 6.13)
-
 
 @_functools.lru_cache(maxsize=None)
 def can_use_pidfd():
@@ -91,77 +76,6 @@ def can_use_pidfd():
     return None
 
 
-def pidfd_exit_status(fd):
-    """The wait(2) status kept with a *reaped* process's pidfd, or None.
-
-    None while the process is still a zombie, and on kernels < 6.15.
-    """
-    global _pidfd_info_missing
-    if _pidfd_info_missing:
-        return None
-    buf = bytearray(_PIDFD_INFO.size)
-    _struct.pack_into("=Q", buf, 0, PIDFD_INFO_EXIT)
-    try:
-        _fcntl.ioctl(fd, PIDFD_GET_INFO, buf)
-    except OSError as e:
-        if e.errno in (_errno.ENOTTY, _errno.EINVAL):      # kernel < 6.13
-            _pidfd_info_missing = True
-            return None
-        if e.errno == _errno.ESRCH:     # reaped, no exit info kept (< 6.15), or another PID namespace
-            return None
-        raise
-    fields = _PIDFD_INFO.unpack(buf)
-    return fields[-1] if fields[0] & PIDFD_INFO_EXIT else None
-
-
-@_functools.lru_cache(maxsize=None)
-def _has_cap_sys_ptrace():
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
-    return False
-
-
-def _same_credentials(pid, procfs):
-    """Whether every uid and gid of ``pid`` is our fsuid/fsgid (ptrace's own-user rule)."""
-    uids = gids = None
-    try:
-        with open(f"{procfs}/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    uids = [int(x) for x in line.split()[1:4]]
-                elif line.startswith(b"Gid:"):
-                    gids = [int(x) for x in line.split()[1:4]]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return (uids is not None and gids is not None and set(uids) == {_os.geteuid()}
-            and set(gids) == {_os.getegid()})
-
-
-def zombie_exit_status(pid, start, procfs=_procfs.PROCFS):
-    """Field 52 of /proc/PID/stat of the zombie (pid, start), or why not (a str)."""
-    try:
-        with open(f"{procfs}/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return "reaped"
-    rest = data[data.rindex(b")") + 2:].split()
-    # rest[0] is field 3 (state), rest[19] field 22 (start time), rest[49] field 52.
-    if int(rest[19]) != start:
-        return "reaped"                 # and the PID is already someone else's
-    if len(rest) < 50:
-        return "no exit_code in /proc/PID/stat (kernel < 3.5)"
-    if rest[0] not in (b"Z", b"X"):
-        return f"state {rest[0].decode()} is not a zombie"
-    # XXX: CAP_SYS_PTRACE is checked in our own user namespace; the kernel
-    # checks it in the target's.  Equal for a service and clients in one
-    # namespace, which is the only set-up that can share PIDs anyway.
-    if not (_has_cap_sys_ptrace() or _same_credentials(pid, procfs)):
-        return "another user's process (its exit_code reads as 0 without CAP_SYS_PTRACE)"
-    return int(rest[49])
-
-
 _SEEN = "seen through its pidfd (latency unknown)"
 
 
@@ -175,12 +89,12 @@ def exit_status(w, pidfd, seen=_SEEN):
     death word's completion does).
     """
     lead = f"{seen}; " if seen else ""
-    status = pidfd_exit_status(pidfd)
+    status = _procfs.pidfd_exit_status(pidfd)
     if status is None:
-        zombie = zombie_exit_status(w.pid, w.start_time)
+        zombie = _procfs.zombie_exit_status(w.pid, w.start_time)
         if not isinstance(zombie, str):
             return zombie, "procfs", f"{lead}exit status read from /proc/PID/stat (zombie)"
-        status = pidfd_exit_status(pidfd)
+        status = _procfs.pidfd_exit_status(pidfd)
     if status is not None:
         return status, "pidfd", f"{lead}exit status from PIDFD_INFO_EXIT"
     if zombie == "reaped":

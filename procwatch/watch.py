@@ -43,17 +43,29 @@ _CAUSE_NAMES = {c: c.name.lower() for c in _abi.Cause}
 
 class Watched:
     """One registered process the detector watches."""
-    __slots__ = ("slot", "pid", "start_time", "name", "pidfd", "gone_since", "reused", "death")
+    __slots__ = ("slot", "pid", "start_time", "name", "pidfd", "gone_since", "gone_ns", "reused", "death")
 
     def __init__(self, slot, pid, start_time, name, pidfd, reused=False):
         self.slot, self.pid, self.start_time, self.name = slot, pid, start_time, name
         self.pidfd = pidfd
-        self.gone_since = None if pidfd is not None else _time.monotonic()
+        # No pidfd: gone (reaped) already.  Its own exit event was stamped before gone_ns
+        # (CLOCK_MONOTONIC, the connector's clock); an event stamped after it is a later
+        # process's with the same PID, and must not end this one (accepts_exit()).
+        self.gone_ns = None if pidfd is not None else _time.monotonic_ns()
+        self.gone_since = None if pidfd is not None else self.gone_ns / 1e9
         self.reused = reused
         self.death = None               # (fired_ns, zeroed_ns) once its death word zeroed it
 
     def gone(self):
         return self.pidfd is None or _procfs.pidfd_exited(self.pidfd)
+
+    def accepts_exit(self, kernel_ts_ns):
+        """Whether an exit event of this tgid, stamped ``kernel_ts_ns``, ends this process:
+        its whole thread group is gone (the pidfd is readable), or, with no pidfd, the
+        event was sent before the process was found gone."""
+        if self.pidfd is None:
+            return kernel_ts_ns <= self.gone_ns
+        return _procfs.pidfd_exited(self.pidfd)
 
 
 _ARM_TEXT = {
@@ -173,7 +185,10 @@ class Watchlist:
     def _watch(self, w):
         if w.pidfd is None:
             self._fdless.add(w)
-        self.hot.add(w.slot, w.pid, -1 if w.pidfd is None else w.pidfd)
+        if w.pidfd is None:
+            self.hot.add(w.slot, w.pid, -1, w.gone_ns)
+        else:
+            self.hot.add(w.slot, w.pid, w.pidfd)
 
     def _drop(self, by_pid, w):
         rest = tuple(x for x in by_pid.get(w.pid, ()) if x is not w)
@@ -236,7 +251,10 @@ class Watchlist:
         # detector sees it, and no exit waits for a log line (issue 7).
         t = self.table
         for w in fresh:
-            if w.pidfd is not None:
+            if w.pidfd is None:
+                log.debug("%s (pid %d) in slot %d is gone already: its exit event, if still unread, "
+                          "or the reconcile ends it", w.name, w.pid, w.slot)
+            else:
                 arm = t.death_arm(w.slot)
                 emit(Event.REGISTERED, "%s (pid %d) registered in slot %d (%s)", w.name, w.pid, w.slot,
                      arm_text(arm), NAME=w.name, PID=w.pid, SLOT=w.slot,
@@ -317,6 +335,23 @@ class Watchlist:
             self.by_pid = {}
 
 
+def _group_exit_status(w):
+    """The wait(2) status of ``w``'s whole process while it is a zombie, else None.
+
+    An exit event names one thread and carries that thread's code.  A thread
+    that ends alone (pthread_exit() in main, SYS_exit) sends its own code,
+    usually 0, and its event may be read only after the whole group died (a
+    detector busy with a sync, a loaded machine): ended by that event, the
+    slot said "exited with code 0" of a process that called exit(5).  A fatal
+    signal always ends the whole group, so only a normal exit can carry one
+    thread's code; for those the zombie's /proc/PID/stat field 52 is asked,
+    which holds the group's code once the group is dead (what its parent's
+    wait() gets).  Reaped already (or unreadable): the event's code stands.
+    """
+    status = _procfs.zombie_exit_status(w.pid, w.start_time)
+    return None if isinstance(status, str) else status
+
+
 def _close(w):
     if w.pidfd is not None:
         _os.close(w.pidfd)
@@ -387,6 +422,10 @@ class Reporter:
         source = note = None
         if callable(status):
             status, source, note = status()
+        elif _os.WIFEXITED(status):
+            group = _group_exit_status(w)
+            if group is not None and group != status:
+                status, source = group, "procfs"
         latency_us = (zeroed_ns - kernel_ts_ns) // 1000 if kernel_ts_ns else _abi.LATENCY_UNKNOWN
         # Killed by procwatch: HUNG, and the heartbeat checker marked the cause before its signal.
         hung = t.killed_hung(w.slot)

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import procwatch
 from conftest import PROGS, PY, ROOT, end_process, read_slot, require_root, wait_ended, wait_until
 from procwatch import abi, deathword
 from procwatch.segment import Table
@@ -161,7 +162,18 @@ def test_a_main_thread_that_exits_is_not_a_death(key, service, compiled):
         _watched(svc, key, 0)
         arm, word = _death_word(key, 0)
         assert arm == abi.Arm.ARMED and not word & abi.FUTEX_OWNER_DIED     # the sentinel still holds it
-        assert read_slot(key, 0).pid == pid
+        # A connector-only witness killed now: once its end is reported, the leader's exit
+        # event (sent before) has been read too, and must have ended nothing.
+        witness = subprocess.Popen(["sleep", "60"])
+        try:
+            procwatch.register_pid("dw-witness", pid=witness.pid, key=key)
+            svc.wait_event("registered", name="dw-witness")
+            witness.kill()
+            witness.wait()
+            svc.wait_event("exit", name="dw-witness")
+        finally:
+            end_process(witness)
+        assert read_slot(key, 0).pid == pid, svc.log()[-2000:]
         p.stdin.close()                                                       # the worker exits(5)
         e = _exit_event(svc, "dw-leader", exit_code=5)
         assert p.wait(10) == 5 and e["name"] == "dw-leader"

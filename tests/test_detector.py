@@ -6,6 +6,7 @@ carries no kernel timestamp).
 """
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ import pytest
 
 import procwatch
 from conftest import (PY, ROOT, asleep_in_futex, ctx_switches, futex_waits, proc_state, read_slot,
-                      require_root, wait_ended, wait_until)
+                      require_root, start_time, wait_ended, wait_until)
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -132,6 +133,93 @@ def test_leader_thread_exit_is_not_death(key, service, compiled, backend):
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_leader_exit_read_after_the_group_died_reports_the_group_status(key, service, compiled, backend):
+    """The leader's pthread_exit() event (code 0) is still unread when the process exit(7)s:
+    the end must carry 7, the process's status, not the leader thread's 0.
+
+    The service is stopped (SIGSTOP) while both exits happen, so that its detector reads
+    the leader's event first with the whole group already gone (a busy detector does the
+    same on a loaded machine: the CI saw "exited with code 0" for an exit(5)).
+    """
+    svc = service("--backend", backend)
+    exe = compiled("leader_exits_on_cue")
+    p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    pidfd = None
+    try:
+        assert p.stdout.readline().split()[0] == b"READY"
+        reg = procwatch.register_pid("on-cue", pid=p.pid, key=key)
+        svc.wait_event("registered", name="on-cue")
+        pidfd = os.pidfd_open(p.pid)
+        os.kill(svc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: {proc_state(svc.pid, int(tid)) for tid in os.listdir(f"/proc/{svc.pid}/task")}
+                       == {"T"}, 10, "every thread of the service to stop")
+            p.stdin.write(b"leader\n")
+            p.stdin.flush()
+            wait_until(lambda: proc_state(p.pid, p.pid) == "Z", 10, "the main thread to exit")
+            p.stdin.write(b"group\n")
+            p.stdin.flush()
+            wait_until(lambda: select.select([pidfd], [], [], 0)[0], 10, "the whole group to exit")
+        finally:
+            os.kill(svc.pid, signal.SIGCONT)
+        s = wait_ended(key, reg.slot)
+        assert s.state == abi.State.EXITED, svc.log()[-2000:]
+        assert os.WIFEXITED(s.exit_status) and os.WEXITSTATUS(s.exit_status) == 7, svc.log()[-2000:]
+        assert svc.wait_event("exit", name="on-cue")["exit_code"] == "7"
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        p.kill()
+        p.wait()
+
+
+def test_an_entry_found_gone_takes_no_later_exit_of_its_pid(key, service, clients):
+    """A slot whose process was already reaped when the service adopted it has no pidfd:
+    only an exit event stamped before then can be its own.  A later process that got the
+    same PID must not end it with its status (seen once: a slot EXITED with the status of
+    whoever had its PID next); the reconcile finds it dead instead."""
+    svc = service("--backend", "connector", "--reconcile-interval", "5")
+    ghost = subprocess.Popen(["sleep", "60"])
+    start = start_time(ghost.pid)
+    ghost.kill()
+    ghost.wait()
+    before = clients(key, "before")
+    before.kill(signal.SIGKILL)             # its event comes after the ghost's: that one was read
+    svc.wait_event("exit", name="before")
+    t = Table.attach(key)
+    try:
+        with t.lock():          # what a group member may write: a slot for a process reaped already
+            slot = t.slot_count - 1
+            t.claim(slot)
+            t.publish(slot, ghost.pid, start, b"ghost")
+    finally:
+        t.detach()
+    wait_until(lambda: f"ghost (pid {ghost.pid}) in slot {slot} is gone already" in svc.log(), 10,
+               "the service to adopt the slot of a process gone already", detail=lambda: svc.log()[-2000:])
+    reuser = _spawn_at_pid(ghost.pid)
+    if reuser is None:
+        pytest.skip(f"PID {ghost.pid} was not handed out again in 50 forks (a busy machine)")
+    reuser.send_signal(signal.SIGTERM)
+    reuser.wait()
+    after = clients(key, "after")
+    after.kill(signal.SIGKILL)              # its event comes after the reuser's: that one was read
+    svc.wait_event("exit", name="after")
+    s = read_slot(key, slot)
+    assert not (s.state == abi.State.EXITED and os.WIFSIGNALED(s.exit_status)), \
+        f"ended with the SIGTERM of the process that reused its PID: {s}"
+    s = wait_ended(key, slot, timeout=15)
+    assert s.state == abi.State.FOUND_DEAD, s
+    assert not [e for e in svc.events("exit") if e.get("name") == "ghost"]
+
+
+def test_without_a_pidfd_only_an_exit_stamped_before_it_was_found_gone_is_its_own():
+    """The rule of the Python step (the C step's is tested above, end to end)."""
+    from procwatch.watch import Watched
+    w = Watched(0, os.getpid(), 1, "gone", None)
+    assert w.accepts_exit(w.gone_ns - 1000) and w.accepts_exit(w.gone_ns)
+    assert not w.accepts_exit(w.gone_ns + 1)
 
 
 def _spawn_at_pid(target_pid, attempts=50):
