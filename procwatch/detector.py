@@ -140,8 +140,8 @@ class NativeConnectorDetector(DetectorThread):
                 _, tgid, status, ts, zeroed_ns, ended = r
             elif kind == "miss":            # a registration the map lacks: sync, then end it
                 _, tgid, status, ts = r
-                zeroed_ns = _time.monotonic_ns()
                 watch.sync()
+                zeroed_ns = _time.monotonic_ns()    # after the sync: the latency includes it
                 ended = hot.end(tgid, ts)
                 if not ended:
                     continue
