@@ -559,6 +559,8 @@ typedef struct {
     uint32_t synced_generation;
     int parked;         /* in poll() with nothing to read: idle, not stuck (watchdog) */
     uint64_t alive_ns;  /* CLOCK_MONOTONIC ns of the last wake-up */
+    uint64_t drained_ns; /* CLOCK_MONOTONIC ns the socket was last found empty: every event sent
+                          * before then has been read (the reconcile's found-dead test) */
     unsigned long long events;
     unsigned char buf[1024];
 } HotStep;
@@ -830,6 +832,7 @@ static PyObject *HotStep_step(HotStep *h, PyObject *noargs)
                 break;
             }
             struct pollfd p[2] = {{.fd = h->sock, .events = POLLIN}, {.fd = h->evfd, .events = POLLIN}};
+            __atomic_store_n(&h->drained_ns, mono_ns(), __ATOMIC_RELAXED);
             __atomic_store_n(&h->parked, 1, __ATOMIC_RELEASE);
             int pr = poll(p, 2, -1);
             __atomic_store_n(&h->parked, 0, __ATOMIC_RELEASE);
@@ -985,6 +988,14 @@ static PyObject *HotStep_get_alive(HotStep *h, void *c)
     return PyFloat_FromDouble(__atomic_load_n(&h->alive_ns, __ATOMIC_RELAXED) / 1e9);
 }
 
+static PyObject *HotStep_get_drained(HotStep *h, void *c)
+{
+    /* Parked in poll(): the socket is empty now (an event arriving ends the poll at once). */
+    if (__atomic_load_n(&h->parked, __ATOMIC_ACQUIRE))
+        return PyFloat_FromDouble(mono_ns() / 1e9);
+    return PyFloat_FromDouble(__atomic_load_n(&h->drained_ns, __ATOMIC_RELAXED) / 1e9);
+}
+
 static PyObject *HotStep_get_events(HotStep *h, void *c)
 {
     return PyLong_FromUnsignedLongLong(h->events);
@@ -1000,6 +1011,8 @@ static PyGetSetDef HotStep_getset[] = {
      "the table generation the map is in line with (set by the watch list after a sync)", NULL},
     {"parked", (getter)HotStep_get_parked, NULL, "in poll() with nothing to read: idle, not stuck", NULL},
     {"alive_at", (getter)HotStep_get_alive, NULL, "CLOCK_MONOTONIC s of the step's last wake-up", NULL},
+    {"drained_at", (getter)HotStep_get_drained, NULL,
+     "CLOCK_MONOTONIC s the socket was last found empty (now while parked; 0: never)", NULL},
     {"events", (getter)HotStep_get_events, NULL, "exit events read", NULL},
     {"watched", (getter)HotStep_get_watched, NULL, "processes in the map", NULL},
     {NULL},

@@ -115,6 +115,8 @@ class NativeConnectorDetector(DetectorThread):
         super().__init__(f"procwatch-detector-{generation}", reporter, done, parked)
         self.connector = connector
         self.hot = reporter.watch.hot
+        hot = self.hot
+        reporter.events_drained = lambda: hot.drained_at
 
     def stalled_for(self, now):
         if self.hot.parked:
@@ -172,6 +174,11 @@ class ConnectorDetector(DetectorThread):
     def __init__(self, connector, reporter, done, generation, parked=False):
         super().__init__(f"procwatch-detector-{generation}", reporter, done, parked)
         self.connector = connector
+        reporter.events_drained = self._drained
+        self._drained_at = 0.0
+
+    def _drained(self):
+        return self._drained_at
 
     def _loop(self):
         recv_into = self.connector.sock.recv_into
@@ -184,7 +191,7 @@ class ConnectorDetector(DetectorThread):
             try:
                 n = recv_into(buf)
             except BlockingIOError:             # SO_RCVTIMEO: nothing for a while
-                self.alive_at = monotonic()
+                self.alive_at = self._drained_at = monotonic()
                 continue
             except OSError as e:
                 if e.errno != _errno.ENOBUFS:

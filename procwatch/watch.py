@@ -34,6 +34,7 @@ from .signals import describe_status
 log = _logging.getLogger("procwatch")
 FOUND_DEAD_GRACE = 1.0   # s a slot must stay gone before a periodic reconcile ends it (an exit event
                          # delayed behind a respawn under load must still win: it carries the status)
+FOUND_DEAD_LATEST = 10.0  # s after which it is ended even if the detector has not read its backlog
 OVERFLOW_QUIET = 1.0     # s without ENOBUFS that end an overflow burst (one log line each)
 STALE_CLAIM_SWEEP = 10.0  # s between sweeps for stale CLAIMING slots (periodic reconcile only)
 
@@ -371,6 +372,9 @@ class Reporter:
         self._last_overflow = None
         self._last_sweep = -STALE_CLAIM_SWEEP
         self.recorder = Recorder(table)
+        # Set by the connector's detectors: () -> CLOCK_MONOTONIC s the event socket was
+        # last found empty.  None (the pidfd backend): the grace alone decides.
+        self.events_drained = None
 
     def overflow(self):
         """recv() said ENOBUFS: count it, log once per burst, ask for a reconcile.
@@ -579,7 +583,13 @@ class Reporter:
 
         ``immediate`` (start-up, after an overflow): end them now.  Otherwise
         a slot must have been seen gone for FOUND_DEAD_GRACE first, so that an
-        exit event still on its way wins and reports the real status.
+        exit event still on its way wins and reports the real status; and, with
+        the connector, the detector must have found its socket empty since the
+        slot was seen gone: the exit event is sent right after the pidfd turns
+        readable, so until the backlog is read it may still be there (a burst
+        of exits on a loaded machine took longer than the grace to read, and
+        ended slots as found dead, status unknown).  FOUND_DEAD_LATEST bounds
+        the wait for a detector that never catches up.
 
         ``full``: sync with every slot of the table (start-up, overflow), not
         only the ones that changed.  ``sweep``: also clear stale claims (the
@@ -589,6 +599,7 @@ class Reporter:
         self.stats.reconciles += 1
         self.watch.sync(force=full, scan=sweep)
         now = _time.monotonic()
+        drained = self.events_drained() if self.events_drained is not None else None
         ended = 0
         candidates = self.watch.gone_candidates()
         for w in candidates:
@@ -597,7 +608,9 @@ class Reporter:
                 continue
             if w.gone_since is None:
                 w.gone_since = now
-            if immediate or now - w.gone_since >= FOUND_DEAD_GRACE:
+            waited = now - w.gone_since
+            if immediate or waited >= FOUND_DEAD_LATEST or waited >= FOUND_DEAD_GRACE and (
+                    drained is None or drained > w.gone_since):
                 ended += self.report_found_dead(w, cause)
         if sweep and now - self._last_sweep >= STALE_CLAIM_SWEEP:
             self._last_sweep = now

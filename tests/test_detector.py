@@ -135,7 +135,8 @@ def test_leader_thread_exit_is_not_death(key, service, compiled, backend):
         p.wait()
 
 
-def test_a_leader_exit_read_after_the_group_died_reports_the_group_status(key, service, compiled, backend):
+@pytest.mark.parametrize("backend,step", [("connector", "native"), ("connector", "python"), ("pidfd", "python")])
+def test_a_leader_exit_read_after_the_group_died_reports_the_group_status(key, service, compiled, backend, step):
     """The leader's pthread_exit() event (code 0) is still unread when the process exit(7)s:
     the end must carry 7, the process's status, not the leader thread's 0.
 
@@ -143,7 +144,7 @@ def test_a_leader_exit_read_after_the_group_died_reports_the_group_status(key, s
     the leader's event first with the whole group already gone (a busy detector does the
     same on a loaded machine: the CI saw "exited with code 0" for an exit(5)).
     """
-    svc = service("--backend", backend)
+    svc = service("--backend", backend, env=dict(os.environ, PROCWATCH_NO_NATIVE="1") if step == "python" else None)
     exe = compiled("leader_exits_on_cue")
     p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     pidfd = None
@@ -175,12 +176,14 @@ def test_a_leader_exit_read_after_the_group_died_reports_the_group_status(key, s
         p.wait()
 
 
-def test_an_entry_found_gone_takes_no_later_exit_of_its_pid(key, service, clients):
+@pytest.mark.parametrize("step", ["native", "python"])
+def test_an_entry_found_gone_takes_no_later_exit_of_its_pid(key, service, clients, step):
     """A slot whose process was already reaped when the service adopted it has no pidfd:
     only an exit event stamped before then can be its own.  A later process that got the
     same PID must not end it with its status (seen once: a slot EXITED with the status of
     whoever had its PID next); the reconcile finds it dead instead."""
-    svc = service("--backend", "connector", "--reconcile-interval", "5")
+    env = dict(os.environ, PROCWATCH_NO_NATIVE="1") if step == "python" else None
+    svc = service("--backend", "connector", "--reconcile-interval", "5", env=env)
     ghost = subprocess.Popen(["sleep", "60"])
     start = start_time(ghost.pid)
     ghost.kill()
@@ -212,14 +215,6 @@ def test_an_entry_found_gone_takes_no_later_exit_of_its_pid(key, service, client
     s = wait_ended(key, slot, timeout=15)
     assert s.state == abi.State.FOUND_DEAD, s
     assert not [e for e in svc.events("exit") if e.get("name") == "ghost"]
-
-
-def test_without_a_pidfd_only_an_exit_stamped_before_it_was_found_gone_is_its_own():
-    """The rule of the Python step (the C step's is tested above, end to end)."""
-    from procwatch.watch import Watched
-    w = Watched(0, os.getpid(), 1, "gone", None)
-    assert w.accepts_exit(w.gone_ns - 1000) and w.accepts_exit(w.gone_ns)
-    assert not w.accepts_exit(w.gone_ns + 1)
 
 
 def _spawn_at_pid(target_pid, attempts=50):
