@@ -250,7 +250,9 @@ def test_registrations_reach_the_epoll_set_at_once(key, service, cclient):
         s = used[f"flash-{i}"]
         assert s.state == abi.State.EXITED, (s, svc.log()[-2000:])
         assert os.WEXITSTATUS(s.exit_status) == i
-    assert len(svc.events("exit")) == 40 and not svc.events("found_dead")
+    # The log line comes after the record (peers first, bookkeeping after): wait for it.
+    wait_until(lambda: len(svc.events("exit")) == 40, 10, "40 exit lines", detail=lambda: svc.log()[-2000:])
+    assert not svc.events("found_dead")
     assert [p.wait(10) for p in procs] == list(range(40))
 
 
