@@ -667,6 +667,10 @@ class Table:
     def set_death_watch(self, value):
         self.hset32(_abi.H_DEATH_WATCH, value)
 
+    def death_watch(self):
+        """The header's DeathWatch: whether the service waits on death words."""
+        return self.hget32(_abi.H_DEATH_WATCH)
+
     # -- whole slots ----------------------------------------------------------
     def read_slot(self, i):
         if not 0 <= i < self.slot_count:

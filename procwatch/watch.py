@@ -89,8 +89,14 @@ def arm_name(arm):
         return f"invalid({arm})"
 
 
-def arm_text(arm):
-    """What a slot's Arm state means for its detection, in a few words."""
+def arm_text(arm, death_watch=_abi.DeathWatch.WATCHING):
+    """What a slot's Arm state means for its detection, in a few words.
+
+    ``death_watch`` is the header's: an armed slot of a service that cannot
+    wait on death words (no futex_waitv) is connector-only all the same.
+    """
+    if arm == _abi.Arm.ARMED and death_watch != _abi.DeathWatch.WATCHING:
+        return "connector-only: death word armed, but this service cannot wait on it (no futex_waitv)"
     return _ARM_TEXT.get(arm, f"connector-only: unknown death-word state {arm}")
 
 
@@ -258,7 +264,7 @@ class Watchlist:
             else:
                 arm = t.death_arm(w.slot)
                 emit(Event.REGISTERED, "%s (pid %d) registered in slot %d (%s)", w.name, w.pid, w.slot,
-                     arm_text(arm), NAME=w.name, PID=w.pid, SLOT=w.slot,
+                     arm_text(arm, t.death_watch()), NAME=w.name, PID=w.pid, SLOT=w.slot,
                      HEARTBEAT_MS=t.heartbeat_ms(w.slot) or None, DEATH_WORD=arm_name(arm))
         for w in dropped:
             if t.state(w.slot) == _abi.State.UNREGISTERED:
@@ -444,7 +450,7 @@ class Reporter:
         # which this figure does not include (issue 14).
         if latency_us != _abi.LATENCY_UNKNOWN:
             detected = (f"zeroed {latency_us} µs after the exit event (sent after the address-space "
-                        f"teardown; {arm_text(t.death_arm(w.slot))})") + (f"; {note}" if note else "")
+                        f"teardown; {arm_text(t.death_arm(w.slot), t.death_watch())})") + (f"; {note}" if note else "")
         else:
             detected = note or "detection latency unknown"
         cause_name = _CAUSE_NAMES[cause]

@@ -87,6 +87,7 @@ def test_without_futex_waitv_armed_slots_are_connector_only(key, service, compil
             e = svc.wait_event("exit", timeout=30, name=name, **match)
             assert e["detected_by"] == "exit_event", e["message"]
             assert "after the exit event" in e["message"] and "death word: zeroed" not in e["message"], e["message"]
+            assert "cannot wait on it" in e["message"] and "death word armed)" not in e["message"], e["message"]
             assert len([x for x in svc.events("exit") if x.get("name") == name]) == 1      # reported once
         s = wait_ended(key, killed_slot)
         assert (s.state, s.cause, s.exit_status, s.detected_by) == \
