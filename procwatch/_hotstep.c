@@ -55,6 +55,7 @@
 #define HEADER_SIZE 192
 #define SLOT_SIZE 192
 #define H_GENERATION 28
+#define H_USED_END 132           /* slots from here on are EMPTY: scan_end_raw() */
 #define S_PID 0
 #define S_STATE 4
 #define S_START_TIME 8
@@ -124,6 +125,41 @@ static int end_word(uintptr_t word, uint32_t pid, uintptr_t pending, int npendin
     }
     futex_wake_raw(word);
     return k;
+}
+
+static inline uintptr_t slot_at(uintptr_t base, unsigned int i)
+{
+    return base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+}
+
+/* How far a pass over the slots must go (docs/ABI.md, "Register" step 3): the header's
+ * used_end, clamped to the table, then on while the slots right after it are not EMPTY (a
+ * client that does not keep used_end takes the first EMPTY slot, which is there).  Any
+ * group member can write used_end, so it is never trusted past the table, and a too-low
+ * value costs only names a registration does not see until the service's guard puts it
+ * right (true_end_raw). */
+static unsigned int scan_end_raw(uintptr_t base, unsigned int count)
+{
+    uint32_t end = load32(base + H_USED_END);
+    if (end > count)
+        end = count;
+    while (end < count && load32(slot_at(base, end) + S_STATE) != STATE_EMPTY)
+        end++;
+    return end;
+}
+
+/* One past the last slot whose state or PID word is not zero: what used_end should say.
+ * Read backwards, so it costs the EMPTY tail of the table and no more. */
+static unsigned int true_end_raw(uintptr_t base, unsigned int count)
+{
+    unsigned int end = count;
+    while (end > 0) {
+        uintptr_t s = slot_at(base, end - 1);
+        if (load32(s + S_STATE) != STATE_EMPTY || load32(s + S_PID) != 0)
+            break;
+        end--;
+    }
+    return end;
 }
 
 /* ---- module-level functions --------------------------------------------------------- */
@@ -223,9 +259,11 @@ static PyObject *py_wait(PyObject *self, PyObject *args)
 
 static PyObject *py_find_name(PyObject *self, PyObject *args)
 {
-    /* find_name(table_address, slot_count, raw) -> (same, first_empty): the first non-EMPTY
-     * slot carrying name `raw` and the first EMPTY slot, -1 for none.  One strided pass in C
-     * (state and name share a cache line), so register_pid() does not grow ~0.5 µs a slot. */
+    /* find_name(table_address, slot_count, raw) -> (same, first_empty, end): the first non-EMPTY
+     * slot carrying name `raw`, the first EMPTY slot (-1 for none), and how far the pass went
+     * (scan_end_raw; -1 when it stopped at `same`).  The pass ends at the first EMPTY slot at or
+     * after the header's used_end, so a registration costs the used slots, not the table: a
+     * fresh attachment of a 65536-slot table faulted in all of its 12 MiB before (~4-8 ms). */
     unsigned long long base;
     unsigned int count;
     const char *raw;
@@ -239,18 +277,19 @@ static PyObject *py_find_name(PyObject *self, PyObject *args)
     char want[NAME_SIZE];
     memset(want, 0, sizeof want);
     memcpy(want, raw, (size_t)rawlen);
-    long same = -1, empty = -1;
+    long same = -1, empty = -1, end = -1;
     Py_BEGIN_ALLOW_THREADS
-    /* A fresh attachment faults its pages in one by one as the scan first touches them (~8 ms
-     * for 65536 slots); MADV_POPULATE_READ (Linux 5.14) maps them in one call.  Older kernels
-     * say EINVAL and the scan faults them in as before. */
-    if (count >= 4096)
-        madvise((void *)(uintptr_t)base, HEADER_SIZE + (size_t)count * SLOT_SIZE, 22 /* MADV_POPULATE_READ */);
-    for (unsigned int i = 0; i < count; i++) {
-        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+    uint32_t hint = load32((uintptr_t)base + H_USED_END);
+    if (hint > count)
+        hint = count;
+    unsigned int i;
+    for (i = 0; i < count; i++) {
+        uintptr_t s = slot_at((uintptr_t)base, i);
         if (load32(s + S_STATE) == STATE_EMPTY) {
             if (empty < 0)
                 empty = i;
+            if (i >= hint)
+                break;
             continue;
         }
         if (memcmp((const void *)(s + S_NAME), want, NAME_SIZE) == 0) {
@@ -258,8 +297,34 @@ static PyObject *py_find_name(PyObject *self, PyObject *args)
             break;
         }
     }
+    if (same < 0)
+        end = i;
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("ll", same, empty);
+    return Py_BuildValue("lll", same, empty, end);
+}
+
+static PyObject *py_scan_end(PyObject *self, PyObject *args)
+{
+    /* scan_end(table_address, slot_count) -> int: how far a pass over the slots must go. */
+    unsigned long long base;
+    unsigned int count;
+    if (!PyArg_ParseTuple(args, "KI", &base, &count))
+        return NULL;
+    return PyLong_FromUnsignedLong(scan_end_raw((uintptr_t)base, count));
+}
+
+static PyObject *py_true_end(PyObject *self, PyObject *args)
+{
+    /* true_end(table_address, slot_count) -> int: one past the last slot with a state or PID. */
+    unsigned long long base;
+    unsigned int count;
+    unsigned int end;
+    if (!PyArg_ParseTuple(args, "KI", &base, &count))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    end = true_end_raw((uintptr_t)base, count);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong(end);
 }
 
 static int append_index(PyObject *out, unsigned int i)
@@ -375,6 +440,7 @@ typedef struct {
     uint32_t *pids;
     uint64_t *starts;
     unsigned int count;
+    unsigned int hi;            /* one past the last slot remembered with a PID: pids[hi..] are 0 */
 } Changes;
 
 static int Changes_init(Changes *self, PyObject *args, PyObject *kw)
@@ -387,6 +453,7 @@ static int Changes_init(Changes *self, PyObject *args, PyObject *kw)
     self->pids = PyMem_Calloc(count ? count : 1, sizeof(uint32_t));
     self->starts = PyMem_Calloc(count ? count : 1, sizeof(uint64_t));
     self->count = count;
+    self->hi = 0;
     if (!self->pids || !self->starts) {
         PyErr_NoMemory();
         return -1;
@@ -404,17 +471,25 @@ static void Changes_dealloc(Changes *self)
 static PyObject *Changes_diff(Changes *self, PyObject *args)
 {
     /* diff(table_address) -> [(slot, pid, start_time)] of the slots whose PID word or start time
-     * differ from the last diff (all-zero at first), and remember the new values. */
+     * differ from the last diff (all-zero at first), and remember the new values.  It reads the
+     * slots a pass must cover (scan_end_raw) and every slot it remembers with a PID, so it costs
+     * the used slots, not the table; the service's guard moves used_end over a slot written
+     * past it (segment.Table.fix_used_end). */
     unsigned long long base;
     if (!PyArg_ParseTuple(args, "K", &base))
         return NULL;
+    unsigned int end = scan_end_raw((uintptr_t)base, self->count), hi = 0;
+    if (end < self->hi)
+        end = self->hi;
     PyObject *out = PyList_New(0);
     if (!out)
         return NULL;
-    for (unsigned int i = 0; i < self->count; i++) {
-        uintptr_t s = (uintptr_t)base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
+    for (unsigned int i = 0; i < end; i++) {
+        uintptr_t s = slot_at((uintptr_t)base, i);
         uint32_t pid = load32(s + S_PID);
         uint64_t start = pid ? load64(s + S_START_TIME) : 0;
+        if (pid)
+            hi = i + 1;
         if (pid == self->pids[i] && start == self->starts[i])
             continue;
         self->pids[i] = pid;
@@ -423,10 +498,12 @@ static PyObject *Changes_diff(Changes *self, PyObject *args)
         if (!t || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(out);
+            self->hi = end;         /* an upper bound of what is remembered */
             return NULL;
         }
         Py_DECREF(t);
     }
+    self->hi = hi;
     return out;
 }
 
@@ -1187,7 +1264,9 @@ static PyMethodDef module_methods[] = {
      "clear_pid(word, pid, pending, npending, slot) -> pending index (-1: list full), or None if not ours."},
     {"wake", py_wake, METH_VARARGS, "wake(address, count=INT_MAX) -> woken: FUTEX_WAKE on a shared word."},
     {"wait", py_wait, METH_VARARGS, "wait(address, expected, timeout=None) -> False on timeout."},
-    {"find_name", py_find_name, METH_VARARGS, "find_name(table, count, raw) -> (same, first_empty)."},
+    {"find_name", py_find_name, METH_VARARGS, "find_name(table, count, raw) -> (same, first_empty, end)."},
+    {"scan_end", py_scan_end, METH_VARARGS, "scan_end(table, count) -> how far a pass over the slots must go."},
+    {"true_end", py_true_end, METH_VARARGS, "true_end(table, count) -> one past the last slot in use."},
     {"stale_claims", py_stale_claims, METH_VARARGS, "stale_claims(table, count) -> [slot]."},
     {"bad_states", py_bad_states, METH_VARARGS, "bad_states(table, count, max_state, alive, hung) -> [slot]."},
     {"fingerprint", py_fingerprint, METH_VARARGS, "fingerprint(table, count, off32, off32, off64) -> int."},

@@ -73,7 +73,8 @@ H_PENDING_ENDS = 64      # u64[8]  ends the service zeroed but has not logged ye
                          #         (pid << 32) | (slot + 1); 0 = free.  See segment.Table.clear_pid.
 PENDING_ENDS = 8
 H_DEATH_WATCH = 128      # u32  DeathWatch: whether the service waits on death words, and if not, why
-# 132..191 reserved, zero.
+H_USED_END = 132         # u32  slots from here on are EMPTY (a hint: see segment.Table.scan_end)
+# 136..191 reserved, zero.
 
 HEADER_STATIC = _struct.Struct("=8sIIII")   # magic .. slot_count, packed once at creation
 

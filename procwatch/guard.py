@@ -67,15 +67,18 @@ class TableGuard:
         """Whether the segment and semaphore at the key are still ours (not ``ipcrm``-ed)."""
         return self.table.still_present() and self.table.semaphore_present()
 
-    def check(self, states=True):
+    def check(self, states=True, used_end=False):
         """One pass over the table.  False when the segment or its semaphore is gone.
 
-        ``states``: also check every slot's state word (a big table's service
-        does that every few periods: see service.SCAN_RATE).
+        ``states``: also check every slot's state word, ``used_end``: the
+        header's used_end (check_used_end); a big table's service does those
+        every few periods: see service.SCAN_RATE.
         """
         if not self.present():
             return False
         self._check_header()
+        if used_end:
+            self.check_used_end()
         if states:
             self._check_states()
         self._check_lock()               # three semctl(2) calls: every pass
@@ -91,6 +94,20 @@ class TableGuard:
         if changed:
             self._corrupt("table header was overwritten (%s); put back", ", ".join(changed),
                           PROBLEM="header: " + ", ".join(changed))
+
+    def check_used_end(self):
+        """Keep the header's used_end over every slot in use (segment.Table.scan_end).
+
+        Passes stop at the first EMPTY slot at or after it, so a slot written
+        past it (by hand, or past a slot this service freed) is seen once it
+        says so: by the hang checker at its next look, by the watch list at
+        its next whole-table look (as any write without a generation bump).
+        A value past the used slots only makes every registration read more;
+        it is lowered too.  One backward pass over the EMPTY tail of the table.
+        """
+        fixed = self.table.fix_used_end()
+        if fixed is not None:
+            log.info("slot table's used_end said %d, the slots in use end at %d; put right", *fixed)
 
     def _check_lock(self, now=None):
         """The semaphore taken and unchanged for LOCK_WEDGED_AFTER: who holds it?

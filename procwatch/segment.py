@@ -484,16 +484,17 @@ class Table:
         return changed
 
     # -- columns: one field of every slot, one strided copy each -------------------
-    def column(self, field):
-        """Field ``field`` (a name of abi.SLOT_FIELDS, e.g. 'pid') of every slot, as a list."""
+    def column(self, field, end=None):
+        """Field ``field`` (a name of abi.SLOT_FIELDS, e.g. 'pid') of every slot (or of the first ``end``), as a list."""
         off, wide = _abi.SLOT_FIELDS[field]
+        n = self.slot_count if end is None else end
         if wide:
             step = _abi.SLOT_SIZE // 8
             a = (_abi.HEADER_SIZE + off) // 8
-            return self.u64[a:a + self.slot_count * step:step].tolist()
+            return self.u64[a:a + n * step:step].tolist()
         step = _abi.SLOT_SIZE // 4
         a = (_abi.HEADER_SIZE + off) // 4
-        return self.u32[a:a + self.slot_count * step:step].tolist()
+        return self.u32[a:a + n * step:step].tolist()
 
     def any_heartbeat(self):
         """Whether some registered slot (PID word set) asks for beats; None without the C extension.
@@ -504,7 +505,7 @@ class Table:
         """
         if _hot is None:
             return None
-        return _hot.any_set(self.address, self.slot_count, _abi.S_HEARTBEAT_MS)
+        return _hot.any_set(self.address, self.scan_end(), _abi.S_HEARTBEAT_MS)
 
     def slot_changes(self):
         """A procwatch._hotstep.Changes over this table's slots (None without the C extension):
@@ -517,7 +518,7 @@ class Table:
         nothing, instead of copying three columns (issue 16: ~8 ms at 65536 slots)."""
         if _hot is None:
             return None
-        return _hot.fingerprint(self.address, self.slot_count, _abi.S_HEARTBEAT_MS, _abi.S_PID,
+        return _hot.fingerprint(self.address, self.scan_end(), _abi.S_HEARTBEAT_MS, _abi.S_PID,
                                 _abi.S_REGISTERED_NS)
 
     def pid_words(self):
@@ -581,29 +582,106 @@ class Table:
     def exit_time_ns(self, i):
         return self.get64(i, _abi.S_EXIT_TIME_NS)
 
+    # -- how far a pass goes: the header's used_end (issue 16) -------------------------
+    # A table of 65536 slots is 12 MiB; a pass over all of it costs a fresh attachment ~4-8 ms
+    # of page faults and an idle service a strided read of every slot.  Clients take the first
+    # EMPTY slot and keep H_USED_END past every slot they take (under the lock), so the slots
+    # in use lie below it; passes stop at the first EMPTY slot at or after it (a client that
+    # does not keep it took exactly that slot).  Any group member can write it: it is clamped
+    # to the table, a pass never trusts it for more than where to stop, and the service's
+    # guard puts it right (fix_used_end) when a slot was written past it or it says too much.
+    def used_end(self):
+        """The header's used_end, as written (may be anything: see scan_end())."""
+        return self.hget32(_abi.H_USED_END)
+
+    def scan_end(self):
+        """How far a pass over the slots must go: used_end clamped, then on past used slots."""
+        if _hot is not None:
+            return _hot.scan_end(self.address, self.slot_count)
+        end, count, u32 = min(self.used_end(), self.slot_count), self.slot_count, self.u32
+        while end < count and u32[(_abi.slot_offset(end) + _abi.S_STATE) >> 2] != _abi.State.EMPTY:
+            end += 1
+        return end
+
+    def true_end(self):
+        """One past the last slot whose state or PID word is not zero (what used_end should say)."""
+        if _hot is not None:
+            return _hot.true_end(self.address, self.slot_count)
+        u32, end = self.u32, self.slot_count
+        while end and not (u32[(_abi.slot_offset(end - 1) + _abi.S_STATE) >> 2]
+                           or u32[_abi.slot_offset(end - 1) >> 2]):
+            end -= 1
+        return end
+
+    def _raise_used_end(self, end):
+        """used_end := ``end`` if that is more (hold lock(): every writer of used_end does).
+
+        Never less: only the service's guard lowers it, after a look under the lock.
+        """
+        if end > self.used_end():
+            self.hset32(_abi.H_USED_END, end)
+
+    def fix_used_end(self, wait=False):
+        """Service: make used_end say where the used slots end; (old, new) when it changed, else None.
+
+        The look is one backward pass over the EMPTY tail (no lock); only when
+        it disagrees is the lock taken and the look repeated under it, so no
+        client is mid-registration.  A busy lock: None, try again later
+        (``wait``: start-up, before the first full sync, waits for it as a
+        client would, and raises TableBusy if it stays taken).
+        """
+        if self.true_end() == self.used_end():
+            return None
+        if wait:
+            with self.lock():
+                return self._set_used_end()
+        if not self.try_lock():
+            return None
+        try:
+            return self._set_used_end()
+        finally:
+            self.unlock()
+
+    def _set_used_end(self):
+        old, new = self.used_end(), self.true_end()
+        if old == new:
+            return None
+        self.hset32(_abi.H_USED_END, new)
+        return old, new
+
     def find_name(self, raw):
         """(same, first_empty): the first used slot named ``raw`` and the first EMPTY slot; -1 for none.
 
-        One pass in C where the extension loaded (register_pid() at 65536
-        slots: ~0.3 ms instead of ~30), else in Python.
+        Hold lock().  The pass stops at the first EMPTY slot at or after
+        used_end (one C pass where the extension loaded), and moves used_end
+        past the used slots it found beyond it (written by a client that does
+        not keep it).
         """
         if _hot is not None:
-            return _hot.find_name(self.address, self.slot_count, raw)
-        first_empty = -1
-        for i, state in enumerate(self.state_words()):
-            if state == _abi.State.EMPTY:
-                if first_empty < 0:
-                    first_empty = i
-                continue
-            off = _abi.slot_offset(i) + _abi.S_NAME
-            if bytes(self.buf[off:off + _abi.NAME_SIZE]).rstrip(b"\0") == raw:
-                return i, first_empty
-        return -1, first_empty
+            same, first_empty, end = _hot.find_name(self.address, self.slot_count, raw)
+        else:
+            same = first_empty = -1
+            hint, u32, end = min(self.used_end(), self.slot_count), self.u32, self.slot_count
+            for i in range(self.slot_count):
+                off = _abi.slot_offset(i)
+                if u32[(off + _abi.S_STATE) >> 2] == _abi.State.EMPTY:
+                    if first_empty < 0:
+                        first_empty = i
+                    if i >= hint:
+                        end = i
+                        break
+                    continue
+                if bytes(self.buf[off + _abi.S_NAME:off + _abi.S_NAME + _abi.NAME_SIZE]).rstrip(b"\0") == raw:
+                    same, end = i, -1
+                    break
+        if end > self.used_end() and not self.readonly:
+            self._raise_used_end(end)
+        return same, first_empty
 
     def stale_claim_candidates(self):
         """Slots with PID word 0 in state CLAIMING (not locked: check again under the lock)."""
         if _hot is not None:
-            return _hot.stale_claims(self.address, self.slot_count)
+            return _hot.stale_claims(self.address, self.scan_end())
         return [i for i, (pid, state) in enumerate(zip(self.pid_words(), self.state_words()))
                 if pid == 0 and state == _abi.State.CLAIMING]
 
@@ -661,7 +739,8 @@ class Table:
 
     def armed_slots(self):
         """[(slot, pid)] of every slot with a non-zero PID word and an ARMED death word."""
-        return [(i, p) for i, (p, a) in enumerate(zip(self.column("pid"), self.column("death_arm")))
+        end = self.scan_end()
+        return [(i, p) for i, (p, a) in enumerate(zip(self.column("pid", end), self.column("death_arm", end)))
                 if p and a == _abi.Arm.ARMED]
 
     def set_death_watch(self, value):
@@ -706,7 +785,11 @@ class Table:
     # (publish), each with one aligned store.  tests/test_segment.py holds
     # each rule to the order of the stores.
     def claim(self, i):
-        """Start filling slot ``i`` in (hold lock()): PID word 0 first, then CLAIMING, body zeroed."""
+        """Start filling slot ``i`` in (hold lock()): PID word 0 first, then CLAIMING, body zeroed.
+
+        used_end moves past it first, so no pass stops before a slot in use.
+        """
+        self._raise_used_end(i + 1)
         self.u32[self.pid_index(i)] = 0                 # cleared first
         self.set32(i, _abi.S_STATE, _abi.State.CLAIMING)
         self.clear_slot_body(i)
@@ -892,7 +975,7 @@ class Table:
         is reset.  None when a client holds the lock: look again later.
         """
         if _hot is not None:        # one C pass: ~0.5 ms at 65536 slots, not ~10 (issue 16)
-            bad = _hot.bad_states(self.address, self.slot_count, _MAX_STATE,
+            bad = _hot.bad_states(self.address, self.scan_end(), _MAX_STATE,
                                   _abi.State.ALIVE, _abi.State.HUNG)
         else:
             pids, states = self.pid_words(), self.state_words()

@@ -29,7 +29,7 @@ from . import abi as _abi
 from . import procfs as _procfs
 from . import native as _native
 from .detector import ConnectorDetector, NativeConnectorDetector
-from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning
+from .errors import ConnectorUnavailable, ProcwatchError, ServiceRunning, TableBusy
 from .guard import TableGuard, recover_pending_ends
 from .journal import Event, emit, notify, watchdog_interval
 from .segment import Table
@@ -136,6 +136,12 @@ class Service:
             log.warning("adopted table key %#010x has %d slots; --slots %d applies only to a new table",
                         self.key, t.slot_count, slots)
         t.set_service(_os.getpid(), _procfs.start_time(_os.getpid()), int(self.heartbeat_period * 1000))
+        if adopted:
+            # Before the first full sync, which reads up to it (left by an older procwatch: 0).
+            try:
+                t.fix_used_end(wait=True)
+            except TableBusy:
+                pass                    # the guard's next look puts it right
         return adopted
 
     def _open_backend(self):
@@ -308,7 +314,7 @@ class Service:
         next_tick = _time.monotonic()
         next_reconcile = _time.monotonic() + self.reconcile_interval
         scan_every = max(1, -(-self.table.slot_count // SCAN_RATE))
-        periods = 0
+        periods = ticks = 0
         removed = False
         try:
             while True:
@@ -330,16 +336,20 @@ class Service:
                     self._detector_ended(msg)
                 now = _time.monotonic()
                 if now >= next_tick:
-                    self._tick()
+                    ticks += 1
+                    # used_end: with the reconcile's checks, unless the reconcile is the slower.
+                    self._tick(used_end=ticks % scan_every == 0 and self.reconcile_interval > self.heartbeat_period)
                     next_tick = now + self.heartbeat_period
                 if now >= next_reconcile:
                     periods += 1
                     scan = periods % scan_every == 0
-                    self.reporter.reconcile(sweep=scan)
-                    next_reconcile = now + self.reconcile_interval
-                    if not self._guard.check(states=scan):
+                    # The guard first: it moves used_end over a slot written past it, so
+                    # this very reconcile reads that slot.
+                    if not self._guard.check(states=scan, used_end=scan):
                         removed = True
                         break
+                    self.reporter.reconcile(sweep=scan)
+                    next_reconcile = now + self.reconcile_interval
         finally:
             if not removed:
                 self.stop()
@@ -423,8 +433,17 @@ class Service:
             self.reporter.watch.hot.set_socket(self.connector.fileno())
         self.reporter.reconcile(immediate=True, full=True)
 
-    def _tick(self):
-        """Every heartbeat period: prove the service lives, check the table."""
+    def _tick(self, used_end=False):
+        """Every heartbeat period: prove the service lives, check the table.
+
+        ``used_end`` (every few periods on a big table, when the reconcile,
+        which does it otherwise, runs less often): keep the header's used_end
+        over every slot in use, so the passes that stop there (watch list,
+        hang checker, death words) see a slot written past it within
+        slots / SCAN_RATE periods, whatever the reconcile interval.
+        """
+        if used_end:
+            self._guard.check_used_end()
         self.table.beat_service()
         if self.connector is not None and self.reporter.watch.hot is not None:
             self.stats.events = self.reporter.watch.hot.events     # counted by the C step

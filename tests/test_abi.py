@@ -731,6 +731,39 @@ def test_name_in_use_then_reused_after_death(pwtest, clients, table):
     assert table.field(first.slot, "start_time") == start_time(third.pid)
 
 
+def _used_end(table):
+    return table.u32[abi.H_USED_END // 4]
+
+
+def test_register_keeps_used_end_and_reads_past_a_hole(pwtest, clients, table):
+    """procwatch.h keeps used_end past every slot it takes (issue 16); a freed slot before a
+    live one does not hide that one's name."""
+    a, b = register(clients, table, "a"), register(clients, table, "b")
+    assert (a.slot, b.slot, _used_end(table)) == (0, 1, 2)
+    assert a.send("unreg") == 0
+    table.buf[abi.slot_offset(0):abi.slot_offset(1)] = bytes(abi.SLOT_SIZE)   # the service freed it
+    assert register(clients, table, "b").rc_ == -errno.EEXIST
+    c = register(clients, table, "c")
+    assert (c.rc_, c.slot, _used_end(table)) == (0, 0, 2)
+
+
+def test_register_reads_on_into_a_slot_an_older_client_took(pwtest, clients, table):
+    """A client that does not keep used_end took the first EMPTY slot after it: read on into it."""
+    register(clients, table, "a")
+    register(clients, table, "legacy")
+    table.u32[abi.H_USED_END // 4] = 1
+    assert register(clients, table, "legacy").rc_ == -errno.EEXIST
+    n = register(clients, table, "n")
+    assert (n.rc_, n.slot, _used_end(table)) == (0, 2, 3)
+
+
+def test_register_reads_a_used_end_past_the_table_as_the_table(pwtest, clients, table):
+    table.u32[abi.H_USED_END // 4] = 0xFFFFFFFF       # any group member can write it
+    x = register(clients, table, "x")
+    assert (x.rc_, x.slot, _used_end(table)) == (0, 0, 0xFFFFFFFF)
+    assert register(clients, table, "x").rc_ == -errno.EEXIST
+
+
 def test_stale_claim_is_reused(pwtest, clients, table):
     # A client killed between CLAIMING and publishing leaves CLAIMING, PID 0.
     off = abi.slot_offset(0)

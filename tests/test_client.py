@@ -176,6 +176,60 @@ def test_readers_attach_the_table_read_only(table):
     assert procwatch.monitor_alive(table.key) is False
 
 
+def _hole(table, i):
+    """Free slot ``i`` the way the service does (a stale claim or a corrupt slot reset): EMPTY."""
+    table.u32[table.pid_index(i)] = 0
+    table.reset(i)
+
+
+def test_registrations_keep_used_end_past_every_slot_they_take(table):
+    """used_end (issue 16): a registration reads up to it, so every slot in use lies before it."""
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        a = procwatch.register_pid("a", pid=sleepers[0].pid, key=table.key)
+        b = procwatch.register_pid("b", pid=sleepers[1].pid, key=table.key)
+        assert (a.slot, b.slot, table.used_end()) == (0, 1, 2)
+        a.unregister()
+        _hole(table, 0)                 # the first EMPTY slot is now before b's
+        with pytest.raises(procwatch.NameInUse):
+            procwatch.register_pid("b", key=table.key)
+        with procwatch.register_pid("c", key=table.key) as c:
+            assert c.slot == 0 and table.used_end() == 2        # the hole; used_end never goes down
+        b.unregister()
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
+def test_a_slot_taken_past_used_end_by_an_older_client_is_read_on_into(table):
+    """A client that does not keep used_end takes the first EMPTY slot: the pass reads on into it."""
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        with procwatch.register_pid("new", key=table.key):
+            assert table.used_end() == 1
+            table.claim(1)                          # an older client: used_end left alone
+            table.hset32(abi.H_USED_END, 1)
+            table.publish(1, p.pid, start_time(p.pid), b"legacy")
+            with pytest.raises(procwatch.NameInUse):
+                procwatch.register_pid("legacy", key=table.key)
+            with procwatch.register_pid("next", key=table.key) as reg:
+                assert reg.slot == 2 and table.used_end() == 3
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("written", [0xFFFFFFFF, 9, 8])
+def test_a_used_end_past_the_table_is_read_as_the_table(table, written):
+    """Any group member can write used_end: past the table it means the table, and is never lowered."""
+    table.hset32(abi.H_USED_END, written)
+    with procwatch.register_pid("x", key=table.key) as reg:
+        assert reg.slot == 0 and table.used_end() == written
+        with pytest.raises(procwatch.NameInUse):
+            procwatch.register_pid("x", pid=os.getppid(), key=table.key)
+
+
 def test_name_of_dead_process_reuses_its_slot(table):
     p = subprocess.Popen(["sleep", "60"])
     reg = procwatch.register_pid("again", pid=p.pid, key=table.key)

@@ -35,7 +35,8 @@ def _fds():
 
 
 def _claim(t, i, pid, name):
-    """Write a registration the way register_pid() does (the PID word last)."""
+    """Write a registration the way register_pid() does (used_end past it first, the PID word last)."""
+    t.hset32(abi.H_USED_END, max(t.used_end(), i + 1))
     t.set32(i, abi.S_STATE, abi.State.ALIVE)
     t.set64(i, abi.S_START_TIME, procwatch.procfs.start_time(pid) or 1)
     t.write_name(i, name)
@@ -133,6 +134,54 @@ def test_changes_reports_only_moved_slots(table):
     assert ch.diff(t.address) == [(7, 0, 0)]
 
 
+def test_changes_reads_the_used_slots_and_what_it_remembers(table):
+    """diff() stops at the first EMPTY slot at or after used_end, yet sees a remembered slot end.
+
+    A slot written past used_end (by hand: no client does) is seen once the
+    service's guard moves used_end over it; a slot diff() remembers with a PID
+    is read whatever used_end says, so a hostile lowering of used_end cannot
+    hide an end from the watch list.
+    """
+    t = table
+    ch = hot.Changes(t.slot_count)
+    _claim(t, 2, os.getpid(), b"near")
+    start = t.get64(2, abi.S_START_TIME)
+    assert ch.diff(t.address) == [(2, os.getpid(), start)]
+    # Past used_end and past an EMPTY slot: not read.
+    t.set32(40, abi.S_STATE, abi.State.ALIVE)
+    t.set64(40, abi.S_START_TIME, start)
+    t.u32[t.pid_index(40)] = os.getppid()
+    assert t.scan_end() == 3
+    assert ch.diff(t.address) == []
+    assert t.fix_used_end() == (3, 41)          # the guard's look
+    assert ch.diff(t.address) == [(40, os.getppid(), start)]
+    # used_end written down to 0: the remembered slots are still read.
+    t.hset32(abi.H_USED_END, 0)
+    t.u32[t.pid_index(40)] = 0
+    t.u32[t.pid_index(2)] = 0
+    assert ch.diff(t.address) == [(2, 0, 0), (40, 0, 0)]
+    # A slot right after used_end (a client that does not keep it) is read on into.
+    t.hset32(abi.H_USED_END, 2)
+    t.u32[t.pid_index(2)] = os.getpid()
+    assert t.scan_end() == 3
+    assert ch.diff(t.address) == [(2, os.getpid(), start)]
+
+
+def test_scan_end_is_clamped_and_true_end_reads_the_tail(table):
+    """A used_end past the table reads as the table; true_end() finds the last slot in use."""
+    t = table
+    assert (t.scan_end(), t.true_end()) == (0, 0)
+    t.hset32(abi.H_USED_END, 0xFFFFFFFF)
+    assert t.scan_end() == t.slot_count
+    assert t.fix_used_end() == (0xFFFFFFFF, 0)
+    t.u32[t.pid_index(63)] = 12345                  # a PID word alone (state EMPTY) counts too
+    assert t.true_end() == 64
+    t.u32[t.pid_index(63)] = 0
+    t.set32(5, abi.S_STATE, 99)
+    assert t.true_end() == 6
+    assert t.fix_used_end() == (0, 6)
+
+
 def test_find_name_agrees_with_python(table, monkeypatch):
     t = table
     rnd = random.Random(3)
@@ -140,11 +189,19 @@ def test_find_name_agrees_with_python(table, monkeypatch):
         if rnd.random() < 0.6:
             t.set32(i, abi.S_STATE, rnd.choice(list(abi.State)[1:]))
             t.write_name(i, rnd.choice([b"a", b"b", b"c", b"abc"]))
-    for name in (b"a", b"b", b"abc", b"zz", b"ab"):
-        got = t.find_name(name)
-        monkeypatch.setattr("procwatch.segment._hot", None)
-        assert t.find_name(name) == got
-        monkeypatch.undo()
+    for used_end in (0, 7, 40, t.slot_count, 0xFFFFFFFF):
+        for name in (b"a", b"b", b"abc", b"zz", b"ab"):
+            t.hset32(abi.H_USED_END, used_end)
+            got = t.find_name(name), t.used_end()
+            t.hset32(abi.H_USED_END, used_end)
+            monkeypatch.setattr("procwatch.segment._hot", None)
+            assert (t.find_name(name), t.used_end()) == got
+            assert (t.scan_end(), t.true_end()) == (_hot_ends(t))
+            monkeypatch.undo()
+
+
+def _hot_ends(t):
+    return hot.scan_end(t.address, t.slot_count), hot.true_end(t.address, t.slot_count)
 
 
 def test_c_peer_reads_the_word_and_follows(key):
@@ -318,7 +375,7 @@ def test_stale_claims_swept_only_by_the_periodic_reconcile(table):
     from procwatch.watch import Reporter
     from procwatch.stats import Stats
     t = table
-    t.set32(4, abi.S_STATE, abi.State.CLAIMING)         # a client died mid-registration
+    t.claim(4)                                          # a client died mid-registration
     r = Reporter(t, Stats())
     r.reconcile()                                       # after a respawn: no sweep
     assert t.get32(4, abi.S_STATE) == abi.State.CLAIMING

@@ -224,6 +224,35 @@ def test_status_into_a_closed_pipe_ends_quietly(key, service, clients):
         assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, ""), (extra, p.returncode, p.stderr)
 
 
+def test_a_slot_written_past_used_end_is_watched_and_used_end_put_right(key, service, clients):
+    """Registrations stop reading at the header's used_end (issue 16), so the service keeps it
+    over every slot in use: a live slot written by hand far past it is watched and its exit
+    reported, and a used_end written past the used slots is lowered again."""
+    svc = service()
+    clients(key, "near")
+    target = subprocess.Popen(["sleep", "60"])
+    t = Table.attach(key)
+    try:
+        assert t.used_end() == 1
+        far = t.slot_count - 1
+        t.set64(far, abi.S_START_TIME, procwatch.procfs.start_time(target.pid))
+        t.write_name(far, b"far")
+        t.set32(far, abi.S_STATE, abi.State.ALIVE)
+        t.u32[t.pid_index(far)] = target.pid                # no generation bump, as a hand would
+        svc.wait_event("registered", name="far")
+        assert t.used_end() == far + 1
+        target.kill()
+        svc.wait_event("exit", name="far")
+        assert t.u32[t.pid_index(far)] == 0
+        t.hset32(abi.H_USED_END, 0xFFFFFFFF)
+        wait_until(lambda: t.used_end() == far + 1, 10, "used_end to be lowered to the slots in use")
+        assert "used_end said 4294967295" in svc.log() and "Traceback" not in svc.log()
+    finally:
+        t.detach()
+        target.kill()
+        target.wait()
+
+
 def test_header_junk_is_put_back_backend_and_exits_counter_too(key, service, clients):
     """Issue 13: after junk writes the header repair left `backend` and the exits
     counter garbage, and a restart kept the garbage counter."""

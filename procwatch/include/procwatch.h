@@ -244,7 +244,8 @@ struct procwatch_header {
     uint64_t exits;                /* 56 exits reported since the segment was made      */
     uint64_t pending_ends[8];      /* 64 service only: ends zeroed but not logged yet   */
     uint32_t death_watch;          /* 128 enum procwatch_death_watch                    */
-    uint8_t  reserved[60];         /* 132 zero                                          */
+    uint32_t used_end;             /* 132 slots from here on are EMPTY (under the lock)  */
+    uint8_t  reserved[56];         /* 136 zero                                          */
 };
 
 /* One slot, at PROCWATCH_HEADER_SIZE + i * PROCWATCH_SLOT_SIZE. */
@@ -292,7 +293,8 @@ PROCWATCH__AT(procwatch_header, backend, 52);
 PROCWATCH__AT(procwatch_header, exits, 56);
 PROCWATCH__AT(procwatch_header, pending_ends, 64);
 PROCWATCH__AT(procwatch_header, death_watch, 128);
-PROCWATCH__AT(procwatch_header, reserved, 132);
+PROCWATCH__AT(procwatch_header, used_end, 132);
+PROCWATCH__AT(procwatch_header, reserved, 136);
 PROCWATCH__STATIC_ASSERT(sizeof(struct procwatch_header) == PROCWATCH_HEADER_SIZE,
                          "procwatch_header must be 192 bytes");
 PROCWATCH__AT(procwatch_slot, pid, 0);
@@ -754,6 +756,13 @@ static inline void procwatch__disarm(void *sentinel)
 }
 #endif
 
+/* used_end := end if that is more (hold the lock: every writer does). */
+static inline void procwatch__raise_used_end(struct procwatch_header *h, unsigned end)
+{
+    if (end > __atomic_load_n(&h->used_end, __ATOMIC_RELAXED))
+        __atomic_store_n(&h->used_end, (uint32_t)end, __ATOMIC_RELAXED);
+}
+
 /* Whether slot s may be given to another name: a stale claim (CLAIMING seen
  * under the lock: its client died mid-registration and SEM_UNDO released the
  * lock), an ended slot, or a live-looking slot whose process is gone. */
@@ -771,19 +780,28 @@ static inline int procwatch__reusable(struct procwatch_slot *s, uint32_t state)
  * and start time: `procwatch run` registered it before exec), -EEXIST if
  * another live process holds it, else that slot; then the first EMPTY slot,
  * then the reusable slot that ended longest ago (stale live-looking slots
- * count as ended at time 0).  Same order as procwatch/client.py. */
+ * count as ended at time 0).  Same order as procwatch/client.py.  The name
+ * pass stops at the first EMPTY slot at or after the header's used_end
+ * (clamped to the table: any group member can write it), so it reads the
+ * used slots, not the whole table, and moves used_end past the used slots it
+ * found beyond it. */
 static inline int procwatch__choose_slot(struct procwatch_header *h, const char padded[PROCWATCH_NAME_SIZE],
                                          pid_t pid, uint64_t start, unsigned *out)
 {
     unsigned i, n = h->slot_count, first_empty = UINT_MAX, reuse = UINT_MAX;
+    unsigned hint = __atomic_load_n(&h->used_end, __ATOMIC_RELAXED);
     uint64_t reuse_key = 0;
 
+    if (hint > n)
+        hint = n;
     for (i = 0; i < n; i++) {
         struct procwatch_slot *s = procwatch__slot(h, i);
         uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
         if (state == PROCWATCH_STATE_EMPTY) {
             if (first_empty == UINT_MAX)
                 first_empty = i;
+            if (i >= hint)
+                break;
         } else if (memcmp(s->name, padded, PROCWATCH_NAME_SIZE) == 0) {
             *out = i;
             if ((state == PROCWATCH_STATE_ALIVE || state == PROCWATCH_STATE_HUNG)
@@ -794,6 +812,7 @@ static inline int procwatch__choose_slot(struct procwatch_header *h, const char 
             return 0;
         }
     }
+    procwatch__raise_used_end(h, i);
     if (first_empty != UINT_MAX) {
         *out = first_empty;
         return 0;
@@ -921,6 +940,7 @@ static inline int procwatch_register(struct procwatch_reg *reg, const char *name
     } else if (rc == 0) {
         s = procwatch__slot(h, i);
         now = procwatch__clock_ns(CLOCK_REALTIME);
+        procwatch__raise_used_end(h, i + 1);                     /* no pass stops before it */
         procwatch__store32(&s->pid, 0);                          /* cleared first */
         __atomic_store_n(&s->state, (uint32_t)PROCWATCH_STATE_CLAIMING, __ATOMIC_SEQ_CST);
         /* everything after pid and state := 0 (heartbeat_seq, heartbeat_ms,

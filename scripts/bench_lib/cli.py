@@ -86,6 +86,9 @@ def get_psr():
                      help="MiB touched by the big targets (issue 14); a size is left out when memory is short")
     psr.add_argument("--big-kills", type=int, default=None,
                      help="kills per big-target row and size (10; --quick 5; 0 leaves the rows out)")
+    psr.add_argument("--only-idle", action="store_true",
+                     help="measure only the idle service (own CPU and wake-ups by table size, register_pid() "
+                          "at 1024 and 65536 slots), nothing else")
     psr.add_argument("--only-big", action="store_true",
                      help="measure only the big-target rows (issue 14), nothing else")
     psr.add_argument("--out", default=_os.path.join(ROOT, "bench-out"), help="directory for JSON, markdown, helpers")
@@ -322,13 +325,18 @@ def main(argv=None):
         return 1
     ctx = Ctx(args, bins, started)
     machine = _report.machine()
-    if "storm" in args.conditions.split(",") and not args.only_big:
+    if args.only_idle and args.only_big:
+        psr.error("--only-idle and --only-big each measure one section: give one")
+    if "storm" in args.conditions.split(",") and not (args.only_big or args.only_idle):
         ctx.top_rate = calibrate(ctx)
         print(f"bench: storm alone reaches {ctx.top_rate:,.0f} exits/s with {args.storm_workers} workers",
               file=_sys.stderr)
     if args.only_big:
         rows = []                       # no kill-latency rows: only the big-target section
         sections = [_bigtargets.section(ctx)]
+    elif args.only_idle:
+        rows = []                       # no kill-latency rows: only the idle section
+        sections = [_pwsuite.idle_cost(ctx, 4.0 if args.quick else 8.0)]
     else:
         observers = _observers(ctx)
         rows, by_row = measure_kills(ctx, observers)

@@ -693,11 +693,13 @@ def idle_cost(ctx, seconds):
                       "guard, heartbeat checker). The detector wakes for every exit of the machine (the connector "
                       "sends them all; 'machine exits/s', counted by a bare listener meanwhile): on this shared "
                       "machine those are other people's processes, so its CPU is shown apart, per exit",
-                      "how it grows: the periodic reconcile (1 s) and the guard each do one strided pass over "
-                      "the table in C (slots x one cache line), the watch list handles only slots whose (PID, "
-                      "start time) moved, and the checks of live registrations are one epoll_wait over their "
-                      "pidfds: so idle CPU grows with slots only through that pass, and not with live "
-                      "registrations; register_pid() is one C pass over the names"]}
+                      "how it grows: every pass over the slots (registration, watch list, stale claims, "
+                      "guard, hang checker, death words) stops at the header's used_end, past the last slot "
+                      "ever taken; the rest of the table is read by one backward pass over its EMPTY tail "
+                      "every slots/16384 periods (the guard keeping used_end right), the watch list handles "
+                      "only slots whose (PID, start time) moved, and the checks of live registrations are one "
+                      "epoll_wait over their pidfds: so idle CPU grows with the slots in use, not the table "
+                      "size; register_pid() reads the used slots' names (C), not the table"]}
 
 
 def _row(rows, key, condition):
