@@ -313,6 +313,25 @@ static PyObject *py_scan_end(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLong(scan_end_raw((uintptr_t)base, count));
 }
 
+static PyObject *py_first_used(PyObject *self, PyObject *args)
+{
+    /* first_used(table_address, start, stop) -> int: the first slot in [start, stop) whose state
+     * or PID word is not zero, -1 for none (the guard's look at a piece of the EMPTY tail). */
+    unsigned long long base;
+    unsigned int start, stop;
+    long found = -1;
+    if (!PyArg_ParseTuple(args, "KII", &base, &start, &stop))
+        return NULL;
+    for (unsigned int i = start; i < stop; i++) {
+        uintptr_t s = slot_at((uintptr_t)base, i);
+        if (load32(s + S_STATE) != STATE_EMPTY || load32(s + S_PID) != 0) {
+            found = i;
+            break;
+        }
+    }
+    return PyLong_FromLong(found);
+}
+
 static PyObject *py_true_end(PyObject *self, PyObject *args)
 {
     /* true_end(table_address, slot_count) -> int: one past the last slot with a state or PID. */
@@ -1267,6 +1286,7 @@ static PyMethodDef module_methods[] = {
     {"find_name", py_find_name, METH_VARARGS, "find_name(table, count, raw) -> (same, first_empty, end)."},
     {"scan_end", py_scan_end, METH_VARARGS, "scan_end(table, count) -> how far a pass over the slots must go."},
     {"true_end", py_true_end, METH_VARARGS, "true_end(table, count) -> one past the last slot in use."},
+    {"first_used", py_first_used, METH_VARARGS, "first_used(table, start, stop) -> first slot in use there, or -1."},
     {"stale_claims", py_stale_claims, METH_VARARGS, "stale_claims(table, count) -> [slot]."},
     {"bad_states", py_bad_states, METH_VARARGS, "bad_states(table, count, max_state, alive, hung) -> [slot]."},
     {"fingerprint", py_fingerprint, METH_VARARGS, "fingerprint(table, count, off32, off32, off64) -> int."},

@@ -314,7 +314,7 @@ class Service:
         next_tick = _time.monotonic()
         next_reconcile = _time.monotonic() + self.reconcile_interval
         scan_every = max(1, -(-self.table.slot_count // SCAN_RATE))
-        periods = ticks = 0
+        periods = 0
         removed = False
         try:
             while True:
@@ -336,16 +336,15 @@ class Service:
                     self._detector_ended(msg)
                 now = _time.monotonic()
                 if now >= next_tick:
-                    ticks += 1
                     # used_end: with the reconcile's checks, unless the reconcile is the slower.
-                    self._tick(used_end=ticks % scan_every == 0 and self.reconcile_interval > self.heartbeat_period)
+                    self._tick(used_end=self.reconcile_interval > self.heartbeat_period)
                     next_tick = now + self.heartbeat_period
                 if now >= next_reconcile:
                     periods += 1
                     scan = periods % scan_every == 0
                     # The guard first: it moves used_end over a slot written past it, so
                     # this very reconcile reads that slot.
-                    if not self._guard.check(states=scan, used_end=scan):
+                    if not self._guard.check(states=scan, used_end=True):
                         removed = True
                         break
                     self.reporter.reconcile(sweep=scan)
@@ -436,11 +435,11 @@ class Service:
     def _tick(self, used_end=False):
         """Every heartbeat period: prove the service lives, check the table.
 
-        ``used_end`` (every few periods on a big table, when the reconcile,
-        which does it otherwise, runs less often): keep the header's used_end
-        over every slot in use, so the passes that stop there (watch list,
-        hang checker, death words) see a slot written past it within
-        slots / SCAN_RATE periods, whatever the reconcile interval.
+        ``used_end`` (when the reconcile, which does it otherwise, runs less
+        often): keep the header's used_end over every slot in use
+        (guard.check_used_end), so the passes that stop there (watch list,
+        hang checker, death words) see a slot written past it, whatever the
+        reconcile interval.
         """
         if used_end:
             self._guard.check_used_end()
