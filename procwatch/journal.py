@@ -59,21 +59,44 @@ class Event(_enum.Enum):
         return self.name.lower()
 
 
+# Per event kind: (MESSAGE_ID, level, kind), read once (an Enum's .value is a property call).
+_HEADS = {e: (e.value[0], e.value[1], e.kind) for e in Event}
+# The journal field and the plain line's key of each emit() field name, made once per name.
+_NAMES = {}
+
+
+def _names(k):
+    names = _NAMES.get(k)
+    if names is None:
+        names = _NAMES[k] = ("PROCWATCH_" + k, k.lower())
+    return names
+
+
 def emit(event, message, *args, level=None, **fields):
     """Log one event: ``fields`` are journal field names without the PROCWATCH_ prefix.
 
     ``emit(Event.EXIT, "%s exited", name, NAME=name, PID=pid)`` gives
     PROCWATCH_NAME and PROCWATCH_PID.  A PID field also sets OBJECT_PID, so
     ``journalctl OBJECT_PID=1234`` finds what happened to that process.
+
+    Two of these follow every registered exit (REGISTERED, EXIT), so the
+    record carries its plain line's ``(key, value)`` pairs ready made
+    (``procwatch_plain``: lower case, so never a journal field), and the
+    field names are made once per name, not once per line (issue 16).
     """
-    extra = {"MESSAGE_ID": event.value[0], "PROCWATCH_EVENT": event.kind}
+    message_id, default_level, kind = _HEADS[event]
+    extra = {"MESSAGE_ID": message_id, "PROCWATCH_EVENT": kind}
+    plain = [("event", kind)]
     for k, v in fields.items():
         if v is None or (k == "LATENCY_US" and v == _abi.LATENCY_UNKNOWN):
             continue                # absent, not a magic number (the pidfd backend has no timestamp)
-        extra["PROCWATCH_" + k] = v
+        field, key = _names(k)
+        extra[field] = v
+        plain.append((key, v))
     if fields.get("PID"):
         extra["OBJECT_PID"] = fields["PID"]
-    log.log(event.level if level is None else level, message, *args, extra=extra)
+    extra["procwatch_plain"] = plain
+    log.log(default_level if level is None else level, message, *args, extra=extra)
 
 
 class _PlainFormatter(_logging.Formatter):
@@ -81,10 +104,11 @@ class _PlainFormatter(_logging.Formatter):
 
     def format(self, record):
         line = super().format(record)
-        fields = [f"{k[10:].lower()}={v}" for k, v in record.__dict__.items()
-                  if k.startswith("PROCWATCH_")]
+        fields = record.__dict__.get("procwatch_plain")
+        if fields is None:                  # a record emit() did not make
+            fields = [(k[10:].lower(), v) for k, v in record.__dict__.items() if k.startswith("PROCWATCH_")]
         if fields:
-            line += "  " + " ".join(fields)
+            line += "  " + " ".join([f"{k}={v}" for k, v in fields])
         return line
 
 
@@ -174,6 +198,7 @@ class JournalFallbackHandler(_logging.Handler):
         self.fallback = _stream_handler(stream)
         self.stderr_is_journal = _is_journal_stream(self.fallback.stream)
         self.dropped = 0
+        self._valid_names = {}               # field name -> whether journald takes it (_FIELD_NAME)
         self.socket_path = socket_path
         self.queue_size = queue_size
         self._queue = _queue.Queue(queue_size)
@@ -194,22 +219,67 @@ class JournalFallbackHandler(_logging.Handler):
             try:
                 if record is None:
                     return
-                self.journal.handle(record)
+                try:
+                    lines = self.record_lines(record)
+                    self._deliver(lines)
+                except Exception:
+                    self._journal_failed(record)
             finally:
                 self._queue.task_done()
 
-    def _send_checked(self, MESSAGE, MESSAGE_ID=None, **fields):   # noqa: N803 - journal field names
-        """What systemd.journal.send() does, through sd_journal_sendv() without the GIL."""
-        if not _os.path.exists(self.socket_path):
-            raise FileNotFoundError(f"{self.socket_path} does not exist")
-        lines = ["MESSAGE=" + MESSAGE]
-        if MESSAGE_ID is not None:
-            lines.append("MESSAGE_ID=" + getattr(MESSAGE_ID, "hex", MESSAGE_ID))
+    def record_lines(self, record):
+        """The journal fields of ``record``: exactly those of systemd's JournalHandler.emit().
+
+        That emit() copies the record's ~30 attributes into a dict, passes them
+        all as keyword arguments, and the sender then sorts out the ~20 that are
+        not journal fields; with two records after every exit (issue 16) this
+        builds the same lines from the record in one pass, each field name
+        checked once per name.  tests/test_journal.py holds the two to the same
+        lines.
+        """
+        j = self.journal
+        lines = ["MESSAGE=" + j.format(record)]
+        d = record.__dict__
+        message_id = d.get("MESSAGE_ID")
+        if message_id is not None:
+            lines.append("MESSAGE_ID=" + getattr(message_id, "hex", message_id))
+        lines += (f"PRIORITY={j.map_priority(record.levelno)}", f"LOGGER={record.name}",
+                  f"THREAD_NAME={record.threadName}", f"PROCESS_NAME={record.processName}",
+                  f"CODE_FILE={record.pathname}", f"CODE_LINE={record.lineno}", f"CODE_FUNC={record.funcName}")
+        extras = dict(j._extra)
+        if record.exc_text:
+            extras["EXCEPTION_TEXT"] = record.exc_text
+        if record.exc_info:
+            extras["EXCEPTION_INFO"] = record.exc_info
+        if record.args:
+            extras["CODE_ARGS"] = str(record.args)
+        extras.update(d)
+        self._add_fields(lines, extras)
+        return lines
+
+    def _add_fields(self, lines, fields):
+        valid = self._valid_names
         for k, v in fields.items():
             # JournalHandler passes every attribute of the record (msg, args,
             # levelname...): journald drops those names, so do not fill its queue with them.
-            if v is not None and _FIELD_NAME.match(k):
+            # The answer is kept per name: the same few dozen names, record after record.
+            ok = valid.get(k)
+            if ok is None:
+                ok = valid[k] = _FIELD_NAME.match(k) is not None and k != "MESSAGE_ID"
+            if ok and v is not None:
                 lines.append(k.encode() + b"=" + v if isinstance(v, bytes) else f"{k}={v}")
+
+    def _send_checked(self, MESSAGE, MESSAGE_ID=None, **fields):   # noqa: N803 - journal field names
+        """What systemd.journal.send() does, through sd_journal_sendv() without the GIL."""
+        lines = ["MESSAGE=" + MESSAGE]
+        if MESSAGE_ID is not None:
+            lines.append("MESSAGE_ID=" + getattr(MESSAGE_ID, "hex", MESSAGE_ID))
+        self._add_fields(lines, fields)
+        self._deliver(lines)
+
+    def _deliver(self, lines):
+        if not _os.path.exists(self.socket_path):
+            raise FileNotFoundError(f"{self.socket_path} does not exist")
         self._sendv(lines)
         if self._down is not None and self._queue.qsize() < self.queue_size // 2:
             with self._down_lock:

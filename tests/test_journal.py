@@ -157,6 +157,66 @@ def test_a_hang_carries_its_verdict(received):
     assert int(e["PROCWATCH_WINDOW_MS"]) >= 100 and e["PROCWATCH_CPU_MS"] == "0"
 
 
+# -- the record's fields, built cheaply (issue 16) -----------------------------------
+
+def _records():
+    """Records as the service makes them: emit() with fields, multi-line, plain, an exception, bytes."""
+    import logging
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record)
+    log = journal.log
+    saved = log.handlers[:], log.level, log.propagate
+    log.handlers[:] = [Keep()]
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    try:
+        journal.emit(Event.EXIT, "%s (pid %d) %s", "dp", 42, "exited with code 0", NAME="dp", PID=42,
+                     SLOT=1, LATENCY_US=3, CAUSE="exited", STATUS_SOURCE=None, EXIT_CODE=0)
+        journal.emit(Event.REGISTERED, "dp (pid 42) registered", NAME="dp", PID=42, SLOT=1, HEARTBEAT_MS=None)
+        journal.emit(Event.RESPAWN, "failed:\n%s", "tb\n  line", RESPAWNS=1, level=logging.ERROR)
+        log.info("plain %d", 5)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.exception("boom")
+        log.warning("raw", extra={"PROCWATCH_RAW": b"\xff\x00", "MESSAGE_ID": "abc"})
+    finally:
+        log.handlers[:], level, log.propagate = saved[0], saved[1], saved[2]
+        log.setLevel(level)
+    return got
+
+
+def test_journal_lines_are_journalhandlers_own():
+    """record_lines() builds, field for field, what systemd's JournalHandler.emit() sends."""
+    pytest.importorskip("systemd.journal")
+    h = journal.JournalFallbackHandler(stream=open(os.devnull, "w"), socket_path="/")
+    sent = []
+    h._sendv = sent.append
+    try:
+        for record in _records():
+            sent.clear()
+            h.journal.handle(record)        # python-systemd's own emit() through _send_checked
+            assert h.record_lines(record) == sent[0], record.getMessage()
+    finally:
+        h.close()
+
+
+def test_a_plain_line_carries_every_field_emit_was_given():
+    """The plain line's ready-made key=value part is what a scan of the record's fields gives."""
+    f = journal._stream_handler(open(os.devnull, "w")).formatter
+    records = _records()
+    assert "procwatch_plain" in records[0].__dict__
+    for record in records:
+        line = f.format(record)
+        record.__dict__.pop("procwatch_plain", None)
+        assert f.format(record) == line
+    assert records[0].getMessage() + "  event=exit name=dp pid=42 slot=1 latency_us=3 cause=exited exit_code=0" \
+        in f.format(records[0])
+
+
 # -- sd_notify helpers -------------------------------------------------------------
 
 def test_watchdog_interval_follows_sd_watchdog_enabled(monkeypatch):
