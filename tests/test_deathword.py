@@ -224,6 +224,10 @@ def test_an_unregister_is_not_a_death(key, service, armed):
     svc = service()
     p, slot, pid, _tid = armed("dw-unreg", then="unregister", mib=0)
     _watched(svc, key, slot)
+    # The death-word waiter and the watch list each wake on the registration's generation
+    # bump: wait for both, or a quick unregister may come before the watch list ever saw
+    # the process (then neither line is logged: nothing was watched, nothing ended).
+    svc.wait_event("registered", name="dw-unreg")
     _tell(p)
     assert _line(p) == "UNREGISTERED"
     svc.wait_event("unregistered", name="dw-unreg")
