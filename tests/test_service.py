@@ -84,28 +84,14 @@ def test_hostile_slots_never_crash_or_signal(key, service, clients):
         bystander.wait()
 
 
-def test_sigterm_stops_cleanly_and_keeps_the_table(key, service, clients):
-    svc = service()
-    c = clients(key, "stays")
-    assert procwatch.monitor_alive(key)
-    assert svc.stop(signal.SIGTERM) == 0
-    assert not procwatch.monitor_alive(key)
-    t = Table.attach(key)
-    try:
-        s = t.read_slot(c.slot)
-        assert s.pid == c.pid and s.state == abi.State.ALIVE
-        assert t.hget32(abi.H_SERVICE_PID) == 0
-    finally:
-        t.detach()
-    assert "event=stopping" in svc.log()
-
-
-def test_sigint_stops_cleanly_and_keeps_the_table(key, service, clients):
-    """SIGINT (Ctrl-C in a terminal) stops ``serve`` as SIGTERM does: exit 0, table kept."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_stops_cleanly_and_keeps_the_table(key, service, clients, sig):
+    """SIGTERM (systemctl stop) and SIGINT (Ctrl-C in a terminal): exit 0, the table kept for the clients."""
     svc = service()
     c = clients(key, "stays")
     svc.wait_event("registered", name="stays")
-    assert svc.stop(signal.SIGINT) == 0
+    assert procwatch.monitor_alive(key)
+    assert svc.stop(sig) == 0
     assert not procwatch.monitor_alive(key)
     t = Table.attach(key)
     try:
