@@ -192,7 +192,6 @@ class Watchlist:
     def _watch(self, w):
         if w.pidfd is None:
             self._fdless.add(w)
-        if w.pidfd is None:
             self.hot.add(w.slot, w.pid, -1, w.gone_ns)
         else:
             self.hot.add(w.slot, w.pid, w.pidfd)
