@@ -23,6 +23,7 @@ import queue as _queue
 import re as _re
 import sys as _sys
 import threading as _threading
+import time as _time
 import uuid as _uuid
 
 from . import abi as _abi
@@ -96,7 +97,52 @@ def emit(event, message, *args, level=None, **fields):
     if fields.get("PID"):
         extra["OBJECT_PID"] = fields["PID"]
     extra["procwatch_plain"] = plain
-    log.log(default_level if level is None else level, message, *args, extra=extra)
+    level = default_level if level is None else level
+    h = _plain_only
+    if h is not None and h.stream is not None and log.handlers == [h] and not log.filters and not log.disabled \
+            and not h.filters and level >= h.level and log.isEnabledFor(level) \
+            and not (len(args) == 1 and isinstance(args[0], dict)):
+        # The one handler is our plain stderr line: write it here, the same line the
+        # LogRecord -> Formatter -> StreamHandler path makes (tests/test_journal.py),
+        # without the ~30-attribute record, the caller's frame walk and three calls
+        # deep of logging (issue 16: on this VM, after each sleep, that path ran ~200 µs
+        # cold, twice a cycle; this ~90).  A write that fails is left to the logging
+        # path, which reports it (handleError).
+        now = _time.time()
+        line = _plain_line(now, message % args if args else message, plain)
+        with h.lock:
+            try:
+                h.stream.write(line)
+                h.flush()
+                return
+            except RecursionError:
+                raise
+            except Exception:
+                pass
+    log.log(level, message, *args, extra=extra)
+
+
+# The handler setup() installed when it is the plain stderr line (None: journald, or none yet).
+_plain_only = None
+_second = [None, ""]     # [int(time), its "%Y-%m-%d %H:%M:%S"]: strftime once a second
+
+
+def _plain_line(now, message, plain):
+    """The plain handler's line (with its newline) for a record made at ``now`` (time.time()).
+
+    What ``_PlainFormatter("%(asctime)s procwatch[%(process)d]: %(message)s")``
+    makes of the record: logging.Formatter.formatTime's default_time_format and
+    default_msec_format, with LogRecord's msecs.
+    """
+    sec = int(now)
+    cached = _second
+    if cached[0] != sec:
+        cached[1] = _time.strftime(_logging.Formatter.default_time_format, _time.localtime(now))
+        cached[0] = sec
+    line = f"{cached[1]},{int((now - sec) * 1000):03d} procwatch[{_os.getpid()}]: {message}"
+    if plain:
+        line += "  " + " ".join([f"{k}={v}" for k, v in plain])
+    return line + "\n"
 
 
 class _PlainFormatter(_logging.Formatter):
@@ -352,8 +398,11 @@ def setup(target="auto", level=_logging.INFO, stream=None):
                 raise ProcwatchError("--log journal needs systemd-python and libsystemd, which are "
                                      "not installed: pip install 'procwatch[systemd]', or use --log stderr") from None
             chosen = "stderr"
+    global _plain_only
+    _plain_only = None
     if handler is None:
         handler = _stream_handler(stream)
+        _plain_only = handler
     for old in list(log.handlers):
         log.removeHandler(old)
         old.close()

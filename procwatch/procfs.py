@@ -39,11 +39,19 @@ def start_time(pid, procfs=PROCFS):
     """
     if pid <= 0:
         return None
+    # os.open/os.read, not open(): no buffered file object around one read of a few hundred
+    # bytes (this runs at every registration; issue 16).  The line is 52 numbers and a comm
+    # of at most 16 bytes: 4096 holds it.
     try:
-        with open(f"{procfs}/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = _os.open(f"{procfs}/{pid}/stat", _os.O_RDONLY | _os.O_CLOEXEC)
     except _UNREADABLE:
         return None
+    try:
+        data = _os.read(fd, 4096)
+    except _UNREADABLE:
+        return None
+    finally:
+        _os.close(fd)
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2:].split()
     return int(rest[19])          # field 22; rest[0] is field 3

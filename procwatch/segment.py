@@ -769,6 +769,8 @@ class Table:
     def armed_slots(self):
         """[(slot, pid)] of every slot with a non-zero PID word and an ARMED death word."""
         end = self.scan_end()
+        if _hot is not None:        # one C pass: the death-word waiters ask on every generation change
+            return _hot.pids_where(self.address, end, _abi.S_DEATH_ARM, _abi.Arm.ARMED)
         return [(i, p) for i, (p, a) in enumerate(zip(self.column("pid", end), self.column("death_arm", end)))
                 if p and a == _abi.Arm.ARMED]
 

@@ -200,6 +200,25 @@ def test_find_name_agrees_with_python(table, monkeypatch):
             monkeypatch.undo()
 
 
+def test_armed_slots_agrees_with_python(table, monkeypatch):
+    """armed_slots() in one C pass is the Python columns' answer: a PID word and an ARMED death word,
+    up to scan_end (a slot armed past used_end, with a PID, is not read; an EMPTY slot stops it)."""
+    t = table
+    rnd = random.Random(5)
+    for i in range(t.slot_count):
+        t.set32(i, abi.S_STATE, rnd.choice([abi.State.EMPTY, abi.State.ALIVE, abi.State.ALIVE]))
+        t.set32(i, abi.S_DEATH_ARM, rnd.choice([abi.Arm.ARMED, abi.Arm.ARMED, abi.Arm.NONE, abi.Arm.LOST]))
+        t.u32[t.pid_index(i)] = rnd.choice([0, 1, 4242, 0xFFFFFFFF])
+    for used_end in (0, 7, 40, t.slot_count, 0xFFFFFFFF):
+        t.hset32(abi.H_USED_END, used_end)
+        got = t.armed_slots()
+        monkeypatch.setattr("procwatch.segment._hot", None)
+        want = t.armed_slots()
+        monkeypatch.undo()
+        assert got == want and all(isinstance(p, tuple) for p in got)
+    assert len(want) > 10           # the random table has armed slots up to the end
+
+
 def _hot_ends(t):
     return hot.scan_end(t.address, t.slot_count), hot.true_end(t.address, t.slot_count)
 

@@ -19,7 +19,7 @@ import subprocess
 import pytest
 
 from conftest import PY, ROOT, require_root
-from procwatch import journal
+from procwatch import abi, journal
 from procwatch.journal import Event
 
 CATALOG = ROOT / "systemd" / "procwatch.catalog"
@@ -215,6 +215,46 @@ def test_a_plain_line_carries_every_field_emit_was_given():
         assert f.format(record) == line
     assert records[0].getMessage() + "  event=exit name=dp pid=42 slot=1 latency_us=3 cause=exited exit_code=0" \
         in f.format(records[0])
+
+
+def test_emit_writes_the_plain_formatters_own_line(monkeypatch):
+    """With setup()'s stderr line the one handler, emit() writes the line itself (no LogRecord):
+    character for character what LogRecord -> _PlainFormatter -> StreamHandler writes."""
+    import io
+    import logging
+    import time as time_mod
+    saved = journal.log.handlers[:], journal.log.level
+
+    def run(stream):
+        for now in (1764662645.0423, 1764662645.9996, 1764662646.5):
+            monkeypatch.setattr(time_mod, "time", lambda now=now: now)
+            journal.emit(Event.EXIT, "%s (pid %d) %s; %s", "dp", 42, "killed by SIGKILL", "zeroed 7 µs after",
+                         NAME="dp", PID=42, SLOT=1, LATENCY_US=7, CAUSE="exited", STATUS_SOURCE=None, SIGNAL=9)
+            journal.emit(Event.REGISTERED, "dp (pid 42) registered, 100% sure", NAME="dp", PID=42, SLOT=1,
+                         HEARTBEAT_MS=None)
+            journal.emit(Event.RESPAWN, "failed:\n%s", "tb\n  line", RESPAWNS=1, level=logging.ERROR)
+            journal.emit(Event.RESPAWN, "not shown at INFO", RESPAWNS=2, level=logging.DEBUG)
+            journal.emit(Event.EXIT, "%s gone", "x", NAME="x", LATENCY_US=abi.LATENCY_UNKNOWN)
+        monkeypatch.undo()
+        return stream.getvalue()
+    try:
+        own = io.StringIO()
+        journal.setup("stderr", logging.INFO, own)
+
+        def no_record(*a, **k):
+            raise AssertionError("emit() made a LogRecord although its plain line is the one handler")
+        monkeypatch.setattr(journal.log, "makeRecord", no_record)
+        fast = run(own)
+        via_logging = io.StringIO()
+        journal.setup("stderr", logging.INFO, via_logging)
+        journal.log.handlers[0].addFilter(lambda record: True)      # any filter: the logging path
+        slow = run(via_logging)
+    finally:
+        journal.log.handlers[:] = saved[0]
+        journal.log.setLevel(saved[1])
+    assert fast == slow
+    assert fast.count(" procwatch[") == 4 * 3 and "not shown" not in fast and "100% sure" in fast
+    assert ",042 procwatch[" in fast and ",999 procwatch[" in fast and ",500 procwatch[" in fast
 
 
 # -- sd_notify helpers -------------------------------------------------------------
