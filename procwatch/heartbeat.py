@@ -95,7 +95,8 @@ GRANULARITY = 0.01       # s: passes never come closer than this
 DISCOVERY_PERIOD = 0.1   # s: longest sleep, so a new registration is seen soon
 IDLE_DISCOVERY = 5.0     # s: longest sleep while no slot asks for beats.  Clients bump the
                          # generation on registration and set_heartbeat(), which wakes the
-                         # checker at once; this bound covers writers that do not (issue 16).
+                         # checker at once (in the service, through poke() from its registrations
+                         # thread); this bound covers writers that do not (issue 16).
 
 _ALIVE = int(_abi.State.ALIVE)
 _HUNG = int(_abi.State.HUNG)
@@ -130,7 +131,7 @@ class HeartbeatChecker(_threading.Thread):
 
     def __init__(self, table, action=_abi.HangAction.KILL, signal=_signal.SIGKILL,
                  max_misses=DEFAULT_MAX_MISSES, procfs=_procfs.PROCFS, policy=None,
-                 on_event=None, stats=None, starved=_abi.HangAction.LOG):
+                 on_event=None, stats=None, starved=_abi.HangAction.LOG, relayed=False):
         super().__init__(name="procwatch-heartbeat", daemon=True)
         if action not in (_abi.HangAction.KILL, _abi.HangAction.LOG):
             raise ValueError(f"hang action {action!r} is not kill or log")
@@ -155,6 +156,10 @@ class HeartbeatChecker(_threading.Thread):
         self._fingerprint = None        # of the columns _seen holds, while nothing is tracked
         self._stop_event = _threading.Event()
         self._self_pid = _os.getpid()
+        # relayed: idle, it sleeps until poke() (the service's registrations thread, after each
+        # sync), not on the generation word itself; see run().
+        self.relayed = relayed
+        self._poke = _threading.Event()
 
     # -- the thread ------------------------------------------------------------
     def run(self):
@@ -162,10 +167,18 @@ class HeartbeatChecker(_threading.Thread):
         generation = self.table.generation_address
         while not self._stop_event.is_set():
             seen = self.table.generation        # before the pass: a change after it wakes us
+            if self.relayed:
+                self._poke.clear()              # likewise: a poke after this wakes us
             try:
                 wait = self.check()
                 if not self._tracks:
-                    futex.wait(generation, seen, IDLE_DISCOVERY)
+                    # Relayed (the service): every registration change wakes its registrations
+                    # thread anyway, which pokes this one only when a slot asks for beats, so a
+                    # registration without a heartbeat wakes one thread, not two (issue 16).
+                    if self.relayed:
+                        self._poke.wait(IDLE_DISCOVERY)
+                    else:
+                        futex.wait(generation, seen, IDLE_DISCOVERY)
                     continue
             except Exception:
                 # A bug, not a kernel condition: say so loudly, keep hang detection going.
@@ -176,9 +189,17 @@ class HeartbeatChecker(_threading.Thread):
                 wait = 1.0
             self._stop_event.wait(wait)
 
+    def poke(self):
+        """After a registration change or a rule's heartbeat (relayed): wake the idle checker if
+        some registered slot asks for beats.  Set even while it tracks slots (it looks every
+        DISCOVERY_PERIOD then): a pass under way may end with none tracked and go idle."""
+        if self.table.any_heartbeat() is not False:
+            self._poke.set()
+
     def stop(self, timeout=1.0):
         """Stop and join (before the table is detached: the pass reads its memory)."""
         self._stop_event.set()
+        self._poke.set()
         from . import futex
         deadline = _time.monotonic() + timeout
         while self.is_alive() and _time.monotonic() < deadline:

@@ -201,7 +201,7 @@ class Service:
         self.checker = HeartbeatChecker(self.table, _abi.HangAction[hang.action.upper()], int(hang.signal),
                                         hang.max_misses, policy=self.ops.hang_policy,
                                         on_event=self.ops.on_end, stats=self.stats,
-                                        starved=_abi.HangAction[hang.starved.upper()])
+                                        starved=_abi.HangAction[hang.starved.upper()], relayed=True)
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
              "with the %s backend (%s), %s; %s", "adopted" if adopted else "created", self.key,
@@ -248,6 +248,9 @@ class Service:
             self.ops.apply_rules(self.reporter.watch)
             if self.death_watch is not None:
                 self.death_watch.ensure()
+            checker = self.checker
+            if checker is not None:
+                checker.poke()          # after the rules: a rule's heartbeat counts too
 
     def _new_detector(self, parked):
         self._generation += 1
@@ -305,6 +308,7 @@ class Service:
             self.reconcile_interval = new.reconcile_interval
             if self.checker is not None:
                 self.checker.refresh_policy()
+                self.checker.poke()     # a rule may have given slots a heartbeat
         notify("READY=1", f"STATUS={self.status_line()}")
 
     def run(self):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, asleep_in_futex, plant_slot, require_root, wait_until
+from conftest import PY, ROOT, asleep_in_futex, ctx_switches, plant_slot, require_root, wait_until
 from procwatch import abi, cheader, procfs
 from procwatch.segment import Table
 
@@ -481,3 +481,37 @@ def test_a_hang_refused_by_a_changed_state_is_declared_at_the_next_check(key):
         target.kill()
         target.wait()
         t.detach()
+
+
+def test_the_idle_checker_sleeps_through_registrations_without_a_heartbeat(key, monkeypatch):
+    """In the service the idle checker is woken by the registrations thread, and only when a
+    registered slot asks for beats (issue 16): twenty registrations without a heartbeat leave
+    it asleep; one with a heartbeat is tracked at once.  IDLE_DISCOVERY is made long here, so
+    only that wake-up can make the checker see it."""
+    from procwatch import heartbeat as heartbeat_mod
+    from procwatch import service as service_mod
+    from procwatch.config import Config
+    monkeypatch.setattr(heartbeat_mod, "IDLE_DISCOVERY", 600.0)
+    svc = service_mod.Service(Config(key=key))
+    targets = []
+
+    def target():
+        targets.append(subprocess.Popen(["sleep", "600"]))
+        return targets[-1].pid
+    try:
+        svc.start()
+        checker = svc.checker
+        wait_until(lambda: asleep_in_futex(os.getpid(), checker.native_id), 10, "the checker to sleep")
+        before = ctx_switches(os.getpid(), checker.native_id)
+        for i in range(20):
+            procwatch.register_pid(f"quiet-{i}", pid=target(), key=key, arm=False)
+        wait_until(lambda: len(svc.reporter.watch.entries()) == 20, 10, "the registrations to be watched")
+        assert ctx_switches(os.getpid(), checker.native_id) - before < 5
+        assert not checker._tracks
+        r = procwatch.register_pid("beats", pid=target(), key=key, heartbeat=60, arm=False)
+        wait_until(lambda: r.slot in checker._tracks, 10, "the checker to track the slot asking for beats")
+    finally:
+        svc.stop()
+        for p in targets:
+            p.kill()
+            p.wait()
