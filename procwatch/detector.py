@@ -28,6 +28,7 @@ This module has the connector's detectors; pidfd_backend.py has the other.
 
 import errno as _errno
 import threading as _threading
+from _thread import allocate_lock as _allocate_lock
 import time as _time
 
 from .connector import EXIT_EVENT as _EXIT
@@ -46,8 +47,8 @@ class DetectorThread(_threading.Thread):
     stuck detector from an idle one (``stalled_for``).  Subclasses write
     ``_loop``.
 
-    ``parked`` (a threading.Event, or None): the thread is started ahead and
-    waits on it before reading anything.  The service starts the next
+    ``parked`` (a held lock, or None): the thread is started ahead and waits
+    for it before reading anything.  The service starts the next
     detector that way while the current one runs, and the current one
     releases it (``successor``) just before it returns, so a thread start
     (~0.4 ms of CPU) never sits between an exit and the next read (issue 16).
@@ -61,20 +62,31 @@ class DetectorThread(_threading.Thread):
         self.alive_at = _time.monotonic()
         self.error = None
         self.ended_pid = None
-        self.parked = _threading.Event() if parked else None
+        # A bare lock, held until release(): one acquire and one release, where an Event's
+        # Condition made a waiter lock and a notify loop on each side, once per exit (issue 16).
+        self.parked = None
+        self._released = not parked
+        if parked:
+            self.parked = _allocate_lock()
+            self.parked.acquire()
         self.successor = None
 
     def release(self):
         """Let a parked thread start reading (or, with stop_requested, end)."""
-        if self.parked is not None:
-            self.parked.set()
+        if self._released:
+            return
+        self._released = True
+        try:
+            self.parked.release()
+        except RuntimeError:            # released already by another thread
+            pass
 
     def released(self):
-        return self.parked is None or self.parked.is_set()
+        return self._released
 
     def run(self):
         if self.parked is not None:
-            self.parked.wait()
+            self.parked.acquire()
             if self.stop_requested:
                 return
             self.alive_at = _time.monotonic()

@@ -94,16 +94,21 @@ _SlotFields = _collections.namedtuple(
     defaults=(0, 0, 0, 0, _abi.LATENCY_UNKNOWN, b""))
 
 
+def state_name(state):
+    """A slot's state word in words: 'alive', 'exited', ..., or 'invalid(N)'."""
+    try:
+        return _abi.State(state).name.lower()
+    except ValueError:
+        return f"invalid({state})"
+
+
 class Slot(_SlotFields):
     """A snapshot of one slot (not atomic across fields: for display and checks)."""
     __slots__ = ()
 
     @property
     def state_name(self):
-        try:
-            return _abi.State(self.state).name.lower()
-        except ValueError:
-            return f"invalid({self.state})"
+        return state_name(self.state)
 
     @property
     def verdict_name(self):

@@ -28,6 +28,7 @@ import time as _time
 
 from . import abi as _abi
 from . import procfs as _procfs
+from . import segment as _segment
 from .journal import Event, emit
 from .signals import describe_status
 
@@ -302,18 +303,19 @@ class Watchlist:
     def _adopt(self, slot, pid, start):
         """A Watched for a newly seen PID word, or None if the slot is corrupt."""
         t = self.table
-        raw = t.read_slot(slot)
-        state = raw.state
+        # The two fields it needs, not a whole-slot snapshot (read_slot): once per registration.
+        state = t.state(slot)
+        raw_name = t.name_bytes(slot)
         problem = None
         if not _procfs.valid_pid(pid):
             problem = f"PID word {pid} is not a valid PID (pid_max {_procfs.pid_max()})"
         elif state not in (_abi.State.ALIVE, _abi.State.HUNG):
-            problem = f"PID word {pid} with state {raw.state_name}"
+            problem = f"PID word {pid} with state {_segment.state_name(state)}"
         else:
             try:
-                raw.raw_name.decode("utf-8")
+                raw_name.decode("utf-8")
             except UnicodeDecodeError:
-                problem = f"name {raw.raw_name!r} is not UTF-8"
+                problem = f"name {raw_name!r} is not UTF-8"
         if problem:
             self.reporter.clear_corrupt(slot, pid, problem)
             return None
@@ -323,7 +325,7 @@ class Watchlist:
         # Reused only if another start time sits there now: an unreaped zombie
         # still shows the registered one (it died; its PID is not reused yet).
         reused = pidfd is None and _procfs.start_time(pid) not in (None, start)
-        return Watched(slot, pid, start, raw.name, pidfd, reused)
+        return Watched(slot, pid, start, _abi.decode_name(raw_name), pidfd, reused)
 
     def forget(self, w):
         """Drop ``w`` after its end was reported."""

@@ -364,8 +364,9 @@ def test_native_path_said_in_start_line_and_status(key, service):
 @require_root()
 def test_next_detector_is_parked_before_the_exit(key, clients):
     """The thread that reads after an exit was started before it (issue 16), and respawn still
-    happens once per registered exit (the user's design).  The main loop's respawn step is
-    driven by hand here (run() wants the main thread for its signal handlers)."""
+    happens once per registered exit (the user's design): the ending thread releases its
+    successor, makes it current and parks the next one itself, with no main-loop step
+    (start() without run(): run() wants the main thread for its signal handlers)."""
     from procwatch import service as service_mod
     from procwatch.config import Config
     svc = service_mod.Service(Config(key=key))
@@ -379,13 +380,12 @@ def test_next_detector_is_parked_before_the_exit(key, clients):
             wait_until(lambda: any(w.name == f"parked-{n}" for w in svc.reporter.watch.entries()), 10,
                        "the registration to be watched")
             c.kill()
-            ended = svc._queue.get(timeout=10)
-            assert ended is first and first.ended_pid == c.pid
+            first.join(10)
+            assert not first.is_alive() and first.ended_pid == c.pid
             assert parked.released()            # released by the ending thread itself
-            svc._detector_ended(ended)
             assert svc.detector is parked and svc.stats.respawns == n + 1
-            first.join(5)
-            assert not first.is_alive()
+            assert parked.successor is not None and parked.successor.is_alive()
+            assert svc._queue.empty()           # the main loop had nothing to do
     finally:
         svc.stop()
 
