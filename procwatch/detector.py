@@ -62,6 +62,7 @@ class DetectorThread(_threading.Thread):
         self.alive_at = _time.monotonic()
         self.error = None
         self.ended_pid = None
+        self.finished = False           # its done() ran (set by the service under its lock)
         # A bare lock, held until release(): one acquire and one release, where an Event's
         # Condition made a waiter lock and a notify loop on each side, once per exit (issue 16).
         self.parked = None

@@ -276,14 +276,32 @@ class Service:
         main loop's wake-up, its waits for the GIL and the respawn were ~170 µs of CPU
         per exit).  A failed detector goes to the main loop, which logs the error,
         reopens a lost socket and respawns.
+
+        The released successor reads at once and may end (the next exit) before its
+        predecessor has made it current; then it leaves itself to that predecessor,
+        whose respawn, under the same lock, finds it finished and goes on from it.
         """
-        nxt = detector.successor
-        if detector.error is None and not detector.stop_requested and nxt is not None and nxt.released():
-            with self._respawn_lock:
-                if not self._stopping and detector is self.detector:
-                    self._detector_ended(detector)
+        with self._respawn_lock:
+            detector.finished = True
+            current = self.detector
+            if detector is current:
+                nxt = detector.successor
+                if (detector.error is None and not detector.stop_requested and not self._stopping
+                        and nxt is not None and nxt.released()):
+                    self._respawn(detector)
                     return
+            elif current is not None and detector is current.successor and detector.released():
+                return                  # ended before its predecessor made it current: see above
         self._queue.put(detector)
+
+    def _respawn(self, detector):
+        """_detector_ended(detector), then each successor made current that had ended already
+        (see _detector_done), in turn.  Hold _respawn_lock."""
+        was = self.detector
+        self._detector_ended(detector)
+        while self.detector is not was and self.detector.finished and not self._stopping:
+            was = self.detector
+            self._detector_ended(was)
 
     def _spawn_detector(self, previous=None):
         """Make the next detector current: the one ``previous`` released, else a new one.
@@ -363,7 +381,7 @@ class Service:
                     self.reporter.reconcile(immediate=True, cause=_abi.Cause.FOUND_DEAD_OVERFLOW, full=True)
                 elif msg is not None:
                     with self._respawn_lock:
-                        self._detector_ended(msg)
+                        self._respawn(msg)
                 now = _time.monotonic()
                 if now >= next_tick:
                     # used_end: with the reconcile's checks, unless the reconcile is the slower.

@@ -390,6 +390,58 @@ def test_next_detector_is_parked_before_the_exit(key, clients):
         svc.stop()
 
 
+@require_root()
+def test_a_successor_that_ends_before_it_was_made_current_is_respawned(key):
+    """The released successor reads at once and can end (the next exit) before the thread it
+    followed has made it current.  Its end is left to that thread, which goes on from it: a
+    fresh detector reads the third exit, with no main loop running.  (Queued to the main loop
+    instead, the successor was made current after it had ended, and nothing read again:
+    tests/reliability/test_faults.py's churn found the slots dead 10 s later.)"""
+    from procwatch import service as service_mod
+    from procwatch.config import Config
+    svc = service_mod.Service(Config(key=key))
+    targets, regs = [], []
+    try:
+        svc.start()
+        for i in range(3):
+            targets.append(subprocess.Popen(["sleep", "600"]))
+            regs.append(procwatch.register_pid(f"quick-{i}", pid=targets[-1].pid, key=key, arm=False))
+        wait_until(lambda: len(svc.reporter.watch.entries()) == 3, 10, "the registrations to be watched")
+        first = svc.detector
+        second = first.successor
+        waiting, second_done = threading.Event(), threading.Event()
+        real_done = first.done
+
+        def first_done(d):              # the first thread's respawn waits for the second's end
+            waiting.set()
+            second_done.wait(10)
+            real_done(d)
+
+        def second_done_then(d):
+            real_done(d)
+            second_done.set()
+        first.done, second.done = first_done, second_done_then
+        t = svc.table
+        targets[0].kill()
+        wait_until(waiting.is_set, 10, "the first detector to end")
+        targets[1].kill()
+        wait_until(second_done.is_set, 10, "its successor to end before it was made current")
+        first.join(10)
+        wait_until(lambda: svc.detector not in (first, second) and svc.detector.is_alive(), 10,
+                   "a fresh detector to be current")
+        targets[2].kill()
+        wait_until(lambda: t.pid(regs[2].slot) == 0, 10, "the third exit to be read")
+        assert [t.state(r.slot) for r in regs] == [abi.State.EXITED] * 3
+        assert svc._queue.empty()
+    finally:
+        svc.stop()
+        for p in targets:
+            p.kill()
+            p.wait()
+        for r in regs:
+            r.table.detach()
+
+
 def test_stale_claims_swept_only_by_the_periodic_reconcile(table):
     from procwatch.watch import Reporter
     from procwatch.stats import Stats
