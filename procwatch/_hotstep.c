@@ -33,11 +33,16 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -1309,6 +1314,356 @@ static PyTypeObject PeerWordType = {
 
 /* ---- module ------------------------------------------------------------------------------- */
 
+/* ---- The death step: the death-word waiter's wait, confirm, zero and wake, without the GIL ----
+ *
+ * Issue 14's waiter in Python spent 0.3-1 ms between the kernel's wake and the peer's
+ * (GIL retake, /proc reads through Python file objects, a pidfd, the clear), and the
+ * waits behind the GIL made the tail: a fired word waited for whatever Python thread held
+ * it.  Here one call sets FUTEX_WAITERS in each death word (by CAS: a plain write could
+ * lose the kernel's OWNER_DIED), sleeps in futex_waitv(2) on them and the header's
+ * generation word, and when a word fires decides the plain case -- the whole thread group
+ * is exiting -- opens a pidfd for the status, zeroes the PID word and wakes its waiters,
+ * all with the GIL released.  Anything it cannot decide (an execve(2) in progress, a
+ * process hidden or reaped already, a PID word that moved) goes back to Python as "fired",
+ * where deathword.confirm() keeps the rules.  The same rules as group_exiting() in
+ * procfs.py: a false death is worse than a late one.
+ *
+ * The waiter can run at a real-time priority (SCHED_FIFO, `priority` > 0) while it waits
+ * and until the wake: woken by a dying process that tears gigabytes down on one CPU, a
+ * normal thread is often queued behind it for milliseconds, a real-time one is pushed to
+ * the other CPU at once.  It is back at SCHED_OTHER before it takes the GIL again, so the
+ * bookkeeping after the wake never holds a CPU the woken peer needs. */
+
+#define PF_EXITING_FLAG 0x4u     /* include/linux/sched.h */
+#define STATE_ALIVE 2
+#define STATE_HUNG 5
+#define PW_STEP_FUTEX2_U32 0x02     /* FUTEX2_SIZE_U32; shared: no FUTEX2_PRIVATE */
+#define DEATH_ENTRIES 127        /* futex_waitv's 128 words, one of them the generation */
+
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+struct step_waitv { uint64_t val, uaddr; uint32_t flags, reserved; };
+
+typedef struct {
+    uint32_t slot, pid;
+    unsigned long long start;
+} DeathEntry;
+
+/* Read a small /proc file; its length, or -1 with errno. */
+static ssize_t read_small(const char *path, char *buf, size_t size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t r = read(fd, buf, size - 1);
+    int e = errno;
+    close(fd);
+    if (r < 0) {
+        errno = e;
+        return -1;
+    }
+    buf[r] = 0;
+    return r;
+}
+
+/* /proc/.../stat: the state letter (field 3), flags (field 9) and start time (field 22).
+ * 0, or -1 with errno (ENOENT/ESRCH: gone). */
+static int read_stat(const char *path, char *state, unsigned long *flags, unsigned long long *start)
+{
+    char buf[1024];
+    if (read_small(path, buf, sizeof buf) < 0)
+        return -1;
+    char *p = strrchr(buf, ')');            /* comm may hold spaces and parentheses */
+    if (!p || p[1] != ' ' || !p[2]) {
+        errno = EINVAL;
+        return -1;
+    }
+    p += 2;
+    *state = *p;
+    for (int field = 3; field < 22; field++) {
+        if (field == 9)
+            *flags = strtoul(p, NULL, 10);
+        p = strchr(p, ' ');
+        if (!p) {
+            errno = EINVAL;
+            return -1;
+        }
+        p++;
+    }
+    *start = strtoull(p, NULL, 10);
+    return 0;
+}
+
+/* The hex mask after "\n<name>" in a /proc status file: 1 found (in *out), 0 absent,
+ * -1 with errno (gone). */
+static int status_hex(const char *path, const char *name, unsigned long long *out)
+{
+    char buf[4096];
+    if (read_small(path, buf, sizeof buf) < 0)
+        return -1;
+    char *at = strstr(buf, name);
+    if (!at)
+        return 0;
+    *out = strtoull(at + strlen(name), NULL, 16);
+    return 1;
+}
+
+/* Whether every thread of (pid, start) is exiting: 1 yes, 0 not decided here (some thread is
+ * not exiting -- an execve(2), or one not scheduled since its SIGKILL came -- or /proc hides
+ * or lacks the process, or the PID is another's).  procfs.group_exiting() is the full rule. */
+static int group_exiting_c(uint32_t pid, unsigned long long start)
+{
+    char path[96];
+    snprintf(path, sizeof path, "/proc/%u/task", pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    int verdict = 1;
+    struct dirent *de;
+    while (verdict == 1 && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        char state = 0;
+        unsigned long flags = 0;
+        unsigned long long st = 0, pending = 0;
+        snprintf(path, sizeof path, "/proc/%u/task/%s/stat", pid, de->d_name);
+        if (read_stat(path, &state, &flags, &st) < 0) {
+            if (errno != ENOENT && errno != ESRCH)
+                verdict = 0;                        /* unreadable is never read as gone */
+            continue;
+        }
+        if ((uint32_t)strtoul(de->d_name, NULL, 10) == pid && st != start) {
+            verdict = 0;                            /* another process: Python decides */
+            continue;
+        }
+        if (state == 'Z' || state == 'X' || (flags & PF_EXITING_FLAG))
+            continue;
+        snprintf(path, sizeof path, "/proc/%u/task/%s/status", pid, de->d_name);
+        int r = status_hex(path, "\nSigPnd:", &pending);
+        if (r < 0)
+            continue;                               /* gone meanwhile */
+        if (r == 1 && (pending & (1ull << (SIGKILL - 1))))
+            continue;                               /* killed, not scheduled since */
+        unsigned long long core = 0;
+        snprintf(path, sizeof path, "/proc/%u/status", pid);
+        r = status_hex(path, "\nCoreDumping:", &core);   /* decimal 0/1 reads the same in hex */
+        verdict = r == 1 && core == 1;
+    }
+    closedir(d);
+    return verdict;
+}
+
+static __thread int step_policy_fifo;
+
+/* SCHED_FIFO at `priority` (> 0) or back to SCHED_OTHER (0) for the calling thread; 0 or errno. */
+static int set_fifo(int priority)
+{
+    if ((priority > 0) == step_policy_fifo)
+        return 0;
+    struct sched_param sp = {.sched_priority = priority};
+    if (sched_setscheduler(0, priority > 0 ? SCHED_FIFO : SCHED_OTHER, &sp) != 0)
+        return errno;
+    step_policy_fifo = priority > 0;
+    return 0;
+}
+
+static PyObject *py_realtime_probe(PyObject *self, PyObject *args)
+{
+    /* realtime_probe(priority) -> 0, or the errno sched_setscheduler(2) gave: whether death
+     * steps can wait at that SCHED_FIFO priority here (tried on the calling thread, undone). */
+    int priority;
+    if (!PyArg_ParseTuple(args, "i", &priority))
+        return NULL;
+    int err = set_fifo(priority);
+    if (!err)
+        set_fifo(0);
+    return PyLong_FromLong(err);
+}
+
+/* OWNER_DIED in an ARMED slot's death word: abi.death_word_dead(). */
+static inline int death_fired_raw(uintptr_t s)
+{
+    return load32(s + S_DEATH_ARM) == ARM_ARMED && (load32(s + S_DEATH_MUTEX) & FUTEX_OWNER_DIED_BIT);
+}
+
+/* Set FUTEX_WAITERS in slot s's death word; the value to wait on, or -1 when it fired. */
+static long long set_waiters_raw(uintptr_t s)
+{
+    uintptr_t a = s + S_DEATH_MUTEX;
+    uint32_t v = load32(a);
+    for (;;) {
+        if (v & FUTEX_OWNER_DIED_BIT)
+            return -1;
+        if ((v & FUTEX_WAITERS) || !(v & FUTEX_TID_MASK))
+            return v;                   /* already set; or unlocked (an unregister in progress) */
+        uint32_t found = v;
+        if (__atomic_compare_exchange_n((uint32_t *)a, &found, v | FUTEX_WAITERS, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return v | FUTEX_WAITERS;
+        v = found;
+    }
+}
+
+enum { DS_MOVED, DS_TIMEOUT, DS_FIRED, DS_DEAD, DS_ERROR };
+
+/* A fired word of e: decide the plain death and end it.  DS_DEAD (fd, pend, zeroed set) or
+ * DS_FIRED (Python decides). */
+static int end_death(uintptr_t table, uintptr_t pending, int npending, ServiceLock *lock,
+                     const DeathEntry *e, int *fd_out, int *pend_out, uint64_t *zeroed_out)
+{
+    uintptr_t s = slot_at(table, e->slot);
+    uint32_t state = load32(s + S_STATE);
+    if (load32(s + S_PID) != e->pid || !death_fired_raw(s) || (state != STATE_ALIVE && state != STATE_HUNG))
+        return DS_FIRED;
+    /* The pidfd first: a process reaped before this has no status to read but its exit
+     * event's, so its end is left to the exit event (Reporter.report_death). */
+    int fd = (int)syscall(SYS_pidfd_open, (pid_t)e->pid, 0);
+    if (fd < 0)
+        return DS_FIRED;
+    char path[48], st_state;
+    unsigned long flags;
+    unsigned long long start;
+    snprintf(path, sizeof path, "/proc/%u/stat", e->pid);
+    if (read_stat(path, &st_state, &flags, &start) < 0 || start != e->start
+            || !(fd_exited(fd) || group_exiting_c(e->pid, e->start) == 1)) {
+        close(fd);
+        return DS_FIRED;
+    }
+    *zeroed_out = mono_ns();
+    pthread_mutex_lock(&lock->mu);
+    int k = end_word(s + S_PID, e->pid, pending, npending, e->slot);
+    pthread_mutex_unlock(&lock->mu);
+    if (k == -2) {
+        close(fd);
+        return DS_FIRED;                    /* ended by another path meanwhile */
+    }
+    *fd_out = fd;
+    *pend_out = k;
+    return DS_DEAD;
+}
+
+static PyObject *py_death_step(PyObject *self, PyObject *args)
+{
+    /* death_step(table, pending, npending, service_lock, generation, entries, timeout, priority)
+     *   entries: [(slot, pid, start_time)], at most 127, the death words to wait on;
+     *   generation: the header's generation the caller built `entries` from; timeout: seconds
+     *   or None; priority: SCHED_FIFO priority while waiting (0: the thread's own).
+     * Returns one of
+     *   ("dead", slot, pid, fired_ns, zeroed_ns, pidfd, pending_index)  ended and woken here
+     *   ("fired", slot, pid, fired_ns)    fired, not decided here: deathword.confirm() decides
+     *   ("moved",)                        the generation moved: rebuild `entries`
+     *   ("timeout",) */
+    unsigned long long table, pending;
+    int npending, priority;
+    unsigned int generation;
+    PyObject *lock, *entries, *timeout;
+    if (!PyArg_ParseTuple(args, "KKiO!IOOi", &table, &pending, &npending, &ServiceLockType, &lock,
+                          &generation, &entries, &timeout, &priority))
+        return NULL;
+    DeathEntry es[DEATH_ENTRIES];
+    PyObject *seq = PySequence_Fast(entries, "entries must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > DEATH_ENTRIES) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "at most %d death words a step", DEATH_ENTRIES);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "IIK", &es[i].slot, &es[i].pid, &es[i].start)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    struct timespec deadline, *dp = NULL;
+    if (timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (PyErr_Occurred())
+            return NULL;
+        uint64_t at = mono_ns() + (uint64_t)(t * 1e9);
+        deadline.tv_sec = (time_t)(at / 1000000000u);
+        deadline.tv_nsec = (long)(at % 1000000000u);
+        dp = &deadline;
+    }
+    uintptr_t gen = (uintptr_t)table + H_GENERATION;
+    struct step_waitv w[DEATH_ENTRIES + 1];
+    int idx[DEATH_ENTRIES + 1];
+    int kind = DS_MOVED, err = 0, fd = -1, pend = -1, which = -1;
+    uint64_t fired = 0, zeroed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (priority > 0)
+        set_fifo(priority);                 /* refused: the caller probed; waits at its own */
+    for (;;) {
+        if (load32(gen) != generation) {
+            kind = DS_MOVED;
+            break;
+        }
+        int m = 1;
+        memset(w, 0, sizeof w);
+        w[0] = (struct step_waitv){.val = generation, .uaddr = gen, .flags = PW_STEP_FUTEX2_U32};
+        for (Py_ssize_t i = 0; i < n && which < 0; i++) {
+            uintptr_t s = slot_at((uintptr_t)table, es[i].slot);
+            long long v = set_waiters_raw(s);
+            if (v < 0) {
+                if (load32(s + S_DEATH_ARM) == ARM_ARMED)
+                    which = (int)i;         /* fired before we slept */
+                continue;                   /* OWNER_DIED on an unarmed slot: not a death word */
+            }
+            idx[m] = (int)i;
+            w[m++] = (struct step_waitv){.val = (uint32_t)v, .uaddr = s + S_DEATH_MUTEX,
+                                         .flags = PW_STEP_FUTEX2_U32};
+        }
+        if (which < 0) {
+            long rc = syscall(SYS_futex_waitv, w, (unsigned)m, 0u, dp, (int)CLOCK_MONOTONIC);
+            if (rc == 0) {
+                kind = DS_MOVED;            /* the generation word (or stop()): look again */
+                break;
+            }
+            if (rc > 0) {
+                if (!death_fired_raw(slot_at((uintptr_t)table, es[idx[rc]].slot)))
+                    continue;               /* moved, not fired (an unlock, a re-arm) */
+                which = idx[rc];
+            } else if (errno == ETIMEDOUT) {
+                kind = DS_TIMEOUT;
+                break;
+            } else if (errno == EAGAIN || errno == EINTR) {
+                continue;
+            } else {
+                err = errno;
+                kind = DS_ERROR;
+                break;
+            }
+        }
+        fired = mono_ns();
+        kind = end_death((uintptr_t)table, (uintptr_t)pending, npending, (ServiceLock *)lock,
+                         &es[which], &fd, &pend, &zeroed);
+        break;
+    }
+    if (priority > 0)
+        set_fifo(0);                        /* the bookkeeping runs at normal priority */
+    Py_END_ALLOW_THREADS
+    switch (kind) {
+    case DS_DEAD:
+        return Py_BuildValue("sIIKKii", "dead", es[which].slot, es[which].pid,
+                             (unsigned long long)fired, (unsigned long long)zeroed, fd, pend);
+    case DS_FIRED:
+        return Py_BuildValue("sIIK", "fired", es[which].slot, es[which].pid, (unsigned long long)fired);
+    case DS_TIMEOUT:
+        return Py_BuildValue("(s)", "timeout");
+    case DS_MOVED:
+        return Py_BuildValue("(s)", "moved");
+    default:
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
 static PyMethodDef module_methods[] = {
     {"cas32", py_cas32, METH_VARARGS, "cas32(address, expected, new) -> bool: atomic compare-and-swap of a u32."},
     {"cas64", py_cas64, METH_VARARGS, "cas64(address, expected, new) -> bool: atomic compare-and-swap of a u64."},
@@ -1327,6 +1682,12 @@ static PyMethodDef module_methods[] = {
     {"pids_where", py_pids_where, METH_VARARGS,
      "pids_where(table, count, off32, value) -> [(slot, pid)] with a PID word and that u32 == value."},
     {"layout", py_layout, METH_NOARGS, "The table offsets this module was compiled with."},
+    {"death_step", py_death_step, METH_VARARGS,
+     "death_step(table, pending, npending, service_lock, generation, entries, timeout, priority) -> "
+     "('dead', slot, pid, fired_ns, zeroed_ns, pidfd, pending) | ('fired', slot, pid, fired_ns) | "
+     "('moved',) | ('timeout',)"},
+    {"realtime_probe", py_realtime_probe, METH_VARARGS,
+     "realtime_probe(priority) -> 0 or the errno: whether a thread may wait at that SCHED_FIFO priority."},
     {NULL},
 };
 

@@ -11,7 +11,7 @@ expected::
 Unknown keys are errors too (a misspelt key silently doing nothing is the
 worst outcome on a fleet).  Layout, all tables and keys optional::
 
-    [service]   key slots backend rcvbuf reconcile_interval group log_level
+    [service]   key slots backend rcvbuf reconcile_interval group log_level death_word_priority
     [hang]      action signal max_misses starved  (service-wide defaults)
     [metrics]   address                           ("off" or "HOST:PORT")
     [hooks]     workers queue timeout             (the hook worker pool)
@@ -159,6 +159,7 @@ class Config:
     reconcile_interval: float = 1.0
     group: str | None = None           # None: the service's group
     log_level: str = "info"
+    death_word_priority: int = 1       # SCHED_FIFO priority of the death-word waits; 0: none
     hang: HangSettings = HangSettings()
     metrics: Address | None = None     # None: off
     hooks: HookSettings = HookSettings()
@@ -349,6 +350,7 @@ _SERVICE = {
     "reconcile_interval": _seconds(0.001, 3600),
     "group": _group,
     "log_level": _choice(LOG_LEVELS, fold_case=True),
+    "death_word_priority": _integer(0, 99, "a SCHED_FIFO priority from 1 to 99, or 0 for none"),
 }
 _HANG = {
     "action": _choice(HANG_ACTIONS),
@@ -415,6 +417,7 @@ OVERRIDES = {
     "reconcile_interval": (("reconcile_interval",), _SERVICE["reconcile_interval"]),
     "group": (("group",), _group),
     "log_level": (("log_level",), _SERVICE["log_level"]),
+    "death_word_priority": (("death_word_priority",), _SERVICE["death_word_priority"]),
     "hang_action": (("hang", "action"), _HANG["action"]),
     "hang_signal": (("hang", "signal"), _hang_signal),
     "max_misses": (("hang", "max_misses"), _HANG["max_misses"]),

@@ -17,7 +17,8 @@ import time as _time
 
 from . import abi as _abi
 from . import futex as _futex
-from .deathword import CONFIRM_POLL, CONFIRM_WINDOW, PER_WAITER, availability, cas32, confirm, waitv
+from .deathword import (CONFIRM_POLL, CONFIRM_WINDOW, DEFAULT_PRIORITY, PER_WAITER, availability, cas32, confirm,
+                        realtime_priority, waitv)
 from .detector import DetectorThread
 
 
@@ -30,11 +31,13 @@ class DeathWatch:
     called when a waiter ended, and the service calls :meth:`respawn`.
     """
 
-    def __init__(self, reporter, done):
+    def __init__(self, reporter, done, priority=DEFAULT_PRIORITY):
         self.reporter = reporter
         self.table = reporter.table
         self.done = done
         self.state, self.reason = availability()
+        self.priority, self.priority_text = (realtime_priority(priority) if self.enabled
+                                             else (0, None))
         self.waiters = {}              # shard -> DeathWaiter
         self.stopping = False
         self._lock = _threading.Lock()
@@ -178,6 +181,8 @@ class DeathWaiter(DetectorThread):
         self.left = set()              # (slot, pid) dead but reaped already: its exit event ends it
 
     def _loop(self):
+        if self.watch.table.native_death_step:
+            return self._loop_native()
         watch, table, reporter = self.watch, self.watch.table, self.reporter
         gen_address = table.generation_address
         monotonic = _time.monotonic
@@ -215,6 +220,53 @@ class DeathWaiter(DetectorThread):
                     watch.fired += 1
                     if self._check_suspects():
                         return
+
+    def _loop_native(self):
+        """The same loop with the wait, the plain confirm, the zeroing and the wake in C.
+
+        table.death_step() holds no GIL from the futex_waitv(2) to the peers'
+        wake (and waits at the real-time priority DeathWatch got, if any); what
+        it cannot decide comes back as "fired" and takes the Python path
+        (_check_suspects), whose rules are the full ones.
+        """
+        watch, table, reporter = self.watch, self.watch.table, self.reporter
+        monotonic = _time.monotonic
+        while not self.stop_requested and not watch.stopping:
+            self.alive_at = monotonic()
+            generation = table.generation
+            mine = watch.shard(self.shard)
+            if mine is None:
+                return
+            live = set(mine)
+            for key in [k for k in self.suspects if k not in live]:
+                del self.suspects[key]
+            self.left &= live
+            if self.suspects and self._check_suspects():
+                return
+            entries, watched = [], {}
+            for slot, pid in mine:
+                if (slot, pid) in self.suspects or (slot, pid) in self.left:
+                    continue
+                w = _watched(reporter, slot, pid)
+                if w is not None:
+                    entries.append((slot, pid, w.start_time))
+                    watched[(slot, pid)] = w
+            r = table.death_step(generation, entries, CONFIRM_POLL if self.suspects else None,
+                                 watch.priority)
+            if r[0] == "dead":
+                _kind, slot, pid, fired_ns, zeroed_ns, fd = r
+                watch.fired += 1
+                w = watched[(slot, pid)]
+                w.death = (fired_ns, zeroed_ns)
+                watch.completer.put(w, fd)     # the status, once the teardown is over
+                self.ended_pid = pid
+                return
+            if r[0] == "fired":
+                _kind, slot, pid, fired_ns = r
+                self.suspects[(slot, pid)] = fired_ns
+                watch.fired += 1
+                if self._check_suspects():
+                    return
 
     @staticmethod
     def _set_waiters(table, slot):

@@ -1100,6 +1100,30 @@ class Table:
         return _hot.HotStep(sock_fd, self.address, self._pending_address(), _abi.PENDING_ENDS,
                             self.service_lock)
 
+    @property
+    def native_death_step(self):
+        """Whether death_step() runs in C (procwatch._hotstep loaded)."""
+        return _hot is not None
+
+    def death_step(self, generation, entries, timeout=None, priority=0):
+        """One death-word wait of the C step (see _hotstep.c, "The death step"); needs native_death_step.
+
+        ``entries``: [(slot, pid, start_time)] to wait on, built from the
+        header's ``generation``.  Returns ``("dead", slot, pid, fired_ns,
+        zeroed_ns, pidfd)`` when it ended a slot the way clear_pid(pend=True)
+        does (the pending-ends note is kept here, as clear_pid() keeps it),
+        ``("fired", slot, pid, fired_ns)`` for a fired word it left to the
+        caller to confirm, ``("moved",)`` or ``("timeout",)``.
+        """
+        r = _hot.death_step(self.address, self._pending_address(), _abi.PENDING_ENDS, self.service_lock,
+                            generation, entries, timeout, priority)
+        if r[0] == "dead":
+            kind, slot, pid, fired_ns, zeroed_ns, fd, k = r
+            if k >= 0:
+                self.adopt_pending(slot, pid, k)
+            return kind, slot, pid, fired_ns, zeroed_ns, fd
+        return r
+
     def _pend(self, i, pid):
         """Note a pending end in a free entry (hold service_lock).  A full list only loses the note."""
         base = _abi.H_PENDING_ENDS >> 3

@@ -28,7 +28,7 @@ def add_parser(sub):
                "signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n"
                "  SIGHUP           reload the configuration file; a bad file is refused and\n"
                "                   logged, and the old settings stay (key, slots, backend,\n"
-               "                   rcvbuf and group need a restart)\n\n"
+               "                   rcvbuf, group and death_word_priority need a restart)\n\n"
                "example:\n  sudo procwatch serve --config /etc/procwatch/procwatch.toml --slots 4096")
     # Defaults of None: "not given", so the file's value applies (config.merge).
     s.add_argument("--config", metavar="FILE",
@@ -64,6 +64,11 @@ def add_parser(sub):
                    help="where events go (default %(default)s: journald if reachable)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help="least severe events to log (default info)")
+    s.add_argument("--death-word-priority", type=_argtypes.positive_int(0, 99), metavar="N",
+                   help="SCHED_FIFO priority the death-word waiters wait at, from their sleep to "
+                        "the peers' wake (tens of µs a death), so that a dying process tearing "
+                        "its memory down cannot hold them back (default 1; 0: normal priority; "
+                        "needs CAP_SYS_NICE or LimitRTPRIO=N, else the start-up line says so)")
     s.set_defaults(run=run)
 
     c = sub.add_parser(

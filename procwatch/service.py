@@ -209,11 +209,12 @@ class Service:
                                         starved=_abi.HangAction[hang.starved.upper()], relayed=True)
         self.checker.start()
         emit(Event.STARTED, "procwatch %s table key %#010x (%d slots, %d registered, %d found dead) "
-             "with the %s backend (%s), %s; %s", "adopted" if adopted else "created", self.key,
+             "with the %s backend (%s), %s; %s%s", "adopted" if adopted else "created", self.key,
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
              self.backend_reason, _native.describe(), self.death_watch.reason,
+             f" ({self.death_watch.priority_text})" if self.death_watch.priority_text else "",
              KEY=f"{self.key:#010x}", BACKEND=self.backend_name, HOT_STEP="c" if _native.AVAILABLE else "python",
-             DEATH_WORDS=self.death_watch.state.name.lower())
+             DEATH_WORDS=self.death_watch.state.name.lower(), DEATH_WORD_PRIORITY=self.death_watch.priority)
         wd = watchdog_interval()
         if wd is not None and wd < self.heartbeat_period:
             log.warning("WatchdogSec= is %g s but WATCHDOG=1 goes every %g s: set WatchdogSec=%g or more",
@@ -223,10 +224,12 @@ class Service:
     def _start_death_watch(self):
         """Wait on the armed slots' death words where the kernel allows it (issue 14)."""
         from .deathwatch import DeathWatch
-        self.death_watch = DeathWatch(self.reporter, self._queue.put)
+        self.death_watch = DeathWatch(self.reporter, self._queue.put, self.config.death_word_priority)
         self.table.set_death_watch(self.death_watch.state)
         if not self.death_watch.enabled:
             log.warning("%s", self.death_watch.reason)      # said once; status says it too
+        elif self.death_watch.priority < self.config.death_word_priority:
+            log.warning("%s", self.death_watch.priority_text)
         self.death_watch.ensure()
 
     def _watch_registrations(self):

@@ -28,6 +28,15 @@ pytestmark = [require_root(),
 MIB = 512
 
 
+@pytest.fixture(params=["c", "python"])
+def step(request):
+    """service() keywords for each death step: C (procwatch._hotstep) and the Python fallback."""
+    if request.param == "c":
+        pytest.importorskip("procwatch._hotstep")
+        return {}
+    return {"env": dict(os.environ, PROCWATCH_NO_NATIVE="1")}
+
+
 @pytest.fixture
 def armed(key):
     """Factory: start tests/progs/armed.py; returns (Popen, slot, pid, sentinel tid)."""
@@ -84,8 +93,8 @@ def _exit_event(svc, name, **match):
     ("exit", {"exit_code": 3}, 3 << 8),
     ("segv", {"signal": "SIGSEGV"}, signal.SIGSEGV),
 ])
-def test_an_armed_death_is_reported_from_the_death_word(key, service, armed, how, match, status):
-    svc = service()
+def test_an_armed_death_is_reported_from_the_death_word(key, service, step, armed, how, match, status):
+    svc = service(**step)
     p, slot, pid, tid = armed(f"dw-{how}", then="sleep" if how == "kill" else how)
     arm, word = _death_word(key, slot)
     assert arm == abi.Arm.ARMED and word & abi.FUTEX_TID_MASK == tid
@@ -151,10 +160,10 @@ def test_the_c_peer_reads_the_death_word(key, compiled, tmp_path):
         table.detach()
 
 
-def test_a_main_thread_that_exits_is_not_a_death(key, service, compiled):
+def test_a_main_thread_that_exits_is_not_a_death(key, service, step, compiled):
     from procwatch import cheader
     exe = compiled("armed_leader_exits", "-I", cheader.include_dir())
-    svc = service()
+    svc = service(**step)
     p = subprocess.Popen([str(exe), "dw-leader", hex(key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         pid = int(_line(p).split()[1])
@@ -189,8 +198,8 @@ def _task_state(pid, tid):
         return None
 
 
-def test_an_exec_is_not_a_death(key, service, armed):
-    svc = service()
+def test_an_exec_is_not_a_death(key, service, step, armed):
+    svc = service(**step)
     p, slot, pid, _tid = armed("dw-exec", then="exec", mib=0)
     _watched(svc, key, slot)
     _tell(p)
@@ -220,8 +229,8 @@ def test_a_forked_child_does_not_inherit_the_arming(key, service, armed):
     assert _exit_event(svc, "dw-fork", signal="SIGKILL")["detected_by"] in ("death_word", "exit_event")
 
 
-def test_an_unregister_is_not_a_death(key, service, armed):
-    svc = service()
+def test_an_unregister_is_not_a_death(key, service, step, armed):
+    svc = service(**step)
     p, slot, pid, _tid = armed("dw-unreg", then="unregister", mib=0)
     _watched(svc, key, slot)
     # The death-word waiter and the watch list each wake on the registration's generation

@@ -453,3 +453,135 @@ def test_stale_claims_swept_only_by_the_periodic_reconcile(table):
     r.reconcile(sweep=True)
     assert t.get32(4, abi.S_STATE) == abi.State.EMPTY
     r.watch.close()
+
+
+# -- the death step: the death-word waiter's wait, confirm, zero and wake in C (issue 14) ----------
+
+def _armed(key, then="sleep", mib=0):
+    """tests/progs/armed.py registered (and armed) in the table: (Popen, slot, pid)."""
+    p = subprocess.Popen([PY, str(ROOT / "tests" / "progs" / "armed.py"), "--key", hex(key),
+                          "--name", f"ds-{then}", "--mib", str(mib), "--then", then],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    line = p.stdout.readline().decode().split()
+    assert line[:1] == ["READY"], line
+    return p, int(line[1]), int(line[2])
+
+
+def _pidfds():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        except FileNotFoundError:
+            pass                                         # listdir's own descriptor
+    return n
+
+
+def _step_in_thread(t, entries, timeout=10.0, priority=0):
+    """Run t.death_step() in a thread; (thread, result list, thread's native id list)."""
+    out, tid = [], []
+
+    def run():
+        tid.append(threading.get_native_id())
+        out.append(t.death_step(t.generation, entries, timeout, priority))
+    th = threading.Thread(target=run)
+    th.start()
+    return th, out, tid
+
+
+def _sleeping_on(t, slot):
+    wait_until(lambda: t.death_word(slot) & abi.FUTEX_WAITERS, 10, "the step to set FUTEX_WAITERS")
+
+
+@pytest.mark.parametrize("how", ["kill", "exit"])
+def test_death_step_zeroes_a_dying_process_and_hands_back_its_pidfd(table, key, how):
+    """A real armed process dies: the step zeroes its PID word and wakes, before its exit is final."""
+    p, slot, pid = _armed(key, then="sleep" if how == "kill" else "exit", mib=256)
+    try:
+        before = _pidfds()
+        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))])
+        _sleeping_on(table, slot)
+        waiter = threading.Thread(target=lambda: hot.wait(table.pid_address(slot), pid, 10.0))
+        waiter.start()                                   # a peer asleep on the PID word
+        if how == "kill":
+            p.kill()
+        else:
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        th.join(10)
+        waiter.join(10)
+        assert not waiter.is_alive()                     # woken
+        kind, s, dead_pid, fired_ns, zeroed_ns, fd = out[0]
+        assert (kind, s, dead_pid) == ("dead", slot, pid) and 0 < fired_ns <= zeroed_ns
+        assert table.pid(slot) == 0
+        assert _pidfds() == before + 1 and os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        assert p.wait(10) == (-signal.SIGKILL if how == "kill" else 3)
+        assert procwatch.procfs.pidfd_exited(fd)         # a pidfd of that very process
+        os.close(fd)
+        assert _pidfds() == before                       # nothing else left open
+        table.end_logged(slot, pid)                      # its pending-ends note was kept
+        assert not any(table.u64[(abi.H_PENDING_ENDS >> 3) + k] for k in range(abi.PENDING_ENDS))
+    finally:
+        end_process(p)
+
+
+def test_death_step_leaves_an_exec_to_python(table, key):
+    """execve(2) fires the word while the process lives on: 'fired', never an end."""
+    p, slot, pid = _armed(key, then="exec")
+    try:
+        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))])
+        _sleeping_on(table, slot)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        th.join(10)
+        assert out[0][:3] == ("fired", slot, pid) and table.pid(slot) == pid
+        wait_until(lambda: open(f"/proc/{pid}/comm").read() == "sleep\n", 10, "the exec")
+    finally:
+        end_process(p)
+
+
+def test_death_step_never_ends_a_live_process_whose_word_is_junk(table, key):
+    """OWNER_DIED written by hand into the word of a live process, or a start time that is not its own."""
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        _claim(table, 3, victim.pid, b"ds-junk")
+        table.set32(3, abi.S_DEATH_ARM, abi.Arm.ARMED)
+        table.set32(3, abi.S_DEATH_MUTEX, abi.FUTEX_OWNER_DIED | victim.pid)
+        start = table.start_time(3)
+        for entry in ((3, victim.pid, start), (3, victim.pid, start + 1)):
+            assert table.death_step(table.generation, [entry], 5.0)[:3] == ("fired", 3, victim.pid)
+            assert table.pid(3) == victim.pid and victim.poll() is None
+    finally:
+        end_process(victim)
+
+
+def test_death_step_returns_when_the_generation_moves_or_time_is_up(table):
+    assert table.death_step(table.generation, [], 0.01) == ("timeout",)
+    th, out, _ = _step_in_thread(table, [])
+    time.sleep(0.05)
+    table.bump_generation()
+    th.join(5)
+    assert out == [("moved",)]
+    assert table.death_step(table.generation - 1, [], 5.0) == ("moved",)      # moved already
+
+
+def test_death_step_waits_real_time_and_returns_at_normal_priority(table):
+    """SCHED_FIFO from the sleep to the wake; SCHED_OTHER again before Python runs."""
+    if hot.realtime_probe(1) != 0:
+        pytest.skip("SCHED_FIFO refused here")
+    th, out, tid = _step_in_thread(table, [], timeout=5.0, priority=1)
+    wait_until(lambda: tid and os.sched_getscheduler(tid[0]) == os.SCHED_FIFO, 5, "the step at SCHED_FIFO")
+    assert os.sched_getparam(tid[0]).sched_priority == 1
+    policy = []
+    table.bump_generation()
+    th.join(5)
+    assert out == [("moved",)]
+
+    def after():
+        table.death_step(table.generation, [], 0.0, 1)
+        policy.append(os.sched_getscheduler(0))
+    t2 = threading.Thread(target=after)
+    t2.start()
+    t2.join(5)
+    assert policy == [os.SCHED_OTHER]
