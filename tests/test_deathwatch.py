@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -105,3 +106,36 @@ def test_without_futex_waitv_armed_slots_are_connector_only(key, service, compil
     log = svc.log()
     assert "Traceback" not in log and "death-word waiter" not in log, log[-3000:]
     assert svc.stop() == 0
+
+
+def _fifo_threads(pid):
+    """TIDs of ``pid``'s threads running SCHED_FIFO now, with their priorities."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if os.sched_getscheduler(int(tid)) == os.SCHED_FIFO:
+                out[int(tid)] = os.sched_getparam(int(tid)).sched_priority
+        except ProcessLookupError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("priority", [None, "0", "3"])
+def test_waiters_wait_at_the_real_time_priority_asked_for(key, service, priority):
+    """Default SCHED_FIFO 1 for the sleeping waiter only; 0 keeps every thread normal."""
+    pytest.importorskip("procwatch._hotstep")
+    from procwatch import native
+    if native.hot.realtime_probe(3) != 0:
+        pytest.skip("SCHED_FIFO refused here")
+    svc = service(*(("--death-word-priority", priority) if priority else ()))
+    started = svc.wait_event("started")
+    want = 1 if priority is None else int(priority)
+    assert started["death_word_priority"] == str(want), started["message"]
+    if want:
+        assert f"SCHED_FIFO priority {want}" in started["message"]
+        wait_until(lambda: list(_fifo_threads(svc.proc.pid).values()) == [want], 10,
+                   "one waiter asleep at SCHED_FIFO", detail=lambda: _fifo_threads(svc.proc.pid))
+    else:
+        assert "normal priority (death_word_priority = 0)" in started["message"]
+        time.sleep(0.3)
+        assert _fifo_threads(svc.proc.pid) == {}
