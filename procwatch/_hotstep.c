@@ -1339,6 +1339,7 @@ static PyTypeObject PeerWordType = {
 #define STATE_HUNG 5
 #define PW_STEP_FUTEX2_U32 0x02     /* FUTEX2_SIZE_U32; shared: no FUTEX2_PRIVATE */
 #define DEATH_ENTRIES 127        /* futex_waitv's 128 words, one of them the generation */
+#define RESTLESS_TURNS 64        /* turns without a sleep before a step gives its priority up */
 
 #ifndef SYS_futex_waitv
 #define SYS_futex_waitv 449
@@ -1594,12 +1595,17 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
     uintptr_t gen = (uintptr_t)table + H_GENERATION;
     struct step_waitv w[DEATH_ENTRIES + 1];
     int idx[DEATH_ENTRIES + 1];
-    int kind = DS_MOVED, err = 0, fd = -1, pend = -1, which = -1;
+    int kind = DS_MOVED, err = 0, fd = -1, pend = -1, which = -1, turns = 0;
     uint64_t fired = 0, zeroed = 0;
     Py_BEGIN_ALLOW_THREADS
     if (priority > 0)
         set_fifo(priority);                 /* refused: the caller probed; waits at its own */
-    for (;;) {
+    for (;; turns++) {
+        /* Any group member can write a death word: one that keeps it moving (each turn finds
+         * it changed, so futex_waitv never sleeps) must not get a real-time thread spinning.
+         * Past RESTLESS_TURNS the step goes on at normal priority. */
+        if (turns == RESTLESS_TURNS && priority > 0)
+            set_fifo(0);
         if (load32(gen) != generation) {
             kind = DS_MOVED;
             break;

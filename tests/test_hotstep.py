@@ -585,3 +585,37 @@ def test_death_step_waits_real_time_and_returns_at_normal_priority(table):
     t2.start()
     t2.join(5)
     assert policy == [os.SCHED_OTHER]
+
+
+def test_death_step_gives_up_real_time_when_a_word_keeps_moving(table):
+    """A group member that rewrites and wakes a death word in a loop never gets a real-time spinner."""
+    if hot.realtime_probe(1) != 0:
+        pytest.skip("SCHED_FIFO refused here")
+    victim = subprocess.Popen(["sleep", "60"])
+    stop = threading.Event()
+    try:
+        _claim(table, 5, victim.pid, b"ds-restless")
+        table.set32(5, abi.S_DEATH_ARM, abi.Arm.ARMED)
+        table.set32(5, abi.S_DEATH_MUTEX, victim.pid)
+        address = table.death_mutex_address(5)
+
+        def hostile():
+            n = 0
+            while not stop.is_set():
+                n += 1
+                table.set32(5, abi.S_DEATH_MUTEX, victim.pid + (n & 1))     # never OWNER_DIED
+                hot.wake(address)
+        th, out, tid = _step_in_thread(table, [(5, victim.pid, table.start_time(5))], timeout=10.0, priority=1)
+        wait_until(lambda: tid and os.sched_getscheduler(tid[0]) == os.SCHED_FIFO, 5, "the step at SCHED_FIFO")
+        writer = threading.Thread(target=hostile)
+        writer.start()
+        wait_until(lambda: os.sched_getscheduler(tid[0]) == os.SCHED_OTHER, 5, "the step back at SCHED_OTHER")
+        assert th.is_alive() and not out                 # still in the step: it only gave its priority up
+        stop.set()
+        writer.join(5)
+        table.bump_generation()
+        th.join(5)
+        assert out == [("moved",)] and table.pid(5) == victim.pid
+    finally:
+        stop.set()
+        end_process(victim)
