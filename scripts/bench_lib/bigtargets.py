@@ -9,6 +9,9 @@ on all of them alike:
 
 * armed Python   a Python client (register_pid arms the death word)
 * armed C        a C client (procwatch.h, -pthread)
+* armed C, real-time peer  the same, seen by a peer at SCHED_FIFO 1: what is left of the
+                 armed rows' tail once the peer itself is not queued behind the
+                 dying process's teardown on its CPU (left out where SCHED_FIFO is refused)
 * procwatch run  a plain C program under 'procwatch run' (the preload library arms it)
 * unarmed slot   a C client built with -DPROCWATCH_NO_DEATH_WORD (connector-only)
 * bare connector cnlisten, a C proc-connector listener: the exit event itself
@@ -34,7 +37,8 @@ from . import report as _report
 
 ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 INCLUDE = _os.path.join(ROOT, "procwatch", "include")
-ROWS = (("py", "armed Python client"), ("c", "armed C client"), ("run", "procwatch run target"),
+ROWS = (("py", "armed Python client"), ("c", "armed C client"), ("c-rt", "armed C client, real-time peer"),
+        ("run", "procwatch run target"),
         ("unarmed", "unarmed slot (connector-only)"), ("cn", "bare connector listener (C)"),
         ("pidfd", "pidfd + poll"))
 PY_TARGET = ("import mmap, sys, time, procwatch\n"
@@ -86,6 +90,13 @@ class _Bench:
         self.waiter = self._spawn([self.pwwait, hex(self.svc.key)], stdin=True)
         if not _line(self.waiter).startswith("ready"):
             raise _procs.HelperDied("pwwait did not start")
+        try:
+            self.rt_waiter = self._spawn([self.pwwait, hex(self.svc.key)], stdin=True, realtime=True)
+        except _subprocess.SubprocessError:             # SCHED_FIFO refused: the row is left out
+            self.rt_waiter = None
+        if self.rt_waiter is not None and not _line(self.rt_waiter).startswith("ready"):
+            raise _procs.HelperDied("pwwait (SCHED_FIFO) did not start")
+        self.rows = [(k, label) for k, label in ROWS if k != "c-rt" or self.rt_waiter is not None]
         self.cn = self._spawn([self.cnlisten, "--parent", str(_os.getpid()), "--rcvbuf", str(8 << 20)])
         if not _line(self.cn).startswith("ready"):
             raise _procs.HelperDied("cnlisten did not start")
@@ -93,7 +104,9 @@ class _Bench:
         return self
 
     def __exit__(self, *exc):
-        for p in (self.waiter, self.cn):
+        for p in (self.waiter, self.rt_waiter, self.cn):
+            if p is None:
+                continue
             if p.poll() is None:
                 p.kill()
             p.wait(5)
@@ -101,9 +114,11 @@ class _Bench:
         self.table.detach()
         self.svc.stop()
 
-    def _spawn(self, argv, stdin=False):
+    def _spawn(self, argv, stdin=False, realtime=False):
+        rt = (lambda: _os.sched_setscheduler(0, _os.SCHED_FIFO, _os.sched_param(1))) if realtime else None
         p = _subprocess.Popen(argv, stdin=_subprocess.PIPE if stdin else _subprocess.DEVNULL,
-                              stdout=_subprocess.PIPE, cwd=ROOT, env=dict(_os.environ, PYTHONPATH=ROOT))
+                              stdout=_subprocess.PIPE, cwd=ROOT, env=dict(_os.environ, PYTHONPATH=ROOT),
+                              preexec_fn=rt)
         _procs._track(p.pid, argv[0])
         return p
 
@@ -112,7 +127,7 @@ class _Bench:
         name = f"big-{row}-{self.serial}"
         key = hex(self.svc.key)
         argv = {"py": [_sys.executable, "-c", PY_TARGET, str(mib), name, key],
-                "c": [self.armed, str(mib), name, key],
+                "c": [self.armed, str(mib), name, key], "c-rt": [self.armed, str(mib), name, key],
                 "run": [_sys.executable, "-m", "procwatch", "run", "--key", key, "--name", name, "--",
                         self.armed, str(mib)],
                 "unarmed": [self.unarmed, str(mib), name, key],
@@ -135,7 +150,7 @@ class _Bench:
         try:
             end = _time.monotonic() + TIMEOUT_S
             slot = None
-            if row in ("py", "c", "run", "unarmed"):
+            if row in ("py", "c", "c-rt", "run", "unarmed"):
                 slot = self._slot(name).index
                 armed = row != "unarmed"
                 while armed and not (self.table.death_arm(slot) == abi.Arm.ARMED
@@ -144,11 +159,12 @@ class _Bench:
                         raise _procs.HelperDied(f"{name}: the service never waited on its death word")
                     _time.sleep(0.005)
             _time.sleep(SETTLE_S)
+            waiter = self.rt_waiter if row == "c-rt" else self.waiter
             if slot is not None:
-                self.waiter.stdin.write(f"watch {p.pid} {self.table.pid_address(slot) - self.table.address}\n"
-                                        .encode())
-                self.waiter.stdin.flush()
-                if _line(self.waiter) != f"ok {p.pid}":
+                waiter.stdin.write(f"watch {p.pid} {self.table.pid_address(slot) - self.table.address}\n"
+                                   .encode())
+                waiter.stdin.flush()
+                if _line(waiter) != f"ok {p.pid}":
                     raise _procs.HelperDied(f"pwwait does not see {name}")
             fd = _os.pidfd_open(p.pid) if row == "pidfd" else None
             t0 = _time.monotonic_ns()
@@ -166,7 +182,7 @@ class _Bench:
                         t1 = int(words[3])
                         break
             else:
-                words = _line(self.waiter).split()
+                words = _line(waiter).split()
                 if words[:2] != ["exit", str(p.pid)]:
                     raise _procs.HelperDied(f"pwwait said {words}")
                 t1 = int(words[2])
@@ -191,7 +207,7 @@ def section(ctx):
     fit, left_out, avail = sizes([int(s) for s in args.big_sizes.split(",") if s.strip()])
     load0 = open("/proc/loadavg").read().split()[:3]
     rows = []
-    notes = [f"{args.big_kills} kills per row and size, the six rows taking turns for each kill; "
+    notes = [f"{args.big_kills} kills per row and size, the rows taking turns for each kill; "
              "t0 right before kill(SIGKILL), t1 taken by the peer (pwwait, cnlisten) or, for pidfd+poll, "
              "by the bench process when poll(2) returns",
              "death word: how many of the row's ends the service zeroed from the death word (the rest "
@@ -203,24 +219,28 @@ def section(ctx):
         return {"id": "big_targets", "title": "big targets: kill -> peer woken (µs)", "columns": [],
                 "rows": [], "notes": notes + ["no size fits: not measured"]}
     with _Bench(ctx, args.out) as b:
+        notes.append("armed C client, real-time peer: the armed C row's target seen by a second pwwait at "
+                     "SCHED_FIFO 1; every other peer runs at normal priority, and one that the scheduler puts "
+                     "on the dying process's CPU waits behind its teardown there" if b.rt_waiter is not None
+                     else "armed C client, real-time peer: left out (SCHED_FIFO refused here)")
         for mib in fit:
-            samples = {k: [] for k, _ in ROWS}
-            hows = {k: [] for k, _ in ROWS}
+            samples = {k: [] for k, _ in b.rows}
+            hows = {k: [] for k, _ in b.rows}
             print(f"bench: big targets {mib} MiB: {args.big_kills} kills per row", file=_sys.stderr)
             for _ in range(args.big_kills):
-                for key, _label in ROWS:
+                for key, _label in b.rows:
                     ns, how = b.kill_once(key, mib)
                     samples[key].append(ns)
                     hows[key].append(how)
             base = None
-            for key, label in ROWS:
+            for key, label in b.rows:
                 s = _report.summarize_ns(samples[key])
                 if key == "pidfd":
                     base = s["p50_us"]
                 dw = sum(1 for h in hows[key] if h == "death_word")
                 rows.append({"observer": label, "key": key, "mib": mib, **s,
                              "death_word": f"{dw}/{len(hows[key])}" if hows[key][0] is not None else "-"})
-            for r in rows[-len(ROWS):]:
+            for r in rows[-len(b.rows):]:
                 r["p50_vs_pidfd"] = f"{r['p50_us'] / base:.3f}" if base and r["p50_us"] else None
                 print(f"bench: {r['key']:>8} {mib:>5} MiB p50 {r['p50_us']} µs p99 {r['p99_us']} µs "
                       f"death word {r['death_word']}", file=_sys.stderr)
