@@ -123,7 +123,9 @@ class Watchlist:
         self._changes = None
         self._fdless = set()        # entries without a pidfd (gone at adoption)
         self._by_slot = {}          # slot -> Watched (C path)
-        self._shared_names = set()  # frozensets of (slot, pid) already reported as one name
+        self._shared_names = {}     # name -> frozenset of its (slot, pid)s, reported as held twice
+        self._by_name = {}          # name -> [Watched]: _check_names looks up the names that changed
+        self._adopted = None        # entries adopted since take_adopted() (None: nobody asked yet)
 
     def entries(self):
         return [w for ws in self.by_pid.values() for w in ws]
@@ -182,13 +184,29 @@ class Watchlist:
                 fresh.append(w)
                 by_pid[pid] = by_pid.get(pid, ()) + (w,)
                 by_slot[slot] = w
+                self._by_name.setdefault(w.name, []).append(w)
                 self._watch(w)
             self.by_pid = by_pid
             self.generation = generation
             self.hot.synced_generation = generation
+            if fresh and self._adopted is not None:
+                self._adopted += fresh
             if (fresh or dropped) and self.on_change:
                 self.on_change()
         self._log_changes(fresh, dropped)
+
+    def take_adopted(self):
+        """The entries adopted since the last call, for a consumer that looks at each new
+        registration once (Operations.apply_rules: issue 16, a walk of every watched entry
+        per registration was milliseconds with thousands live).  The first call returns every
+        entry and starts the record; an entry dropped since may be among them (check .pidfd
+        or the slot)."""
+        with self.lock:
+            if self._adopted is None:
+                self._adopted = []
+                return self.entries()
+            out, self._adopted = self._adopted, []
+            return out
 
     def _watch(self, w):
         if w.pidfd is None:
@@ -203,6 +221,11 @@ class Watchlist:
             by_pid[w.pid] = rest
         else:
             by_pid.pop(w.pid, None)
+        same = self._by_name.get(w.name)
+        if same is not None and w in same:
+            same.remove(w)
+            if not same:
+                del self._by_name[w.name]
         if self.hot is not None:
             self.hot.remove(w.slot, w.pid)
             self._fdless.discard(w)
@@ -248,7 +271,14 @@ class Watchlist:
             for w in old.values():          # unregistered, or ended by us
                 _close(w)
             self.by_pid = {pid: tuple(ws) for pid, ws in new.items()}
+            by_name = {}
+            for ws in new.values():
+                for w in ws:
+                    by_name.setdefault(w.name, []).append(w)
+            self._by_name = by_name
             self.generation = generation
+            if fresh and self._adopted is not None:
+                self._adopted += fresh
             if (fresh or old) and self.on_change:
                 self.on_change()
         self._log_changes(fresh, list(old.values()))
@@ -273,23 +303,28 @@ class Watchlist:
                 emit(Event.UNREGISTERED, "%s (pid %d) unregistered", w.name, w.pid,
                      NAME=w.name, PID=w.pid, SLOT=w.slot)
         if fresh or dropped or self._shared_names:
-            self._check_names()
+            self._check_names(fresh + dropped)
 
-    def _check_names(self):
+    def _check_names(self, changed):
         """Two live slots with one name: say so once per pair (issue 13).
 
         No honest registration makes it (a name has one slot), so a group
         member wrote one of them by hand.  Peers and ``procwatch wait`` refuse
         the name (NameAmbiguous); the service cannot tell which is real and
         clears neither: both are watched, and each end is reported.
+
+        Only the names of ``changed`` entries and the names already held twice are looked
+        up, in the name index sync keeps, not every watched entry (issue 16: a walk of them
+        all per registration was milliseconds with thousands live).
         """
-        by_name = {}
-        for w in self.entries():
-            by_name.setdefault(w.name, []).append(w)
-        shared = {frozenset((w.slot, w.pid) for w in ws): (name, ws)
-                  for name, ws in by_name.items() if len(ws) > 1}
-        for ident, (name, ws) in shared.items():
-            if ident in self._shared_names:
+        shared = self._shared_names
+        for name in {w.name for w in changed}.union(shared):
+            ws = list(self._by_name.get(name, ()))
+            before = shared.pop(name, None)
+            if len(ws) < 2:
+                continue
+            ident = shared[name] = frozenset((w.slot, w.pid) for w in ws)
+            if ident == before:
                 continue
             held = ", ".join(f"slot {w.slot}: pid {w.pid}" for w in sorted(ws, key=lambda w: w.slot))
             if self.reporter.stats is not None:
@@ -298,7 +333,6 @@ class Watchlist:
                  "registered; peers and procwatch wait refuse the name until only one is left",
                  name, len(ws), held, NAME=name, SLOT=ws[0].slot, PROBLEM="name held twice",
                  level=_logging.ERROR)
-        self._shared_names = set(shared)
 
     def _adopt(self, slot, pid, start):
         """A Watched for a newly seen PID word, or None if the slot is corrupt."""

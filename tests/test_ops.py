@@ -667,3 +667,47 @@ def test_a_real_core_dump_is_reported_with_core_dumped_1(key, service, tmp_path)
     assert (env["PROCWATCH_SIGNAL"], env["PROCWATCH_CORE_DUMPED"], env["PROCWATCH_PID"]) == \
         ("SIGABRT", "1", str(p.pid))
     reg.unregister()
+
+
+def test_rules_look_only_at_registrations_new_since_their_last_look(key, monkeypatch):
+    """apply_rules() after a registration looks at that registration alone, not at every watched
+    entry (issue 16: milliseconds per registration with thousands live): with the others hidden
+    from it, the new slot still gets its rule's heartbeat.  A reload still looks at every one."""
+    from procwatch import config
+    from procwatch.ops import Operations
+    from procwatch.stats import Stats
+    from procwatch.watch import Reporter
+    rule = '[[rule]]\nname = "hb-*"\nheartbeat = {}\n'
+    t, _ = Table.create_or_adopt(key, 64)
+    r = Reporter(t, Stats())
+    targets, regs = [], []
+
+    def register(name):
+        targets.append(subprocess.Popen(["sleep", "600"]))
+        regs.append(procwatch.register_pid(name, pid=targets[-1].pid, key=key, arm=False))
+        return regs[-1]
+    try:
+        ops = Operations(config.parse(rule.format(2.5)), r.stats, key=key, table=lambda: t)
+        for i in range(10):
+            register(f"hb-{i}")
+        r.watch.sync()
+        ops.apply_rules(r.watch)                    # the first look: every entry
+        assert [t.heartbeat_ms(w.slot) for w in r.watch.entries()] == [2500] * 10
+        new = register("hb-new")
+        r.watch.sync()
+        with monkeypatch.context() as m:
+            m.setattr(r.watch, "entries", lambda: pytest.fail("apply_rules() walked every watched entry"))
+            ops.apply_rules(r.watch)
+        assert t.heartbeat_ms(new.slot) == 2500
+        ops.apply_rules(r.watch)                    # nothing new: nothing written
+        ops.config = config.parse(rule.format(4))
+        ops.apply_rules(r.watch, force=True)        # a reload: every slot at our value takes the new one
+        assert [t.heartbeat_ms(w.slot) for w in r.watch.entries()] == [4000] * 11
+    finally:
+        r.watch.close()
+        for reg in regs:
+            reg.table.detach()
+        t.remove()
+        for p in targets:
+            p.kill()
+            p.wait()

@@ -10,6 +10,8 @@ import os
 import select
 import subprocess
 
+import pytest
+
 from conftest import read_slot, require_root, start_time, wait_until
 from procwatch import abi, watch
 from procwatch.segment import Table
@@ -82,3 +84,40 @@ def test_a_detector_that_never_catches_up_does_not_hold_a_death_forever(key, mon
         if reporter is not None:
             reporter.watch.close()
         table.remove()
+
+
+def test_a_name_held_twice_is_told_once_and_again_after_it_was_single(key, monkeypatch):
+    """Two live slots with one name (one written by hand) are told once, not at every later
+    registration; once one of them ended, the name written twice again is told again.  A
+    registration looks up its own name only, never every watched entry (issue 16)."""
+    table, _ = Table.create_or_adopt(key, 8)
+    kids = [subprocess.Popen(["sleep", "60"]) for _ in range(4)]
+    reporter = watch.Reporter(table, Stats())
+    stats = reporter.stats
+
+    def plant(i, kid, name):
+        with table.lock():
+            table.claim(i)
+            table.publish(i, kid.pid, start_time(kid.pid), name)
+        reporter.watch.sync()
+    try:
+        plant(0, kids[0], b"twin")
+        plant(1, kids[1], b"twin")
+        assert stats.corrupt == 1
+        with monkeypatch.context() as m:
+            m.setattr(reporter.watch, "entries", lambda: pytest.fail("a sync walked every watched entry"))
+            plant(2, kids[2], b"other")
+        assert stats.corrupt == 1                   # told once
+        w = reporter.watch.lookup(1, kids[1].pid)
+        assert table.clear_pid(1, w.pid)            # one twin ends
+        reporter.watch.forget(w)
+        plant(3, kids[3], b"other-2")
+        assert stats.corrupt == 1
+        plant(1, kids[1], b"twin")                  # written twice again
+        assert stats.corrupt == 2
+    finally:
+        reporter.watch.close()
+        table.remove()
+        for k in kids:
+            k.kill()
+            k.wait()

@@ -255,9 +255,12 @@ def latency_sections(ctx, rows):
                   "when its receive buffer overflows (ENOBUFS)",
                   "observer CPU µs/event: the observer's utime+stime after start-up over the events it received "
                   "(for connector listeners: every exit of the storm, each an unrelated exit)",
-                  "observer CPU µs/kill: the same CPU over the kills; for procwatch each kill is one register_pid() "
-                  "+ kill cycle (the registration, its sync and log line, the exit, its record, log line and "
-                  "respawn), plus the unrelated exits of the machine meanwhile",
+                  "observer CPU µs/kill: the same CPU (utime+stime of the whole process, every thread, ended "
+                  "ones included, from READY to the row's last kill) over the kills; for procwatch (the service "
+                  "process) each kill is one register_pid() + kill cycle (the registration, its sync and log "
+                  "line, the exit, its record, log line and respawn), plus the service's idle CPU between "
+                  "kills and the unrelated exits of the machine meanwhile; /proc/PID/stat counts in clock "
+                  "ticks, so each round's figure is good to one tick (10 ms at 100 Hz) over its kills",
                   f"random: {ctx.args.random_kills} kills per row, each {RANDOM_DELAY[0] * 1000:g}-"
                   f"{RANDOM_DELAY[1] * 1000:g} ms (uniform) after the peer sleeps, so the kill falls at a random "
                   "moment of the observer's life; relay-py is the relay with a Python futex waiter, the baseline "

@@ -761,7 +761,8 @@ def summary(ctx, rows, cap, peer, foot, idle=None):
         r, cn = _row(rows, "pw-futex", cond), _row(rows, "cn", cond)
         if r and r.get("cpu_us_per_kill") is not None:
             add("cpu_per_cycle", r["cpu_us_per_kill"],
-                f"pw-futex, {cond}" + (f"; bare listener {cn['cpu_us_per_event']} µs/event" if cn else ""))
+                f"pw-futex, {cond}: service utime+stime over {r['kills']} register + kill cycles"
+                + (f"; bare listener {cn['cpu_us_per_event']} µs/event" if cn else ""))
     if idle:
         for r in idle["rows"]:
             add("idle_cpu", r["cpu_ms_s"], f"{r['slots']} slots, {r['live']} live; {r['wakeups_s']} wake-ups/s")
