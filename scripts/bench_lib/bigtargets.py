@@ -64,6 +64,13 @@ def sizes(wanted):
 
 
 def _line(p, timeout=TIMEOUT_S):
+    """One line of ``p`` (spawned unbuffered), or HelperDied after ``timeout``.
+
+    select() sees only the pipe: a buffered reader could hold the next line
+    already (cnlisten writes every exit of the machine, often two at once),
+    and the select would then wait for a line that was read -- _spawn opens
+    the pipe with bufsize=0, so readline() never takes more than one line.
+    """
     r, _, _ = _select.select([p.stdout], [], [], timeout)
     if not r:
         raise _procs.HelperDied(f"no output from pid {p.pid} within {timeout:g} s")
@@ -117,8 +124,8 @@ class _Bench:
     def _spawn(self, argv, stdin=False, realtime=False):
         rt = (lambda: _os.sched_setscheduler(0, _os.SCHED_FIFO, _os.sched_param(1))) if realtime else None
         p = _subprocess.Popen(argv, stdin=_subprocess.PIPE if stdin else _subprocess.DEVNULL,
-                              stdout=_subprocess.PIPE, cwd=ROOT, env=dict(_os.environ, PYTHONPATH=ROOT),
-                              preexec_fn=rt)
+                              stdout=_subprocess.PIPE, bufsize=0, cwd=ROOT,
+                              env=dict(_os.environ, PYTHONPATH=ROOT), preexec_fn=rt)
         _procs._track(p.pid, argv[0])
         return p
 
