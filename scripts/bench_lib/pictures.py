@@ -4,7 +4,10 @@ One PNG per condition (idle, random, storm): the distribution (CDF) of
 kill -> observer woken for every observer of that condition, on a log time
 axis that runs from the fastest sample to the slowest, so no part of the
 wait is cut off; kills an observer never reported end its curve below 1.
-Written beside BENCHMARKS.md and linked from it.
+And one of the big targets (issue 14): kill -> woken against the memory the
+target touched, p50 and p99 of each observer, where the death word's rows
+stay flat and the teardown's grow.  Written beside BENCHMARKS.md and linked
+from it.
 
 matplotlib is a bench-only extra (``pip install '.[bench]'``), never a
 dependency of the service; without it the pictures are skipped with a note.
@@ -56,6 +59,41 @@ def draw(result, rows, outdir):
         fig.savefig(_os.path.join(outdir, name), dpi=110)
         plt.close(fig)
         files.append((f"kill -> observer woken, {CONDITION_TITLES[cond]}", name))
+    big = draw_sizes(result, outdir, plt)
+    if big:
+        files.append(big)
     return {"files": files,
-            "note": "solid: procwatch rows; dashed: baselines. kill -> woken against target size needs the "
-                    "death word (issue 14), not in this build"}
+            "note": "CDFs: solid lines procwatch rows, dashed baselines. Big targets: solid p50, dotted p99 "
+                    "(of few kills: the p99 is the largest)"}
+
+
+def draw_sizes(result, outdir, plt):
+    """kill -> woken against target size (the big-target section), or None when it was not measured."""
+    section = next((s for s in result["sections"] if s.get("id") == "big_targets" and s.get("rows")), None)
+    if section is None:
+        return None
+    by_observer = {}
+    for r in section["rows"]:
+        by_observer.setdefault(r["observer"], []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for k, (observer, rs) in enumerate(by_observer.items()):
+        rs = sorted(rs, key=lambda r: r["mib"])
+        mibs = [r["mib"] for r in rs]
+        color = f"C{k}"
+        ax.plot(mibs, [r["p50_us"] for r in rs], "-o", color=color, linewidth=1.4, markersize=4,
+                label=f"{observer} (n={rs[0]['n']} a size)")
+        ax.plot(mibs, [r["p99_us"] for r in rs], ":", color=color, linewidth=1.0)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("memory the target touched (MiB, log scale)")
+    ax.set_ylabel("kill(SIGKILL) -> peer woken (µs, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    load = " ".join(result["machine"].get("loadavg_start") or [])
+    ax.set_title(f"big targets: the death word against the teardown (solid p50, dotted p99)\n"
+                 f"load average at start {load}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    name = "bench-big-targets.png"
+    fig.savefig(_os.path.join(outdir, name), dpi=110)
+    plt.close(fig)
+    return "kill -> peer woken against the memory the target touched (big targets)", name
