@@ -183,15 +183,9 @@ class DeathWaiter(DetectorThread):
     def _loop(self):
         if self.watch.table.native_death_step:
             return self._loop_native()
-        watch, table, reporter = self.watch, self.watch.table, self.reporter
+        watch, table = self.watch, self.watch.table
         gen_address = table.generation_address
-        monotonic = _time.monotonic
-        while not self.stop_requested and not watch.stopping:
-            self.alive_at = monotonic()
-            generation = table.generation
-            mine = watch.shard(self.shard)
-            if mine is None:
-                return
+        for generation, mine in self._turns():
             addresses, values, keys = [gen_address], [generation], [None]
             for slot, pid in mine:
                 if (slot, pid) in self.suspects or (slot, pid) in self.left:
@@ -204,11 +198,7 @@ class DeathWaiter(DetectorThread):
                 addresses.append(table.death_mutex_address(slot))
                 values.append(value)
                 keys.append((slot, pid))
-            live = set(mine)
-            for key in [k for k in self.suspects if k not in live]:
-                del self.suspects[key]
-            self.left &= live
-            if self.suspects and self._check_suspects():
+            if self._settle(mine):
                 return
             # Idle, it sleeps until a word or the generation moves (no timer: issue 16's idle
             # budget); stop() wakes it through the generation word.
@@ -230,18 +220,8 @@ class DeathWaiter(DetectorThread):
         (_check_suspects), whose rules are the full ones.
         """
         watch, table, reporter = self.watch, self.watch.table, self.reporter
-        monotonic = _time.monotonic
-        while not self.stop_requested and not watch.stopping:
-            self.alive_at = monotonic()
-            generation = table.generation
-            mine = watch.shard(self.shard)
-            if mine is None:
-                return
-            live = set(mine)
-            for key in [k for k in self.suspects if k not in live]:
-                del self.suspects[key]
-            self.left &= live
-            if self.suspects and self._check_suspects():
+        for generation, mine in self._turns():
+            if self._settle(mine):
                 return
             entries, watched = [], {}
             for slot, pid in mine:
@@ -267,6 +247,28 @@ class DeathWaiter(DetectorThread):
                 watch.fired += 1
                 if self._check_suspects():
                     return
+
+    def _turns(self):
+        """(generation, the shard's armed slots) for each turn, until stopped or the shard is empty."""
+        watch, monotonic = self.watch, _time.monotonic
+        while not self.stop_requested and not watch.stopping:
+            self.alive_at = monotonic()
+            generation = watch.table.generation
+            mine = watch.shard(self.shard)
+            if mine is None:
+                return
+            yield generation, mine
+
+    def _settle(self, mine):
+        """Forget suspects and reaped ones that left the shard ``mine``, then check the suspects.
+
+        True after a death was reported (the waiter ends).
+        """
+        live = set(mine)
+        for key in [k for k in self.suspects if k not in live]:
+            del self.suspects[key]
+        self.left &= live
+        return bool(self.suspects) and self._check_suspects()
 
     @staticmethod
     def _set_waiters(table, slot):
