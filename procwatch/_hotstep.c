@@ -137,6 +137,13 @@ static inline uintptr_t slot_at(uintptr_t base, unsigned int i)
     return base + HEADER_SIZE + (uintptr_t)i * SLOT_SIZE;
 }
 
+/* OWNER_DIED in the ARMED death word of the slot at s: abi.death_word_dead(), the one rule
+ * the peer's reads and the death step both apply. */
+static inline int death_fired_raw(uintptr_t s)
+{
+    return load32(s + S_DEATH_ARM) == ARM_ARMED && (load32(s + S_DEATH_MUTEX) & FUTEX_OWNER_DIED_BIT);
+}
+
 /* How far a pass over the slots must go (docs/ABI.md, "Register" step 3): the header's
  * used_end, clamped to the table, then on while the slots right after it are not EMPTY (a
  * client that does not keep used_end takes the first EMPTY slot, which is there).  Any
@@ -1193,8 +1200,7 @@ typedef struct {
  * slot's death fields are at fixed distances from it. */
 static inline uint32_t word_pid(PeerWord *p)
 {
-    if (load32(p->word + S_DEATH_ARM) == ARM_ARMED
-        && (load32(p->word + S_DEATH_MUTEX) & FUTEX_OWNER_DIED_BIT))
+    if (death_fired_raw(p->word - S_PID))
         return 0;
     return load32(p->word);
 }
@@ -1484,12 +1490,6 @@ static PyObject *py_realtime_probe(PyObject *self, PyObject *args)
     if (!err)
         set_fifo(0);
     return PyLong_FromLong(err);
-}
-
-/* OWNER_DIED in an ARMED slot's death word: abi.death_word_dead(). */
-static inline int death_fired_raw(uintptr_t s)
-{
-    return load32(s + S_DEATH_ARM) == ARM_ARMED && (load32(s + S_DEATH_MUTEX) & FUTEX_OWNER_DIED_BIT);
 }
 
 /* Set FUTEX_WAITERS in slot s's death word; the value to wait on, or -1 when it fired. */
