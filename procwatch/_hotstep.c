@@ -1359,6 +1359,9 @@ struct step_waitv { uint64_t val, uaddr; uint32_t flags, reserved; };
 typedef struct {
     uint32_t slot, pid;
     unsigned long long start;
+    uint32_t owner;             /* the death mutex's owner TID when last armed (0: not seen) */
+    int leader_fd, owner_fd;    /* their held stat files (StatFds), or -1 */
+    int pidfd;                  /* the held pidfd (StatFds), or -1 */
 } DeathEntry;
 
 /* Read a small /proc file; its length, or -1 with errno. */
@@ -1378,32 +1381,71 @@ static ssize_t read_small(const char *path, char *buf, size_t size)
     return r;
 }
 
-/* /proc/.../stat: the state letter (field 3), flags (field 9) and start time (field 22).
- * 0, or -1 with errno (ENOENT/ESRCH: gone). */
-static int read_stat(const char *path, char *state, unsigned long *flags, unsigned long long *start)
+/* What the death step reads of a /proc/.../stat line. */
+typedef struct {
+    char state;                 /* field 3 */
+    unsigned long flags;        /* field 9 */
+    long threads;               /* field 20: the group's threads not yet released */
+    unsigned long long start;   /* field 22 */
+    unsigned long long sigpnd;  /* field 31: the thread's own pending signals, its SigPnd (the
+                                 * status file says the same for ~10x the read) */
+} TaskStat;
+
+/* Parse a /proc/.../stat line: 0, or -1 with errno EINVAL. */
+static int parse_stat(char *buf, TaskStat *t)
 {
-    char buf[1024];
-    if (read_small(path, buf, sizeof buf) < 0)
-        return -1;
     char *p = strrchr(buf, ')');            /* comm may hold spaces and parentheses */
     if (!p || p[1] != ' ' || !p[2]) {
         errno = EINVAL;
         return -1;
     }
     p += 2;
-    *state = *p;
-    for (int field = 3; field < 22; field++) {
-        if (field == 9)
-            *flags = strtoul(p, NULL, 10);
+    t->state = *p;
+    for (int field = 3; field < 31; field++) {
         p = strchr(p, ' ');
         if (!p) {
             errno = EINVAL;
             return -1;
         }
         p++;
+        if (field + 1 == 9)
+            t->flags = strtoul(p, NULL, 10);
+        else if (field + 1 == 20)
+            t->threads = strtol(p, NULL, 10);
+        else if (field + 1 == 22)
+            t->start = strtoull(p, NULL, 10);
     }
-    *start = strtoull(p, NULL, 10);
+    t->sigpnd = strtoull(p, NULL, 10);
     return 0;
+}
+
+/* Read and parse /proc/.../stat: 0, or -1 with errno (ENOENT/ESRCH: gone). */
+static int read_stat(const char *path, TaskStat *t)
+{
+    char buf[1024];
+    if (read_small(path, buf, sizeof buf) < 0)
+        return -1;
+    return parse_stat(buf, t);
+}
+
+/* The same through a descriptor opened before (StatFds): a pread(2), no path walk. */
+static int pread_stat(int fd, TaskStat *t)
+{
+    char buf[1024];
+    ssize_t r = pread(fd, buf, sizeof buf - 1, 0);
+    if (r < 0)
+        return -1;                          /* ESRCH: the task was reaped */
+    buf[r] = 0;
+    return parse_stat(buf, t);
+}
+
+/* A thread that will not run user code again: a zombie, exiting, or SIGKILL pending (a fatal
+ * signal and exit_group() queue it on every other thread, complete_signal() and
+ * zap_other_threads(); a thread not scheduled since has not reached do_exit()). */
+static inline int task_dying(const TaskStat *t)
+{
+    return t->state == 'Z' || t->state == 'X' || (t->flags & PF_EXITING_FLAG)
+           || (t->sigpnd & (1ull << (SIGKILL - 1)));
 }
 
 /* The hex mask after "\n<name>" in a /proc status file: 1 found (in *out), 0 absent,
@@ -1420,49 +1462,232 @@ static int status_hex(const char *path, const char *name, unsigned long long *ou
     return 1;
 }
 
+#define YIELD_TIDS 64
+
 /* Whether every thread of (pid, start) is exiting: 1 yes, 0 not decided here (some thread is
  * not exiting -- an execve(2), or one not scheduled since its SIGKILL came -- or /proc hides
- * or lacks the process, or the PID is another's).  procfs.group_exiting() is the full rule. */
-static int group_exiting_c(uint32_t pid, unsigned long long start)
+ * or lacks the process, or the PID is another's).  procfs.group_exiting() is the full rule.
+ * The leader's entry must be there with the registered start time: that is what ties the
+ * verdict (and a pidfd opened before it) to the registered process.  One stat read a thread:
+ * the pending SIGKILL comes from its field 31, not from the status file (~10x the read).
+ * The threads seen go to tids (at most YIELD_TIDS; *ntids of them) when tids is not NULL. */
+/* ---- StatFds: a shard's /proc stat files, opened while its processes live ----------------
+ *
+ * Opening /proc/PID/task/TID/stat walks a path whose dentries the kernel makes on first use:
+ * ~100 µs here for a process never looked at, and ~80 again after the machine slept, against
+ * ~6 µs for a pread(2) on a descriptor opened before.  A death step reads two such files
+ * between the fired word and the wake, so each shard keeps them open: the leader's and the
+ * death mutex owner's (the sentinel thread's), opened when the step first sees the word
+ * armed (not on the death path), closed when the entry leaves the shard; and the process's
+ * pidfd the same way, which the death hands on as a dup(2) (pidfd_open(2) was ~20 µs of the
+ * death path).  A descriptor of a
+ * reaped task reads ESRCH and never another process's.  One object per shard, used by that
+ * shard's one waiter at a time (the mutex makes misuse harmless), so a respawned waiter finds
+ * them open. */
+
+typedef struct { uint32_t pid, tid; int fd, seen; } StatFd;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    StatFd *items;
+    int n, cap;
+} StatFds;
+
+static PyObject *StatFds_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    StatFds *o = (StatFds *)type->tp_alloc(type, 0);
+    if (o)
+        pthread_mutex_init(&o->mu, NULL);
+    return (PyObject *)o;
+}
+
+static void statfds_close_all(StatFds *o)
+{
+    for (int i = 0; i < o->n; i++)
+        if (o->items[i].fd >= 0)
+            close(o->items[i].fd);
+    o->n = 0;
+}
+
+static void StatFds_dealloc(StatFds *o)
+{
+    statfds_close_all(o);
+    free(o->items);
+    pthread_mutex_destroy(&o->mu);
+    Py_TYPE(o)->tp_free((PyObject *)o);
+}
+
+/* The descriptor of (pid, tid)'s stat file -- of pid's pidfd for tid 0 -- opened now if it is
+ * not yet (-1 if it cannot be: the step then reads by path, opens its pidfd then).  Marks it
+ * seen for statfds_sweep().  Holding o->mu. */
+static int statfds_get(StatFds *o, uint32_t pid, uint32_t tid)
+{
+    for (int i = 0; i < o->n; i++)
+        if (o->items[i].pid == pid && o->items[i].tid == tid) {
+            o->items[i].seen = 1;
+            return o->items[i].fd;
+        }
+    if (o->n == o->cap) {
+        int cap = o->cap ? 2 * o->cap : 64;
+        StatFd *items = realloc(o->items, (size_t)cap * sizeof *items);
+        if (!items)
+            return -1;
+        o->items = items;
+        o->cap = cap;
+    }
+    int fd;
+    if (tid == 0) {
+        fd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+    } else {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%u/task/%u/stat", pid, tid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    }
+    o->items[o->n++] = (StatFd){.pid = pid, .tid = tid, .fd = fd, .seen = 1};
+    return fd;                              /* -1 remembered too: not retried every turn */
+}
+
+/* The thread other than the leader that o holds for pid (the owner seen when it was armed),
+ * or 0.  Holding o->mu. */
+static uint32_t statfds_owner(StatFds *o, uint32_t pid)
+{
+    for (int i = 0; i < o->n; i++)
+        if (o->items[i].pid == pid && o->items[i].tid != pid && o->items[i].tid != 0)
+            return o->items[i].tid;
+    return 0;
+}
+
+/* Close the descriptors no entry asked for since the last sweep.  Holding o->mu. */
+static void statfds_sweep(StatFds *o)
+{
+    for (int i = 0; i < o->n;) {
+        if (!o->items[i].seen) {
+            if (o->items[i].fd >= 0)
+                close(o->items[i].fd);
+            o->items[i] = o->items[--o->n];
+            continue;
+        }
+        o->items[i++].seen = 0;
+    }
+}
+
+static PyObject *StatFds_close(StatFds *o, PyObject *unused)
+{
+    Py_BEGIN_ALLOW_THREADS                  /* a step may hold it until it returns */
+    pthread_mutex_lock(&o->mu);
+    Py_END_ALLOW_THREADS
+    statfds_close_all(o);
+    pthread_mutex_unlock(&o->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *StatFds_len(StatFds *o, void *c)
+{
+    return PyLong_FromLong(o->n);
+}
+
+static PyMethodDef StatFds_methods[] = {
+    {"close", (PyCFunction)StatFds_close, METH_NOARGS, "Close every descriptor held."},
+    {NULL},
+};
+
+static PyGetSetDef StatFds_getset[] = {
+    {"held", (getter)StatFds_len, NULL, "how many stat files it holds open (or tried to)", NULL},
+    {NULL},
+};
+
+static PyTypeObject StatFdsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procwatch._hotstep.StatFds",
+    .tp_basicsize = sizeof(StatFds),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "StatFds(): one death-word shard's open /proc stat files (see _hotstep.c).",
+    .tp_new = StatFds_new,
+    .tp_dealloc = (destructor)StatFds_dealloc,
+    .tp_methods = StatFds_methods,
+    .tp_getset = StatFds_getset,
+};
+
+/* A thread's stat through its held descriptor, else by path. */
+static int task_stat(int fd, uint32_t pid, uint32_t tid, TaskStat *t)
+{
+    if (fd >= 0)
+        return pread_stat(fd, t);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%u/task/%u/stat", pid, tid);
+    return read_stat(path, t);
+}
+
+/* The common case of group_exiting_c() in two stat reads and no directory listing (which
+ * cost ~60-90 µs of the ~150 here, on a dying process's /proc): the leader and the death
+ * mutex's owner -- the sentinel thread -- are the group's only threads, and both are dying
+ * (or the leader is the only one left, dying).  1 when that is so; 0 when it does not say
+ * (group_exiting_c() decides).
+ *
+ * Why two reads are enough.  The leader is read first: its field 20 counts the group's
+ * threads not yet released, and the owner is read after it.  The owner existed before its
+ * word fired, and still exists at the second read, so it was one of the two counted at the
+ * first: the group was {leader, owner}.  No thread joins it afterwards: clone(2) fails in a
+ * thread with a signal pending (copy_process()), and both were dying.  An execve(2) in a
+ * third thread (which kills the other two) makes the count 3 and takes the full path. */
+static int group_dying_fast(const DeathEntry *e, pid_t *tids, int *ntids)
+{
+    TaskStat leader, other;
+    if (task_stat(e->leader_fd, e->pid, e->pid, &leader) < 0 || leader.start != e->start
+            || !task_dying(&leader))
+        return 0;
+    if (leader.threads == 1) {              /* the leader alone, and dying */
+        tids[(*ntids)++] = (pid_t)e->pid;
+        return 1;
+    }
+    if (leader.threads != 2 || e->owner == 0 || e->owner == e->pid)
+        return 0;
+    if (task_stat(e->owner_fd, e->pid, e->owner, &other) < 0 || !task_dying(&other))
+        return 0;
+    tids[(*ntids)++] = (pid_t)e->pid;
+    tids[(*ntids)++] = (pid_t)e->owner;
+    return 1;
+}
+
+static int group_exiting_c(uint32_t pid, unsigned long long start, pid_t *tids, int *ntids)
 {
     char path[96];
     snprintf(path, sizeof path, "/proc/%u/task", pid);
     DIR *d = opendir(path);
     if (!d)
         return 0;
-    int verdict = 1;
+    int verdict = 1, leader = 0;
     struct dirent *de;
     while (verdict == 1 && (de = readdir(d)) != NULL) {
         if (de->d_name[0] == '.')
             continue;
-        char state = 0;
-        unsigned long flags = 0;
-        unsigned long long st = 0, pending = 0;
+        TaskStat t;
         snprintf(path, sizeof path, "/proc/%u/task/%s/stat", pid, de->d_name);
-        if (read_stat(path, &state, &flags, &st) < 0) {
+            int rr = read_stat(path, &t);
+            if (rr < 0) {
             if (errno != ENOENT && errno != ESRCH)
                 verdict = 0;                        /* unreadable is never read as gone */
             continue;
         }
-        if ((uint32_t)strtoul(de->d_name, NULL, 10) == pid && st != start) {
-            verdict = 0;                            /* another process: Python decides */
-            continue;
+        if ((uint32_t)strtoul(de->d_name, NULL, 10) == pid) {
+            if (t.start != start) {
+                verdict = 0;                        /* another process: Python decides */
+                continue;
+            }
+            leader = 1;
         }
-        if (state == 'Z' || state == 'X' || (flags & PF_EXITING_FLAG))
+        if (tids && *ntids < YIELD_TIDS && t.state != 'Z' && t.state != 'X')
+            tids[(*ntids)++] = (pid_t)strtol(de->d_name, NULL, 10);
+        if (task_dying(&t))
             continue;
-        snprintf(path, sizeof path, "/proc/%u/task/%s/status", pid, de->d_name);
-        int r = status_hex(path, "\nSigPnd:", &pending);
-        if (r < 0)
-            continue;                               /* gone meanwhile */
-        if (r == 1 && (pending & (1ull << (SIGKILL - 1))))
-            continue;                               /* killed, not scheduled since */
         unsigned long long core = 0;
         snprintf(path, sizeof path, "/proc/%u/status", pid);
-        r = status_hex(path, "\nCoreDumping:", &core);   /* decimal 0/1 reads the same in hex */
+        int r = status_hex(path, "\nCoreDumping:", &core);   /* decimal 0/1 reads the same in hex */
         verdict = r == 1 && core == 1;
     }
     closedir(d);
-    return verdict;
+    return verdict && leader;
 }
 
 static __thread int step_policy_fifo;
@@ -1492,6 +1717,128 @@ static PyObject *py_realtime_probe(PyObject *self, PyObject *args)
     return PyLong_FromLong(err);
 }
 
+/* ---- The dead yield: a confirmed death's teardown gives its CPU to the woken ------------
+ *
+ * The kernel wakes the death-word waiter from inside the dying process, which then tears its
+ * memory down in kernel mode (~50 ms a GiB).  A normal-priority peer the scheduler queues on
+ * that CPU waits until the teardown's slice ends -- 2-5 ms here (HZ 250, no full preemption)
+ * about one kill in thirty.  So once a death is confirmed and its peers woken, the step puts
+ * each thread of the dying group at SCHED_IDLE: any woken normal task preempts an idle-policy
+ * one at its next cond_resched().  The old policy comes back `yield_ns` later (the next step
+ * turn past that moment, on any shard), so a busy machine never starves the teardown of the
+ * memory it is freeing for longer than that.  Only threads the confirmation saw exiting are
+ * touched, and a thread is restored only while its group's leader still has the start time
+ * it had (a TID is not reused before the PID space wraps; this rules out the leader's). */
+
+struct pw_sched_attr {              /* struct sched_attr, SCHED_ATTR_SIZE_VER0 */
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+};
+
+#define YIELD_MAX 256
+#ifndef SCHED_IDLE
+#define SCHED_IDLE 5
+#endif
+#define PW_SCHED_DEADLINE 6
+
+typedef struct {
+    pid_t pid, tid;
+    unsigned long long start;
+    uint64_t until;
+    struct pw_sched_attr attr;
+} Yielded;
+
+static pthread_mutex_t yield_mu = PTHREAD_MUTEX_INITIALIZER;
+static Yielded yielded[YIELD_MAX];
+static int nyielded;
+static unsigned long long yield_counts[3];      /* threads yielded, restored, not restored */
+static int yield_refused;                      /* a restore was refused: yield no more */
+
+static int sched_attr_get(pid_t tid, struct pw_sched_attr *a)
+{
+    memset(a, 0, sizeof *a);
+    return (int)syscall(SYS_sched_getattr, tid, a, (unsigned)sizeof *a, 0u);
+}
+
+static int sched_attr_set(pid_t tid, const struct pw_sched_attr *a)
+{
+    struct pw_sched_attr c = *a;
+    c.size = sizeof c;
+    return (int)syscall(SYS_sched_setattr, tid, &c, 0u);
+}
+
+/* Put the dying group's threads `tids` at SCHED_IDLE until `until` (CLOCK_MONOTONIC ns). */
+static void yield_teardown(uint32_t pid, unsigned long long start, const pid_t *tids, int ntids, uint64_t until)
+{
+    pthread_mutex_lock(&yield_mu);
+    for (int i = 0; i < ntids && nyielded < YIELD_MAX && !yield_refused; i++) {
+        Yielded *y = &yielded[nyielded];
+        if (sched_attr_get(tids[i], &y->attr) != 0 || y->attr.sched_policy == SCHED_IDLE
+                || y->attr.sched_policy == PW_SCHED_DEADLINE)
+            continue;                       /* gone; idle already; a deadline task keeps its budget */
+        struct pw_sched_attr idle = {.sched_policy = SCHED_IDLE};
+        if (sched_attr_set(tids[i], &idle) != 0)
+            continue;
+        y->pid = (pid_t)pid;
+        y->tid = tids[i];
+        y->start = start;
+        y->until = until;
+        nyielded++;
+        yield_counts[0]++;
+    }
+    pthread_mutex_unlock(&yield_mu);
+}
+
+/* Restore the yielded threads whose time is up (all of them with `all`); the earliest time
+ * still to come, or 0 when none is left. */
+static uint64_t restore_yielded(int all)
+{
+    uint64_t now = mono_ns(), next = 0;
+    pthread_mutex_lock(&yield_mu);
+    for (int i = 0; i < nyielded;) {
+        Yielded *y = &yielded[i];
+        if (!all && y->until > now) {
+            if (!next || y->until < next)
+                next = y->until;
+            i++;
+            continue;
+        }
+        char path[64];
+        TaskStat t;
+        snprintf(path, sizeof path, "/proc/%d/task/%d/stat", y->pid, y->tid);
+        if (read_stat(path, &t) == 0) {
+            snprintf(path, sizeof path, "/proc/%d/task/%d/stat", y->pid, y->pid);
+            if (read_stat(path, &t) == 0 && t.start == y->start) {
+                if (sched_attr_set(y->tid, &y->attr) == 0)
+                    yield_counts[1]++;
+                else if (errno != ESRCH) {
+                    yield_counts[2]++;
+                    yield_refused = 1;      /* e.g. EPERM: never leave more at SCHED_IDLE */
+                }
+            }
+        }
+        *y = yielded[--nyielded];
+    }
+    pthread_mutex_unlock(&yield_mu);
+    return next;
+}
+
+static PyObject *py_restore_yielded(PyObject *self, PyObject *noargs)
+{
+    /* restore_yielded() -> (yielded, restored, refused): put every thread the death steps
+     * left at SCHED_IDLE back now (the service's stop), and the counts so far. */
+    Py_BEGIN_ALLOW_THREADS
+    restore_yielded(1);
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&yield_mu);
+    PyObject *r = Py_BuildValue("KKK", yield_counts[0], yield_counts[1], yield_counts[2]);
+    pthread_mutex_unlock(&yield_mu);
+    return r;
+}
+
 /* Set FUTEX_WAITERS in slot s's death word; the value to wait on, or -1 when it fired. */
 static long long set_waiters_raw(uintptr_t s)
 {
@@ -1515,23 +1862,25 @@ enum { DS_MOVED, DS_TIMEOUT, DS_FIRED, DS_DEAD, DS_ERROR };
 /* A fired word of e: decide the plain death and end it.  DS_DEAD (fd, pend, zeroed set) or
  * DS_FIRED (Python decides). */
 static int end_death(uintptr_t table, uintptr_t pending, int npending, ServiceLock *lock,
-                     const DeathEntry *e, int *fd_out, int *pend_out, uint64_t *zeroed_out)
+                     const DeathEntry *e, uint64_t yield_ns, int *fd_out, int *pend_out,
+                     uint64_t *zeroed_out)
 {
+    pid_t tids[YIELD_TIDS];
+    int ntids = 0;
     uintptr_t s = slot_at(table, e->slot);
     uint32_t state = load32(s + S_STATE);
     if (load32(s + S_PID) != e->pid || !death_fired_raw(s) || (state != STATE_ALIVE && state != STATE_HUNG))
         return DS_FIRED;
-    /* The pidfd first: a process reaped before this has no status to read but its exit
-     * event's, so its end is left to the exit event (Reporter.report_death). */
-    int fd = (int)syscall(SYS_pidfd_open, (pid_t)e->pid, 0);
+    /* The pidfd first -- a dup of the one held since the arming, else opened now -- so that
+     * the start time read next ties it to the registered process; one reaped before this has
+     * no status to read but its exit event's, so its end is left to the exit event
+     * (Reporter.report_death). */
+    int fd = e->pidfd >= 0 ? fcntl(e->pidfd, F_DUPFD_CLOEXEC, 0)     /* the caller's to close */
+                           : (int)syscall(SYS_pidfd_open, (pid_t)e->pid, 0);
     if (fd < 0)
         return DS_FIRED;
-    char path[48], st_state;
-    unsigned long flags;
-    unsigned long long start;
-    snprintf(path, sizeof path, "/proc/%u/stat", e->pid);
-    if (read_stat(path, &st_state, &flags, &start) < 0 || start != e->start
-            || !(fd_exited(fd) || group_exiting_c(e->pid, e->start) == 1)) {
+    if (group_dying_fast(e, tids, &ntids) != 1
+            && (ntids = 0, group_exiting_c(e->pid, e->start, tids, &ntids) != 1)) {
         close(fd);
         return DS_FIRED;
     }
@@ -1543,6 +1892,8 @@ static int end_death(uintptr_t table, uintptr_t pending, int npending, ServiceLo
         close(fd);
         return DS_FIRED;                    /* ended by another path meanwhile */
     }
+    if (yield_ns && ntids)
+        yield_teardown(e->pid, e->start, tids, ntids, mono_ns() + yield_ns);
     *fd_out = fd;
     *pend_out = k;
     return DS_DEAD;
@@ -1561,11 +1912,14 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
      *   ("timeout",) */
     unsigned long long table, pending;
     int npending, priority;
-    unsigned int generation;
-    PyObject *lock, *entries, *timeout;
-    if (!PyArg_ParseTuple(args, "KKiO!IOOi", &table, &pending, &npending, &ServiceLockType, &lock,
-                          &generation, &entries, &timeout, &priority))
+    unsigned int generation, yield_us = 0;
+    PyObject *lock, *entries, *timeout, *stats_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "KKiO!IOOi|IO", &table, &pending, &npending, &ServiceLockType, &lock,
+                          &generation, &entries, &timeout, &priority, &yield_us, &stats_obj))
         return NULL;
+    if (stats_obj != Py_None && !PyObject_TypeCheck(stats_obj, &StatFdsType))
+        return PyErr_Format(PyExc_TypeError, "stats must be a StatFds or None");
+    StatFds *stats = stats_obj == Py_None ? NULL : (StatFds *)stats_obj;
     DeathEntry es[DEATH_ENTRIES];
     PyObject *seq = PySequence_Fast(entries, "entries must be a sequence");
     if (!seq)
@@ -1576,28 +1930,30 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "at most %d death words a step", DEATH_ENTRIES);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
+        es[i].owner = 0;
+        es[i].leader_fd = es[i].owner_fd = es[i].pidfd = -1;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "IIK", &es[i].slot, &es[i].pid, &es[i].start)) {
             Py_DECREF(seq);
             return NULL;
         }
     }
     Py_DECREF(seq);
-    struct timespec deadline, *dp = NULL;
+    uint64_t deadline_ns = 0;               /* 0: none */
     if (timeout != Py_None) {
         double t = PyFloat_AsDouble(timeout);
         if (PyErr_Occurred())
             return NULL;
-        uint64_t at = mono_ns() + (uint64_t)(t * 1e9);
-        deadline.tv_sec = (time_t)(at / 1000000000u);
-        deadline.tv_nsec = (long)(at % 1000000000u);
-        dp = &deadline;
+        deadline_ns = mono_ns() + (uint64_t)(t * 1e9);
     }
+    struct timespec until;
     uintptr_t gen = (uintptr_t)table + H_GENERATION;
     struct step_waitv w[DEATH_ENTRIES + 1];
     int idx[DEATH_ENTRIES + 1];
     int kind = DS_MOVED, err = 0, fd = -1, pend = -1, which = -1, turns = 0;
     uint64_t fired = 0, zeroed = 0;
     Py_BEGIN_ALLOW_THREADS
+    if (stats)
+        pthread_mutex_lock(&stats->mu);
     if (priority > 0)
         set_fifo(priority);                 /* refused: the caller probed; waits at its own */
     for (;; turns++) {
@@ -1610,12 +1966,27 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
             kind = DS_MOVED;
             break;
         }
+        /* The wait ends at the caller's deadline or at the next yielded teardown's restore. */
+        uint64_t restore_at = __atomic_load_n(&nyielded, __ATOMIC_RELAXED) ? restore_yielded(0) : 0;
+        uint64_t wake_at = deadline_ns && (!restore_at || deadline_ns < restore_at) ? deadline_ns : restore_at;
+        until.tv_sec = (time_t)(wake_at / 1000000000u);
+        until.tv_nsec = (long)(wake_at % 1000000000u);
         int m = 1;
         memset(w, 0, sizeof w);
         w[0] = (struct step_waitv){.val = generation, .uaddr = gen, .flags = PW_STEP_FUTEX2_U32};
         for (Py_ssize_t i = 0; i < n && which < 0; i++) {
             uintptr_t s = slot_at((uintptr_t)table, es[i].slot);
             long long v = set_waiters_raw(s);
+            if (v >= 0)
+                es[i].owner = (uint32_t)v & FUTEX_TID_MASK;
+            if (stats) {
+                es[i].leader_fd = statfds_get(stats, es[i].pid, es[i].pid);
+                es[i].pidfd = statfds_get(stats, es[i].pid, 0);
+                if (v < 0)
+                    es[i].owner = statfds_owner(stats, es[i].pid);
+                if (es[i].owner && es[i].owner != es[i].pid)
+                    es[i].owner_fd = statfds_get(stats, es[i].pid, es[i].owner);
+            }
             if (v < 0) {
                 if (load32(s + S_DEATH_ARM) == ARM_ARMED)
                     which = (int)i;         /* fired before we slept */
@@ -1625,8 +1996,11 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
             w[m++] = (struct step_waitv){.val = (uint32_t)v, .uaddr = s + S_DEATH_MUTEX,
                                          .flags = PW_STEP_FUTEX2_U32};
         }
+        if (which < 0 && stats)
+            statfds_sweep(stats);           /* every entry was looked at: close the rest */
         if (which < 0) {
-            long rc = syscall(SYS_futex_waitv, w, (unsigned)m, 0u, dp, (int)CLOCK_MONOTONIC);
+            long rc = syscall(SYS_futex_waitv, w, (unsigned)m, 0u, wake_at ? &until : NULL,
+                              (int)CLOCK_MONOTONIC);
             if (rc == 0) {
                 kind = DS_MOVED;            /* the generation word (or stop()): look again */
                 break;
@@ -1636,8 +2010,12 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
                     continue;               /* moved, not fired (an unlock, a re-arm) */
                 which = idx[rc];
             } else if (errno == ETIMEDOUT) {
-                kind = DS_TIMEOUT;
-                break;
+                if (deadline_ns && mono_ns() >= deadline_ns) {
+                    kind = DS_TIMEOUT;
+                    break;
+                }
+                turns--;                    /* a restore's time: not a restless turn */
+                continue;
             } else if (errno == EAGAIN || errno == EINTR) {
                 continue;
             } else {
@@ -1648,11 +2026,13 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
         }
         fired = mono_ns();
         kind = end_death((uintptr_t)table, (uintptr_t)pending, npending, (ServiceLock *)lock,
-                         &es[which], &fd, &pend, &zeroed);
+                         &es[which], (uint64_t)yield_us * 1000u, &fd, &pend, &zeroed);
         break;
     }
     if (priority > 0)
         set_fifo(0);                        /* the bookkeeping runs at normal priority */
+    if (stats)
+        pthread_mutex_unlock(&stats->mu);
     Py_END_ALLOW_THREADS
     switch (kind) {
     case DS_DEAD:
@@ -1689,9 +2069,11 @@ static PyMethodDef module_methods[] = {
      "pids_where(table, count, off32, value) -> [(slot, pid)] with a PID word and that u32 == value."},
     {"layout", py_layout, METH_NOARGS, "The table offsets this module was compiled with."},
     {"death_step", py_death_step, METH_VARARGS,
-     "death_step(table, pending, npending, service_lock, generation, entries, timeout, priority) -> "
+     "death_step(table, pending, npending, service_lock, generation, entries, timeout, priority, yield_us=0) -> "
      "('dead', slot, pid, fired_ns, zeroed_ns, pidfd, pending) | ('fired', slot, pid, fired_ns) | "
      "('moved',) | ('timeout',)"},
+    {"restore_yielded", py_restore_yielded, METH_NOARGS,
+     "restore_yielded() -> (yielded, restored, refused): end every teardown yield now; the counts."},
     {"realtime_probe", py_realtime_probe, METH_VARARGS,
      "realtime_probe(priority) -> 0 or the errno: whether a thread may wait at that SCHED_FIFO priority."},
     {NULL},
@@ -1704,7 +2086,8 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__hotstep(void)
 {
-    if (PyType_Ready(&ServiceLockType) < 0 || PyType_Ready(&HotStepType) < 0 || PyType_Ready(&PeerWordType) < 0 || PyType_Ready(&ChangesType) < 0)
+    if (PyType_Ready(&ServiceLockType) < 0 || PyType_Ready(&HotStepType) < 0 || PyType_Ready(&PeerWordType) < 0 || PyType_Ready(&ChangesType) < 0
+            || PyType_Ready(&StatFdsType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
@@ -1713,10 +2096,12 @@ PyMODINIT_FUNC PyInit__hotstep(void)
     Py_INCREF(&PeerWordType);
     Py_INCREF(&ChangesType);
     Py_INCREF(&ServiceLockType);
+    Py_INCREF(&StatFdsType);
     if (PyModule_AddObject(m, "ServiceLock", (PyObject *)&ServiceLockType) < 0 ||
         PyModule_AddObject(m, "HotStep", (PyObject *)&HotStepType) < 0 ||
         PyModule_AddObject(m, "PeerWord", (PyObject *)&PeerWordType) < 0 ||
-        PyModule_AddObject(m, "Changes", (PyObject *)&ChangesType) < 0)
+        PyModule_AddObject(m, "Changes", (PyObject *)&ChangesType) < 0 ||
+        PyModule_AddObject(m, "StatFds", (PyObject *)&StatFdsType) < 0)
         return NULL;
     return m;
 }

@@ -12,6 +12,7 @@ Unknown keys are errors too (a misspelt key silently doing nothing is the
 worst outcome on a fleet).  Layout, all tables and keys optional::
 
     [service]   key slots backend rcvbuf reconcile_interval group log_level death_word_priority
+                teardown_yield_ms
     [hang]      action signal max_misses starved  (service-wide defaults)
     [metrics]   address                           ("off" or "HOST:PORT")
     [hooks]     workers queue timeout             (the hook worker pool)
@@ -160,6 +161,7 @@ class Config:
     group: str | None = None           # None: the service's group
     log_level: str = "info"
     death_word_priority: int = 1       # SCHED_FIFO priority of the death-word waits; 0: none
+    teardown_yield_ms: int = 2         # a confirmed death's teardown at SCHED_IDLE this long; 0: never
     hang: HangSettings = HangSettings()
     metrics: Address | None = None     # None: off
     hooks: HookSettings = HookSettings()
@@ -351,6 +353,7 @@ _SERVICE = {
     "group": _group,
     "log_level": _choice(LOG_LEVELS, fold_case=True),
     "death_word_priority": _integer(0, 99, "a SCHED_FIFO priority from 1 to 99, or 0 for none"),
+    "teardown_yield_ms": _integer(0, 1000, "a whole number of milliseconds from 0 (never) to 1000"),
 }
 _HANG = {
     "action": _choice(HANG_ACTIONS),
@@ -418,6 +421,7 @@ OVERRIDES = {
     "group": (("group",), _group),
     "log_level": (("log_level",), _SERVICE["log_level"]),
     "death_word_priority": (("death_word_priority",), _SERVICE["death_word_priority"]),
+    "teardown_yield_ms": (("teardown_yield_ms",), _SERVICE["teardown_yield_ms"]),
     "hang_action": (("hang", "action"), _HANG["action"]),
     "hang_signal": (("hang", "signal"), _hang_signal),
     "max_misses": (("hang", "max_misses"), _HANG["max_misses"]),

@@ -17,7 +17,8 @@ import time as _time
 
 from . import abi as _abi
 from . import futex as _futex
-from .deathword import (CONFIRM_POLL, CONFIRM_WINDOW, DEFAULT_PRIORITY, PER_WAITER, availability, cas32, confirm,
+from .deathword import (CONFIRM_POLL, CONFIRM_WINDOW, DEFAULT_PRIORITY, DEFAULT_YIELD_MS, PER_WAITER, availability,
+                        cas32, confirm, end_teardown_yields, teardown_yield,
                         realtime_priority, waitv)
 from .detector import DetectorThread
 
@@ -31,18 +32,20 @@ class DeathWatch:
     called when a waiter ended, and the service calls :meth:`respawn`.
     """
 
-    def __init__(self, reporter, done, priority=DEFAULT_PRIORITY):
+    def __init__(self, reporter, done, priority=DEFAULT_PRIORITY, yield_ms=DEFAULT_YIELD_MS):
         self.reporter = reporter
         self.table = reporter.table
         self.done = done
         self.state, self.reason = availability()
         self.priority, self.priority_text = (realtime_priority(priority) if self.enabled
                                              else (0, None))
+        self.yield_ms, self.yield_text = (teardown_yield(yield_ms) if self.enabled else (0, None))
         self.waiters = {}              # shard -> DeathWaiter
         self.stopping = False
         self._lock = _threading.Lock()
         self._serial = 0
         self.completer = _Completer(reporter)
+        self._stat_files = {}          # shard -> its waiters' held /proc stat files
         self.fired = 0                 # words seen fired
         self.execs = 0                 # fired words that were not deaths (exec)
 
@@ -88,6 +91,13 @@ class DeathWatch:
                 return
             self._start(waiter.shard)
 
+    def stat_files(self, k):
+        """Shard ``k``'s held /proc stat files (the C death step's), kept across its waiters."""
+        files = self._stat_files.get(k)
+        if files is None:
+            files = self._stat_files[k] = self.table.death_stat_files()
+        return files
+
     def alive_at(self):
         """The oldest stamp of the running waiters (the watchdog), or None."""
         ws = [w.alive_at for w in list(self.waiters.values()) if w.is_alive()]
@@ -100,6 +110,9 @@ class DeathWatch:
             w.stop_requested = True
         for w in list(self.waiters.values()):
             w.join(1.0)
+        for files in self._stat_files.values():
+            files.close()
+        end_teardown_yields()
         self.completer.stop()
 
 
@@ -232,7 +245,7 @@ class DeathWaiter(DetectorThread):
                     entries.append((slot, pid, w.start_time))
                     watched[(slot, pid)] = w
             r = table.death_step(generation, entries, CONFIRM_POLL if self.suspects else None,
-                                 watch.priority)
+                                 watch.priority, watch.yield_ms * 1000, watch.stat_files(self.shard))
             if r[0] == "dead":
                 _kind, slot, pid, fired_ns, zeroed_ns, fd = r
                 watch.fired += 1

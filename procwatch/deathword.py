@@ -55,6 +55,7 @@ CONFIRM_WINDOW = 0.2               # s a fired word may stay unconfirmed before 
 CONFIRM_POLL = 0.0002              # s between two checks of a fired, unconfirmed word
 IDLE_WAKE = 0.25                   # s: waiters stamp alive_at at least this often (the watchdog)
 DEFAULT_PRIORITY = 1               # SCHED_FIFO priority of a waiter from its wait to its wake (0: none)
+DEFAULT_YIELD_MS = 2               # ms a confirmed death's teardown runs at SCHED_IDLE (0: never)
 
 # -- atomics and futex_waitv --------------------------------------------------------------------
 
@@ -181,6 +182,38 @@ def realtime_priority(priority):
                f"milliseconds (give the service CAP_SYS_NICE or LimitRTPRIO={priority}, and "
                f"RestrictRealtime=no under systemd; with RT group scheduling on cgroup v1, a "
                f"cpu.rt_runtime_us budget for its cgroup; or set death_word_priority = 0)")
+
+
+def teardown_yield(ms):
+    """(milliseconds granted, one line) for the dying teardown's yield (_hotstep.c, "The dead yield").
+
+    Why.  Once the death step has woken the peers, the dying process goes on
+    tearing its memory down in kernel mode, and a normal-priority peer the
+    scheduler queued on its CPU waits behind it until the tick ends its slice
+    (2-5 ms, a kill in thirty, on a 2-vCPU VM at HZ 250).  At SCHED_IDLE the
+    teardown is preempted by any woken task at its next cond_resched().  For
+    ``ms`` only: after that the threads get back the policy they had, so a
+    busy machine never starves the freeing of the memory.  Giving it back can
+    need CAP_SYS_NICE (a real-time or negative-nice policy, or leaving
+    SCHED_IDLE without RLIMIT_NICE): without it there is no yield at all.
+    """
+    from .native import hot
+    if ms <= 0:
+        return 0, "dying processes keep their scheduling policy (teardown_yield_ms = 0)"
+    if hot is None:
+        return 0, "dying processes keep their scheduling policy (the teardown yield needs procwatch._hotstep)"
+    if not _procfs.has_capability(_procfs.CAP_SYS_NICE):
+        return 0, ("dying processes keep their scheduling policy: giving it back after the teardown "
+                   "yield needs CAP_SYS_NICE (run the service as root or add the capability; or set "
+                   "teardown_yield_ms = 0)")
+    return ms, f"a dying process's teardown yields its CPU to woken peers for {ms} ms"
+
+
+def end_teardown_yields():
+    """Give the dying threads the death steps left at SCHED_IDLE their policy back now (a stop)."""
+    from .native import hot
+    if hot is not None:
+        hot.restore_yielded()
 
 
 # -- client side: the sentinel thread ------------------------------------------------------------

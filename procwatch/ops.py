@@ -53,7 +53,7 @@ log = _logging.getLogger("procwatch")
 
 # Config fields a running service cannot change: they are the table's and the
 # socket's, and clients hold the table.
-RESTART_ONLY = ("key", "slots", "backend", "rcvbuf", "group", "death_word_priority", "etcd")
+RESTART_ONLY = ("key", "slots", "backend", "rcvbuf", "group", "death_word_priority", "teardown_yield_ms", "etcd")
 
 _HOOK_EVENTS = {Event.EXIT: "exit", Event.FOUND_DEAD: "found_dead", Event.HUNG: "hung"}
 

@@ -110,7 +110,7 @@ def group_exiting(pid, expected_start, procfs=PROCFS):
 
     True when every thread is exiting: PF_EXITING in field 9 of
     /proc/PID/task/TID/stat, or a zombie, or already gone, or SIGKILL pending
-    on it (``SigPnd``: a fatal signal and exit_group() queue SIGKILL on every
+    on it (field 31 of that stat, the thread's ``SigPnd``: a fatal signal and exit_group() queue SIGKILL on every
     other thread, complete_signal()/zap_other_threads(), and a thread not yet
     scheduled has not reached do_exit()); or when the process dumps core
     (``CoreDumping: 1``: the other threads are killed first); or when the PID
@@ -145,11 +145,8 @@ def group_exiting(pid, expected_start, procfs=PROCFS):
             return True                 # the PID was reused: ours is gone
         if rest[0] in (b"Z", b"X") or int(rest[6]) & PF_EXITING:
             continue
-        pending = _status_field(f"{base}/{tid}/status", b"SigPnd:")
-        if pending is None:
-            continue                    # gone meanwhile
-        if int(pending, 16) & _SIGKILL_BIT:
-            continue
+        if int(rest[28]) & _SIGKILL_BIT:
+            continue                    # field 31: the thread's own pending signals (its SigPnd)
         core = _status_field(f"{procfs}/{pid}/status", b"CoreDumping:")
         return None if core is None else core.strip() == b"1"
     return True
@@ -366,6 +363,7 @@ PIDFD_INFO_EXIT = 1 << 3
 _PIDFD_INFO = _struct.Struct("=QQ11Ii")
 assert _PIDFD_INFO.size == 64
 CAP_SYS_PTRACE = 19           # include/uapi/linux/capability.h
+CAP_SYS_NICE = 23
 
 _pidfd_info_missing = False   # set once the kernel answers ENOTTY (< 6.13)
 
@@ -394,12 +392,17 @@ def pidfd_exit_status(fd):
 
 
 @_functools.lru_cache(maxsize=None)
-def _has_cap_sys_ptrace():
+def has_capability(cap):
+    """Whether this process has capability ``cap`` (a CAP_* number) in its effective set."""
     with open("/proc/self/status", "rb") as f:
         for line in f:
             if line.startswith(b"CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+                return bool(int(line.split()[1], 16) >> cap & 1)
     return False
+
+
+def _has_cap_sys_ptrace():
+    return has_capability(CAP_SYS_PTRACE)
 
 
 def _same_credentials(pid, procfs):

@@ -1105,7 +1105,12 @@ class Table:
         """Whether death_step() runs in C (procwatch._hotstep loaded)."""
         return _hot is not None
 
-    def death_step(self, generation, entries, timeout=None, priority=0):
+    def death_stat_files(self):
+        """A holder of one death-word shard's /proc stat files for death_step() (see _hotstep.c,
+        "StatFds"), or None without the C step.  close() it when the shard is done."""
+        return _hot.StatFds() if _hot is not None else None
+
+    def death_step(self, generation, entries, timeout=None, priority=0, yield_us=0, stat_files=None):
         """One death-word wait of the C step (see _hotstep.c, "The death step"); needs native_death_step.
 
         ``entries``: [(slot, pid, start_time)] to wait on, built from the
@@ -1116,7 +1121,7 @@ class Table:
         caller to confirm, ``("moved",)`` or ``("timeout",)``.
         """
         r = _hot.death_step(self.address, self._pending_address(), _abi.PENDING_ENDS, self.service_lock,
-                            generation, entries, timeout, priority)
+                            generation, entries, timeout, priority, yield_us, stat_files)
         if r[0] == "dead":
             kind, slot, pid, fired_ns, zeroed_ns, fd, k = r
             if k >= 0:

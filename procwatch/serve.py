@@ -28,7 +28,8 @@ def add_parser(sub):
                "signals:\n  SIGTERM, SIGINT  stop cleanly; the table stays for the clients\n"
                "  SIGHUP           reload the configuration file; a bad file is refused and\n"
                "                   logged, and the old settings stay (key, slots, backend,\n"
-               "                   rcvbuf, group and death_word_priority need a restart)\n\n"
+               "                   rcvbuf, group, death_word_priority and\n"
+               "                   teardown_yield_ms need a restart)\n\n"
                "example:\n  sudo procwatch serve --config /etc/procwatch/procwatch.toml --slots 4096")
     # Defaults of None: "not given", so the file's value applies (config.merge).
     s.add_argument("--config", metavar="FILE",
@@ -69,6 +70,12 @@ def add_parser(sub):
                         "the peers' wake (tens of µs a death), so that a dying process tearing "
                         "its memory down cannot hold them back (default 1; 0: normal priority; "
                         "needs CAP_SYS_NICE or LimitRTPRIO=N, else the start-up line says so)")
+    s.add_argument("--teardown-yield-ms", type=_argtypes.positive_int(0, 1000), metavar="MS",
+                   help="once a death word's process is confirmed dying and its peers are woken, "
+                        "its threads run at SCHED_IDLE for MS milliseconds, so that the teardown of "
+                        "its memory (in the kernel, ~50 ms a GiB) gives up its CPU to a woken peer "
+                        "at once; then their own policy comes back (default 2; 0: never; needs "
+                        "CAP_SYS_NICE to give it back, else off and the start-up line says so)")
     s.set_defaults(run=run)
 
     c = sub.add_parser(

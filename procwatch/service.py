@@ -212,9 +212,11 @@ class Service:
              "with the %s backend (%s), %s; %s%s", "adopted" if adopted else "created", self.key,
              self.table.slot_count, len(self.reporter.watch.entries()), found, self.backend_name,
              self.backend_reason, _native.describe(), self.death_watch.reason,
-             f" ({self.death_watch.priority_text})" if self.death_watch.priority_text else "",
+             f" ({self.death_watch.priority_text}; {self.death_watch.yield_text})"
+             if self.death_watch.priority_text else "",
              KEY=f"{self.key:#010x}", BACKEND=self.backend_name, HOT_STEP="c" if _native.AVAILABLE else "python",
-             DEATH_WORDS=self.death_watch.state.name.lower(), DEATH_WORD_PRIORITY=self.death_watch.priority)
+             DEATH_WORDS=self.death_watch.state.name.lower(), DEATH_WORD_PRIORITY=self.death_watch.priority,
+             TEARDOWN_YIELD_MS=self.death_watch.yield_ms)
         wd = watchdog_interval()
         if wd is not None and wd < self.heartbeat_period:
             log.warning("WatchdogSec= is %g s but WATCHDOG=1 goes every %g s: set WatchdogSec=%g or more",
@@ -224,12 +226,16 @@ class Service:
     def _start_death_watch(self):
         """Wait on the armed slots' death words where the kernel allows it (issue 14)."""
         from .deathwatch import DeathWatch
-        self.death_watch = DeathWatch(self.reporter, self._queue.put, self.config.death_word_priority)
+        self.death_watch = DeathWatch(self.reporter, self._queue.put, self.config.death_word_priority,
+                                      self.config.teardown_yield_ms)
         self.table.set_death_watch(self.death_watch.state)
         if not self.death_watch.enabled:
             log.warning("%s", self.death_watch.reason)      # said once; status says it too
-        elif self.death_watch.priority < self.config.death_word_priority:
-            log.warning("%s", self.death_watch.priority_text)
+        else:
+            if self.death_watch.priority < self.config.death_word_priority:
+                log.warning("%s", self.death_watch.priority_text)
+            if self.death_watch.yield_ms < self.config.teardown_yield_ms:
+                log.warning("%s", self.death_watch.yield_text)
         self.death_watch.ensure()
 
     def _watch_registrations(self):

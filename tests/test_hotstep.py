@@ -478,13 +478,13 @@ def _pidfds():
     return n
 
 
-def _step_in_thread(t, entries, timeout=10.0, priority=0):
+def _step_in_thread(t, entries, timeout=10.0, priority=0, **kw):
     """Run t.death_step() in a thread; (thread, result list, thread's native id list)."""
     out, tid = [], []
 
     def run():
         tid.append(threading.get_native_id())
-        out.append(t.death_step(t.generation, entries, timeout, priority))
+        out.append(t.death_step(t.generation, entries, timeout, priority, **kw))
     th = threading.Thread(target=run)
     th.start()
     return th, out, tid
@@ -494,14 +494,47 @@ def _sleeping_on(t, slot):
     wait_until(lambda: t.death_word(slot) & abi.FUTEX_WAITERS, 10, "the step to set FUTEX_WAITERS")
 
 
+def _comm(pid):
+    """pid's /proc comm, or None in the moment of an exec from a second thread when /proc has
+    no leader to show (de_thread() moving the PID to the exec'ing thread)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _policies(pid):
+    """{tid: scheduling policy (stat field 41)} of the threads /proc lists for pid."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[int(tid)] = int(data[data.rindex(b")") + 2:].split()[38])
+    return out
+
+
+@pytest.fixture(params=["held", "by-path"])
+def stat_files(request, table):
+    """The step's /proc reads through descriptors held since the arming, or by path."""
+    files = table.death_stat_files() if request.param == "held" else None
+    yield files
+    if files is not None:
+        files.close()
+
+
 @pytest.mark.parametrize("how", ["kill", "exit"])
-def test_death_step_zeroes_a_dying_process_and_hands_back_its_pidfd(table, key, how):
+def test_death_step_zeroes_a_dying_process_and_hands_back_its_pidfd(table, key, how, stat_files):
     """A real armed process dies: the step zeroes its PID word and wakes, before its exit is final."""
     p, slot, pid = _armed(key, then="sleep" if how == "kill" else "exit", mib=256)
     try:
         before = _pidfds()
-        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))])
+        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))], stat_files=stat_files)
         _sleeping_on(table, slot)
+        held = _pidfds()                                 # + the held pidfd, with stat_files
         waiter = threading.Thread(target=lambda: hot.wait(table.pid_address(slot), pid, 10.0))
         waiter.start()                                   # a peer asleep on the PID word
         if how == "kill":
@@ -515,28 +548,39 @@ def test_death_step_zeroes_a_dying_process_and_hands_back_its_pidfd(table, key, 
         kind, s, dead_pid, fired_ns, zeroed_ns, fd = out[0]
         assert (kind, s, dead_pid) == ("dead", slot, pid) and 0 < fired_ns <= zeroed_ns
         assert table.pid(slot) == 0
-        assert _pidfds() == before + 1 and os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        assert _pidfds() == held + 1 and os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
         assert p.wait(10) == (-signal.SIGKILL if how == "kill" else 3)
         assert procwatch.procfs.pidfd_exited(fd)         # a pidfd of that very process
         os.close(fd)
-        assert _pidfds() == before                       # nothing else left open
+        assert _pidfds() == held                         # nothing else left open
+        if stat_files is not None:
+            assert table.death_step(table.generation, [], 0.0, stat_files=stat_files) == ("timeout",)
+            assert stat_files.held == 0 and _pidfds() == before     # the entry left: all closed
         table.end_logged(slot, pid)                      # its pending-ends note was kept
         assert not any(table.u64[(abi.H_PENDING_ENDS >> 3) + k] for k in range(abi.PENDING_ENDS))
     finally:
         end_process(p)
 
 
-def test_death_step_leaves_an_exec_to_python(table, key):
-    """execve(2) fires the word while the process lives on: 'fired', never an end."""
-    p, slot, pid = _armed(key, then="exec")
+@pytest.mark.parametrize("then", ["exec", "thread-exec"])
+def test_death_step_leaves_an_exec_to_python(table, key, then, stat_files):
+    """execve(2) fires the word while the process lives on: 'fired', never an end, never a yield.
+
+    From a second thread, de_thread() kills both the leader and the sentinel
+    (whose word fires): the two threads the step reads first are dying, and
+    only the thread count tells the exec from a death."""
+    p, slot, pid = _armed(key, then=then)
     try:
-        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))])
+        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))], stat_files=stat_files,
+                                     yield_us=10_000_000)
         _sleeping_on(table, slot)
         p.stdin.write(b"go\n")
         p.stdin.flush()
         th.join(10)
         assert out[0][:3] == ("fired", slot, pid) and table.pid(slot) == pid
-        wait_until(lambda: open(f"/proc/{pid}/comm").read() == "sleep\n", 10, "the exec")
+        wait_until(lambda: p.poll() is not None or _comm(pid) == "sleep\n", 10, "the exec")
+        assert p.poll() is None, p.returncode
+        assert set(_policies(pid).values()) == {os.SCHED_OTHER}
     finally:
         end_process(p)
 
@@ -549,11 +593,43 @@ def test_death_step_never_ends_a_live_process_whose_word_is_junk(table, key):
         table.set32(3, abi.S_DEATH_ARM, abi.Arm.ARMED)
         table.set32(3, abi.S_DEATH_MUTEX, abi.FUTEX_OWNER_DIED | victim.pid)
         start = table.start_time(3)
+        files = table.death_stat_files()
         for entry in ((3, victim.pid, start), (3, victim.pid, start + 1)):
-            assert table.death_step(table.generation, [entry], 5.0)[:3] == ("fired", 3, victim.pid)
-            assert table.pid(3) == victim.pid and victim.poll() is None
+            for held in (None, files):
+                assert table.death_step(table.generation, [entry], 5.0, yield_us=10_000_000,
+                                        stat_files=held)[:3] == ("fired", 3, victim.pid)
+                assert table.pid(3) == victim.pid and victim.poll() is None
+                assert _policies(victim.pid) == {victim.pid: os.SCHED_OTHER}
+        files.close()
     finally:
         end_process(victim)
+
+
+def test_death_step_yields_the_dying_teardown_to_the_woken_and_gives_it_back(table, key):
+    """After the wake the dying group's threads run at SCHED_IDLE; yield_us later the next
+    step turn (on any shard) puts back the policy they had; restore_yielded() does it at once."""
+    for wait_for_turn in (False, True):
+        p, slot, pid = _armed(key, mib=64)
+        try:
+            counts = hot.restore_yielded()
+            th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))],
+                                         yield_us=200_000 if wait_for_turn else 10_000_000)
+            _sleeping_on(table, slot)
+            assert set(_policies(pid).values()) == {os.SCHED_OTHER}
+            p.kill()
+            th.join(10)
+            assert out[0][:3] == ("dead", slot, pid)
+            os.close(out[0][5])
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)     # a zombie: still there to read
+            assert _policies(pid) == {pid: os.SCHED_IDLE}
+            if wait_for_turn:
+                assert table.death_step(table.generation, [], 0.5) == ("timeout",)
+                assert _policies(pid) == {pid: os.SCHED_OTHER}      # that step's turn gave it back
+            now = hot.restore_yielded()
+            assert _policies(pid) == {pid: os.SCHED_OTHER}
+            assert now[0] > counts[0] and now[1] > counts[1] and now[2] == counts[2] == 0
+        finally:
+            end_process(p)
 
 
 def test_death_step_returns_when_the_generation_moves_or_time_is_up(table):

@@ -7,6 +7,8 @@ on stdin (or sleeps until killed):
              finalisation would unmap the ballast before the exit)
   segv       a real SIGSEGV (a read of address 0); no core dump (PR_SET_DUMPABLE 0)
   exec       execv /bin/sleep 1000 (same PID; the death word fires, the process lives on)
+  thread-exec the same from a second thread: de_thread() kills the leader and the sentinel,
+             so the process's only live thread is neither of those two
   fork       fork a child that tries to unregister (a child is not registered) and exits;
              print CHILD <pid> <status> once reaped, then sleep
   unregister unregister, print UNREGISTERED, then sleep
@@ -26,7 +28,7 @@ ap.add_argument("--key", type=lambda s: int(s, 0), required=True)
 ap.add_argument("--name", required=True)
 ap.add_argument("--mib", type=int, default=0)
 ap.add_argument("--then", default="sleep",
-                choices=("sleep", "exit", "segv", "exec", "fork", "unregister"))
+                choices=("sleep", "exit", "segv", "exec", "thread-exec", "fork", "unregister"))
 args = ap.parse_args()
 
 ballast = mmap.mmap(-1, max(args.mib << 20, 4096))
@@ -46,6 +48,9 @@ if args.then == "segv":
     ctypes.string_at(0)
 if args.then == "exec":
     os.execv("/bin/sleep", ["sleep", "1000"])
+if args.then == "thread-exec":
+    import threading
+    threading.Thread(target=os.execv, args=("/bin/sleep", ["sleep", "1000"])).start()
 if args.then == "fork":
     pid = os.fork()
     if pid == 0:

@@ -30,6 +30,14 @@ connector          bind CN_IDX_PROC + PROC_CN_MCAST_LISTEN, ACK err=0: no capabi
                    capable(CAP_NET_ADMIN)
 sysv               shmget(IPC_CREAT|IPC_EXCL, 0660), IPC_SET gid, a SEM_UNDO
                    semaphore, re-attach: no capability (uid 0 owns them)
+idle_back_other    the teardown yield: sched_setscheduler(2) SCHED_IDLE, then
+                   SCHED_OTHER again, on another user's process: CAP_SYS_NICE
+                   (EPERM at the first call without)
+idle_back_own      the same on a root process with every capability: CAP_SYS_NICE
+                   too, at the first call (security/commoncap.c, cap_safe_nice():
+                   the target's permitted set is not within the caller's); where
+                   the first call is allowed, the way back from SCHED_IDLE needs
+                   CAP_SYS_NICE or an RLIMIT_NICE of 20 (sched_setscheduler(2))
 =================  ===============================================================
 """
 
@@ -45,7 +53,7 @@ import subprocess
 import sys
 
 OPS = ("stat", "maps_other", "maps_nondumpable", "exit_code_other", "pidfd_open", "pidfd_signal",
-       "connector", "sysv")
+       "connector", "sysv", "idle_back_other", "idle_back_own")
 ZOMBIE_STATUS = 7 << 8               # the wait status of the uid 65534 zombie: exit(7)
 
 # include/uapi/linux/connector.h, cn_proc.h
@@ -127,6 +135,18 @@ def _pidfd_signal(pid):
         os.close(fd)
 
 
+def _idle_and_back(pid):
+    """SCHED_IDLE, then SCHED_OTHER again: None, or the step that failed and how."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as e:
+        return f"{errno.errorcode.get(e.errno, e.errno)} to idle"
+    try:
+        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as e:
+        return f"{errno.errorcode.get(e.errno, e.errno)} back"
+
+
 def probe(victim, nondumpable, zombie):
     """Try each operation in this process; {op: "ok" or the error}."""
     def stat22(pid):
@@ -151,6 +171,8 @@ def probe(victim, nondumpable, zombie):
         "pidfd_signal": _check(lambda: _pidfd_signal(victim)),
         "connector": _check(_connector_listen),
         "sysv": _check(_sysv),
+        "idle_back_other": _check(lambda: _idle_and_back(victim)),
+        "idle_back_own": _check(lambda: _idle_and_back(nondumpable)),
     }
 
 
@@ -209,7 +231,7 @@ def main(argv):
         return 2
     sets = [argv] if argv else [[], ["cap_kill"], ["cap_sys_ptrace"], ["cap_net_admin"],
                                 ["cap_dac_read_search"], ["cap_ipc_owner"],
-                                ["cap_kill", "cap_sys_ptrace", "cap_net_admin"]]
+                                ["cap_sys_nice"], ["cap_kill", "cap_sys_ptrace", "cap_net_admin", "cap_sys_nice"]]
     with Victims() as v:
         print(f"Linux {os.uname().release}; victims: uid 65534 PID {v.other.pid}, "
               f"non-dumpable root PID {v.nondumpable.pid}")

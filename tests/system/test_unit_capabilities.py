@@ -32,7 +32,7 @@ def probe(victims, caps):
 
 
 def test_the_unit_set_allows_every_operation(victims):
-    assert sorted(unit_caps()) == ["CAP_KILL", "CAP_NET_ADMIN", "CAP_SYS_PTRACE"]
+    assert sorted(unit_caps()) == ["CAP_KILL", "CAP_NET_ADMIN", "CAP_SYS_NICE", "CAP_SYS_PTRACE"]
     assert probe(victims, unit_caps()) == {op: "ok" for op in OPS}
 
 
@@ -50,6 +50,11 @@ def test_cap_sys_ptrace_is_needed_for_maps_and_exit_codes_of_others(victims):
     r = probe(victims, [c for c in unit_caps() if c != "CAP_SYS_PTRACE"] + ["CAP_DAC_READ_SEARCH"])
     assert (r["maps_other"], r["maps_nondumpable"]) == ("EACCES", "EACCES"), r
     assert r["exit_code_other"] == "hidden", r          # a 0 that would read as "exit 0"
+
+
+def test_cap_sys_nice_is_needed_to_give_a_yielded_teardown_its_policy_back(victims):
+    r = probe(victims, [c for c in unit_caps() if c != "CAP_SYS_NICE"])
+    assert (r["idle_back_other"], r["idle_back_own"]) == ("EPERM to idle", "EPERM to idle"), r
 
 
 def test_connector_needs_cap_net_admin_only_before_linux_6_6(victims):
