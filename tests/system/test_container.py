@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 PROBE_KEY = 0x7077CA91
 PROBE_MESSAGE_ID = "5e4c3ba0a3c94f0c8a1a5c6f0b7e1d21"
 # include/uapi/linux/capability.h
-CAP_BITS = {"CAP_KILL": 5, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19}
+CAP_BITS = {"CAP_KILL": 5, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23}
 
 
 def unit_setting(text, key):
