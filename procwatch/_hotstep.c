@@ -1952,8 +1952,18 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
     int kind = DS_MOVED, err = 0, fd = -1, pend = -1, which = -1, turns = 0;
     uint64_t fired = 0, zeroed = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (stats)
+    if (stats) {
         pthread_mutex_lock(&stats->mu);
+        /* Open what a new entry needs before going real-time: an open is bookkeeping (~100 µs
+         * for a /proc file the kernel has not looked up yet), not the wait's business. */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t owner = load32(slot_at((uintptr_t)table, es[i].slot) + S_DEATH_MUTEX) & FUTEX_TID_MASK;
+            statfds_get(stats, es[i].pid, es[i].pid);
+            statfds_get(stats, es[i].pid, 0);
+            if (owner && owner != es[i].pid)
+                statfds_get(stats, es[i].pid, owner);
+        }
+    }
     if (priority > 0)
         set_fifo(priority);                 /* refused: the caller probed; waits at its own */
     for (;; turns++) {

@@ -328,8 +328,10 @@ def test_unregister_is_logged_and_not_an_exit(key, service, backend):
     try:
         assert p.stdout.readline() == b"R\n"
         svc.wait_event("registered", name="polite")
-        assert any(ctx_switches(svc.pid, t) > n for t, n in woken.items()), \
-            "the untimed sleeper on the generation futex never woke"
+        # Woken by the client's FUTEX_WAKE, it may not have run yet when another path logged
+        # "registered" (the detector's sync on some exit of the machine); with no wake it never would.
+        wait_until(lambda: any(ctx_switches(svc.pid, t) > n for t, n in woken.items()), 10,
+                   "the untimed sleeper on the generation futex to wake")
         p.stdin.write(b"go\n")
         p.stdin.flush()
         assert p.wait(10) == 0

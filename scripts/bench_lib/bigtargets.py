@@ -38,7 +38,7 @@ from . import report as _report
 ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 INCLUDE = _os.path.join(ROOT, "procwatch", "include")
 ROWS = (("py", "armed Python client"), ("c", "armed C client"), ("c-rt", "armed C client, real-time peer"),
-        ("run", "procwatch run target"),
+        ("c-noyield", "armed C client, no teardown yield"), ("run", "procwatch run target"),
         ("unarmed", "unarmed slot (connector-only)"), ("cn", "bare connector listener (C)"),
         ("pidfd", "pidfd + poll"))
 PY_TARGET = ("import mmap, sys, time, procwatch\n"
@@ -103,6 +103,13 @@ class _Bench:
             self.rt_waiter = None
         if self.rt_waiter is not None and not _line(self.rt_waiter).startswith("ready"):
             raise _procs.HelperDied("pwwait (SCHED_FIFO) did not start")
+        # The same C target under a second service that does not yield the dying teardown
+        # (--teardown-yield-ms 0), seen by its own normal-priority pwwait: the baseline of the yield.
+        self.svc0 = _pwsuite.PwService(self.out, extra=("--teardown-yield-ms", "0")).start()
+        self.table0 = Table.attach(self.svc0.key)
+        self.waiter0 = self._spawn([self.pwwait, hex(self.svc0.key)], stdin=True)
+        if not _line(self.waiter0).startswith("ready"):
+            raise _procs.HelperDied("pwwait (no-yield service) did not start")
         self.rows = [(k, label) for k, label in ROWS if k != "c-rt" or self.rt_waiter is not None]
         self.cn = self._spawn([self.cnlisten, "--parent", str(_os.getpid()), "--rcvbuf", str(8 << 20)])
         if not _line(self.cn).startswith("ready"):
@@ -111,7 +118,7 @@ class _Bench:
         return self
 
     def __exit__(self, *exc):
-        for p in (self.waiter, self.rt_waiter, self.cn):
+        for p in (self.waiter, self.rt_waiter, self.waiter0, self.cn):
             if p is None:
                 continue
             if p.poll() is None:
@@ -119,7 +126,9 @@ class _Bench:
             p.wait(5)
             _procs._CHILDREN.pop(p.pid, None)
         self.table.detach()
+        self.table0.detach()
         self.svc.stop()
+        self.svc0.stop()
 
     def _spawn(self, argv, stdin=False, realtime=False):
         rt = (lambda: _os.sched_setscheduler(0, _os.SCHED_FIFO, _os.sched_param(1))) if realtime else None
@@ -135,6 +144,7 @@ class _Bench:
         key = hex(self.svc.key)
         argv = {"py": [_sys.executable, "-c", PY_TARGET, str(mib), name, key],
                 "c": [self.armed, str(mib), name, key], "c-rt": [self.armed, str(mib), name, key],
+                "c-noyield": [self.armed, str(mib), name, hex(self.svc0.key)],
                 "run": [_sys.executable, "-m", "procwatch", "run", "--key", key, "--name", name, "--",
                         self.armed, str(mib)],
                 "unarmed": [self.unarmed, str(mib), name, key],
@@ -144,8 +154,8 @@ class _Bench:
             raise _procs.HelperDied(f"{row} target did not start")
         return p, name
 
-    def _slot(self, name):
-        for s in self.table.used_slots():
+    def _slot(self, table, name):
+        for s in table.used_slots():
             if s.name == name:
                 return s
         raise _procs.HelperDied(f"{name} is not in the table")
@@ -157,18 +167,19 @@ class _Bench:
         try:
             end = _time.monotonic() + TIMEOUT_S
             slot = None
-            if row in ("py", "c", "c-rt", "run", "unarmed"):
-                slot = self._slot(name).index
+            table = self.table0 if row == "c-noyield" else self.table
+            if row in ("py", "c", "c-rt", "c-noyield", "run", "unarmed"):
+                slot = self._slot(table, name).index
                 armed = row != "unarmed"
-                while armed and not (self.table.death_arm(slot) == abi.Arm.ARMED
-                                     and self.table.death_word(slot) & abi.FUTEX_WAITERS):
+                while armed and not (table.death_arm(slot) == abi.Arm.ARMED
+                                     and table.death_word(slot) & abi.FUTEX_WAITERS):
                     if _time.monotonic() > end:
                         raise _procs.HelperDied(f"{name}: the service never waited on its death word")
                     _time.sleep(0.005)
             _time.sleep(SETTLE_S)
-            waiter = self.rt_waiter if row == "c-rt" else self.waiter
+            waiter = {"c-rt": self.rt_waiter, "c-noyield": self.waiter0}.get(row, self.waiter)
             if slot is not None:
-                waiter.stdin.write(f"watch {p.pid} {self.table.pid_address(slot) - self.table.address}\n"
+                waiter.stdin.write(f"watch {p.pid} {table.pid_address(slot) - table.address}\n"
                                    .encode())
                 waiter.stdin.flush()
                 if _line(waiter) != f"ok {p.pid}":
@@ -196,9 +207,9 @@ class _Bench:
             p.wait(TIMEOUT_S)
             how = None
             if slot is not None:
-                while self.table.state(slot) == abi.State.ALIVE and _time.monotonic() < end:
+                while table.state(slot) == abi.State.ALIVE and _time.monotonic() < end:
                     _time.sleep(0.002)          # the record follows the zeroing
-                s = self.table.read_slot(slot)
+                s = table.read_slot(slot)
                 how = abi.Detection(s.detected_by).name.lower() if s.state == abi.State.EXITED else "?"
             return t1 - t0, how
         finally:
@@ -230,6 +241,9 @@ def section(ctx):
                      "SCHED_FIFO 1; every other peer runs at normal priority, and one that the scheduler puts "
                      "on the dying process's CPU waits behind its teardown there" if b.rt_waiter is not None
                      else "armed C client, real-time peer: left out (SCHED_FIFO refused here)")
+        notes.append("armed C client, no teardown yield: the same target and peer under a second service "
+                     "started with --teardown-yield-ms 0 (every other procwatch row: the default, 2 ms at "
+                     "SCHED_IDLE for the dying process's threads once its peers are woken)")
         for mib in fit:
             samples = {k: [] for k, _ in b.rows}
             hows = {k: [] for k, _ in b.rows}
