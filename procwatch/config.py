@@ -161,7 +161,7 @@ class Config:
     group: str | None = None           # None: the service's group
     log_level: str = "info"
     death_word_priority: int = 1       # SCHED_FIFO priority of the death-word waits; 0: none
-    teardown_yield_ms: int = 2         # a confirmed death's teardown at SCHED_IDLE this long; 0: never
+    teardown_yield_ms: int = 0         # a confirmed death's teardown at SCHED_IDLE this long; 0: never
     hang: HangSettings = HangSettings()
     metrics: Address | None = None     # None: off
     hooks: HookSettings = HookSettings()

@@ -74,8 +74,9 @@ def add_parser(sub):
                    help="once a death word's process is confirmed dying and its peers are woken, "
                         "its threads run at SCHED_IDLE for MS milliseconds, so that the teardown of "
                         "its memory (in the kernel, ~50 ms a GiB) gives up its CPU to a woken peer "
-                        "at once; then their own policy comes back (default 2; 0: never; needs "
-                        "CAP_SYS_NICE to give it back, else off and the start-up line says so)")
+                        "at once; then their own policy comes back (default 0: never, as no gain "
+                        "was measured on a 2-vCPU VM, see BENCHMARKS.md; needs CAP_SYS_NICE to give "
+                        "it back, else off and the start-up line says so)")
     s.set_defaults(run=run)
 
     c = sub.add_parser(

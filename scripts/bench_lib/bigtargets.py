@@ -38,7 +38,7 @@ from . import report as _report
 ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 INCLUDE = _os.path.join(ROOT, "procwatch", "include")
 ROWS = (("py", "armed Python client"), ("c", "armed C client"), ("c-rt", "armed C client, real-time peer"),
-        ("c-noyield", "armed C client, no teardown yield"), ("run", "procwatch run target"),
+        ("c-yield", "armed C client, teardown yield 2 ms"), ("run", "procwatch run target"),
         ("unarmed", "unarmed slot (connector-only)"), ("cn", "bare connector listener (C)"),
         ("pidfd", "pidfd + poll"))
 PY_TARGET = ("import mmap, sys, time, procwatch\n"
@@ -103,13 +103,14 @@ class _Bench:
             self.rt_waiter = None
         if self.rt_waiter is not None and not _line(self.rt_waiter).startswith("ready"):
             raise _procs.HelperDied("pwwait (SCHED_FIFO) did not start")
-        # The same C target under a second service that does not yield the dying teardown
-        # (--teardown-yield-ms 0), seen by its own normal-priority pwwait: the baseline of the yield.
-        self.svc0 = _pwsuite.PwService(self.out, extra=("--teardown-yield-ms", "0")).start()
+        # The same C target under a second service that yields the dying teardown for 2 ms
+        # (--teardown-yield-ms 2), seen by its own normal-priority pwwait; the armed C row is its
+        # baseline.
+        self.svc0 = _pwsuite.PwService(self.out, extra=("--teardown-yield-ms", "2")).start()
         self.table0 = Table.attach(self.svc0.key)
         self.waiter0 = self._spawn([self.pwwait, hex(self.svc0.key)], stdin=True)
         if not _line(self.waiter0).startswith("ready"):
-            raise _procs.HelperDied("pwwait (no-yield service) did not start")
+            raise _procs.HelperDied("pwwait (yielding service) did not start")
         self.rows = [(k, label) for k, label in ROWS if k != "c-rt" or self.rt_waiter is not None]
         self.cn = self._spawn([self.cnlisten, "--parent", str(_os.getpid()), "--rcvbuf", str(8 << 20)])
         if not _line(self.cn).startswith("ready"):
@@ -144,7 +145,7 @@ class _Bench:
         key = hex(self.svc.key)
         argv = {"py": [_sys.executable, "-c", PY_TARGET, str(mib), name, key],
                 "c": [self.armed, str(mib), name, key], "c-rt": [self.armed, str(mib), name, key],
-                "c-noyield": [self.armed, str(mib), name, hex(self.svc0.key)],
+                "c-yield": [self.armed, str(mib), name, hex(self.svc0.key)],
                 "run": [_sys.executable, "-m", "procwatch", "run", "--key", key, "--name", name, "--",
                         self.armed, str(mib)],
                 "unarmed": [self.unarmed, str(mib), name, key],
@@ -167,8 +168,8 @@ class _Bench:
         try:
             end = _time.monotonic() + TIMEOUT_S
             slot = None
-            table = self.table0 if row == "c-noyield" else self.table
-            if row in ("py", "c", "c-rt", "c-noyield", "run", "unarmed"):
+            table = self.table0 if row == "c-yield" else self.table
+            if row in ("py", "c", "c-rt", "c-yield", "run", "unarmed"):
                 slot = self._slot(table, name).index
                 armed = row != "unarmed"
                 while armed and not (table.death_arm(slot) == abi.Arm.ARMED
@@ -177,7 +178,7 @@ class _Bench:
                         raise _procs.HelperDied(f"{name}: the service never waited on its death word")
                     _time.sleep(0.005)
             _time.sleep(SETTLE_S)
-            waiter = {"c-rt": self.rt_waiter, "c-noyield": self.waiter0}.get(row, self.waiter)
+            waiter = {"c-rt": self.rt_waiter, "c-yield": self.waiter0}.get(row, self.waiter)
             if slot is not None:
                 waiter.stdin.write(f"watch {p.pid} {table.pid_address(slot) - table.address}\n"
                                    .encode())
@@ -241,9 +242,9 @@ def section(ctx):
                      "SCHED_FIFO 1; every other peer runs at normal priority, and one that the scheduler puts "
                      "on the dying process's CPU waits behind its teardown there" if b.rt_waiter is not None
                      else "armed C client, real-time peer: left out (SCHED_FIFO refused here)")
-        notes.append("armed C client, no teardown yield: the same target and peer under a second service "
-                     "started with --teardown-yield-ms 0 (every other procwatch row: the default, 2 ms at "
-                     "SCHED_IDLE for the dying process's threads once its peers are woken)")
+        notes.append("armed C client, teardown yield 2 ms: the same target and peer under a second service "
+                     "started with --teardown-yield-ms 2 (the dying process's threads at SCHED_IDLE for 2 ms "
+                     "once its peers are woken); every other procwatch row: the default, no yield")
         for mib in fit:
             samples = {k: [] for k, _ in b.rows}
             hows = {k: [] for k, _ in b.rows}
