@@ -82,8 +82,9 @@ def get_psr():
                      help="kills of the etcd row (issue 17; 500; --quick 200; 0 leaves the etcd rows out)")
     psr.add_argument("--etcd-lease-samples", type=int, default=20,
                      help="processes of the own-lease baseline row (each sample takes about etcd's minimum TTL)")
-    psr.add_argument("--big-sizes", default="64,1024,4096",
-                     help="MiB touched by the big targets (issue 14); a size is left out when memory is short")
+    psr.add_argument("--big-sizes", default=None,
+                     help="MiB touched by the big targets (issue 14), comma-separated (64,1024,4096; --quick "
+                          "64,1024: a 4 GiB target takes seconds to touch); a size is left out when memory is short")
     psr.add_argument("--big-kills", type=int, default=None,
                      help="kills per big-target row and size (10; --quick 5; 0 leaves the rows out)")
     psr.add_argument("--only-idle", action="store_true",
@@ -310,6 +311,8 @@ def main(argv=None):
         args.max_seconds = 300.0 if args.quick else 600.0
     if args.big_kills is None:
         args.big_kills = 5 if args.quick else 10
+    if args.big_sizes is None:
+        args.big_sizes = "64,1024" if args.quick else "64,1024,4096"
     if args.kills < 1 or args.rounds < 1 or args.storm_workers < 1 or args.storm_workers > 64:
         psr.error("--kills and --rounds must be >= 1 and --storm-workers in 1..64")
     args.conditions = ",".join(c.strip() for c in args.conditions.split(",") if c.strip())
