@@ -47,7 +47,9 @@ def settle(svc, key, before=None):
                detail=lambda: svc.log()[-2000:])
     if before:
         wait_until(lambda: (lambda f: f["fds"] <= before["fds"] and f["threads"] <= before["threads"])(
-            figures(svc.pid)), 10, "the service to be idle again")
+            figures(svc.pid)), 10, "the service to be idle again",
+            detail=lambda: f"{before} -> {figures(svc.pid)}; fds: " + ", ".join(
+                sorted(os.readlink(f"/proc/{svc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{svc.pid}/fd"))))
     return figures(svc.pid)
 
 
