@@ -1965,15 +1965,24 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     if (stats) {
         pthread_mutex_lock(&stats->mu);
-        /* Open what a new entry needs before going real-time: an open is bookkeeping (~100 µs
-         * for a /proc file the kernel has not looked up yet), not the wait's business. */
+        /* Look each entry's files up (opening what a new one needs) here, before going
+         * real-time: an open is bookkeeping (~100 µs for a /proc file the kernel has not looked
+         * up yet), and so is a search of the shard's files, not the wait's business.  Then close
+         * the files of every entry not passed this time: it left the shard (or Python is
+         * confirming it), and a later call need not come (a shard that empties ends its waiter;
+         * DeathWatch closes that shard's files). */
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t owner = load32(slot_at((uintptr_t)table, es[i].slot) + S_DEATH_MUTEX) & FUTEX_TID_MASK;
-            statfds_get(stats, es[i].pid, es[i].pid);
-            statfds_get(stats, es[i].pid, 0);
-            if (owner && owner != es[i].pid)
-                statfds_get(stats, es[i].pid, owner);
+            es[i].leader_fd = statfds_get(stats, es[i].pid, es[i].pid);
+            es[i].pidfd = statfds_get(stats, es[i].pid, 0);
+            if (!owner || owner == es[i].pid)
+                owner = statfds_owner(stats, es[i].pid);    /* fired: the word lost the TID */
+            if (owner && owner != es[i].pid) {
+                es[i].owner = owner;
+                es[i].owner_fd = statfds_get(stats, es[i].pid, owner);
+            }
         }
+        statfds_sweep(stats);
     }
     if (priority > 0)
         set_fifo(priority);                 /* refused: the caller probed; waits at its own */
@@ -1998,15 +2007,10 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
         for (Py_ssize_t i = 0; i < n && which < 0; i++) {
             uintptr_t s = slot_at((uintptr_t)table, es[i].slot);
             long long v = set_waiters_raw(s);
-            if (v >= 0)
-                es[i].owner = (uint32_t)v & FUTEX_TID_MASK;
-            if (stats) {
-                es[i].leader_fd = statfds_get(stats, es[i].pid, es[i].pid);
-                es[i].pidfd = statfds_get(stats, es[i].pid, 0);
-                if (v < 0)
-                    es[i].owner = statfds_owner(stats, es[i].pid);
-                if (es[i].owner && es[i].owner != es[i].pid)
-                    es[i].owner_fd = statfds_get(stats, es[i].pid, es[i].owner);
+            if (v >= 0 && ((uint32_t)v & FUTEX_TID_MASK) != es[i].owner) {
+                es[i].owner = (uint32_t)v & FUTEX_TID_MASK;     /* another owner since the
+                                                                 * files were looked up: by path */
+                es[i].owner_fd = -1;
             }
             if (v < 0) {
                 if (load32(s + S_DEATH_ARM) == ARM_ARMED)
@@ -2017,8 +2021,6 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
             w[m++] = (struct step_waitv){.val = (uint32_t)v, .uaddr = s + S_DEATH_MUTEX,
                                          .flags = PW_STEP_FUTEX2_U32};
         }
-        if (which < 0 && stats)
-            statfds_sweep(stats);           /* every entry was looked at: close the rest */
         if (which < 0) {
             long rc = syscall(SYS_futex_waitv, w, (unsigned)m, 0u, wake_at ? &until : NULL,
                               (int)CLOCK_MONOTONIC);

@@ -87,7 +87,10 @@ class DeathWatch:
             if self.stopping or self.waiters.get(waiter.shard) is not waiter:
                 return
             if waiter.error is None and waiter.ended_pid is None:
-                del self.waiters[waiter.shard]          # its shard emptied: not needed
+                del self.waiters[waiter.shard]          # its shard emptied: not needed,
+                files = self._stat_files.pop(waiter.shard, None)
+                if files is not None:                   # nor the files its entries held
+                    files.close()
                 return
             self._start(waiter.shard)
 

@@ -478,13 +478,24 @@ def _pidfds():
     return n
 
 
-def _step_in_thread(t, entries, timeout=10.0, priority=0, **kw):
-    """Run t.death_step() in a thread; (thread, result list, thread's native id list)."""
+def _step_in_thread(t, entries, timeout=10.0, priority=0, until_decided=False, **kw):
+    """Run t.death_step() in a thread; (thread, result list, thread's native id list).
+
+    ``until_decided``: step again while it answers "fired", as the service's
+    confirm would look again.  An exit(3) fires the sentinel's word from
+    zap_other_threads(), a moment before the leader marks itself PF_EXITING:
+    a step that reads the leader in that moment cannot decide yet."""
     out, tid = [], []
 
     def run():
         tid.append(threading.get_native_id())
-        out.append(t.death_step(t.generation, entries, timeout, priority, **kw))
+        deadline = time.monotonic() + timeout
+        while True:
+            r = t.death_step(t.generation, entries, timeout, priority, **kw)
+            if not (until_decided and r[0] == "fired" and time.monotonic() < deadline):
+                break
+            time.sleep(0.0002)
+        out.append(r)
     th = threading.Thread(target=run)
     th.start()
     return th, out, tid
@@ -532,7 +543,8 @@ def test_death_step_zeroes_a_dying_process_and_hands_back_its_pidfd(table, key, 
     p, slot, pid = _armed(key, then="sleep" if how == "kill" else "exit", mib=256)
     try:
         before = _pidfds()
-        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))], stat_files=stat_files)
+        th, out, _ = _step_in_thread(table, [(slot, pid, table.start_time(slot))], stat_files=stat_files,
+                                     until_decided=True)
         _sleeping_on(table, slot)
         held = _pidfds()                                 # + the held pidfd, with stat_files
         waiter = threading.Thread(target=lambda: hot.wait(table.pid_address(slot), pid, 10.0))
