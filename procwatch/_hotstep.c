@@ -47,6 +47,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/prctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -1464,13 +1465,6 @@ static int status_hex(const char *path, const char *name, unsigned long long *ou
 
 #define YIELD_TIDS 64
 
-/* Whether every thread of (pid, start) is exiting: 1 yes, 0 not decided here (some thread is
- * not exiting -- an execve(2), or one not scheduled since its SIGKILL came -- or /proc hides
- * or lacks the process, or the PID is another's).  procfs.group_exiting() is the full rule.
- * The leader's entry must be there with the registered start time: that is what ties the
- * verdict (and a pidfd opened before it) to the registered process.  One stat read a thread:
- * the pending SIGKILL comes from its field 31, not from the status file (~10x the read).
- * The threads seen go to tids (at most YIELD_TIDS; *ntids of them) when tids is not NULL. */
 /* ---- StatFds: a shard's /proc stat files, opened while its processes live ----------------
  *
  * Opening /proc/PID/task/TID/stat walks a path whose dentries the kernel makes on first use:
@@ -1485,7 +1479,32 @@ static int status_hex(const char *path, const char *name, unsigned long long *ou
  * shard's one waiter at a time (the mutex makes misuse harmless), so a respawned waiter finds
  * them open. */
 
-typedef struct { uint32_t pid, tid; int fd, seen; } StatFd;
+typedef struct { uint32_t pid, tid; unsigned long long start; int fd, seen; } StatFd;
+
+/* Descriptors all StatFds hold, and the most they may: a quarter of RLIMIT_NOFILE (each armed
+ * process holds up to three; the watch list holds two more of its own).  Past it an entry is
+ * read by path, as without held files. */
+static long statfds_open_now, statfds_open_max = -1;
+
+static int statfds_budget(void)
+{
+    long max = __atomic_load_n(&statfds_open_max, __ATOMIC_RELAXED);
+    if (max < 0) {
+        struct rlimit rl;
+        max = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? (long)(rl.rlim_cur / 4)
+                                                                                : 16384;
+        __atomic_store_n(&statfds_open_max, max, __ATOMIC_RELAXED);
+    }
+    return __atomic_load_n(&statfds_open_now, __ATOMIC_RELAXED) < max;
+}
+
+static void statfds_close_fd(int fd)
+{
+    if (fd >= 0) {
+        close(fd);
+        __atomic_sub_fetch(&statfds_open_now, 1, __ATOMIC_RELAXED);
+    }
+}
 
 /* The leader's is /proc/PID/stat, not /proc/PID/task/PID/stat: the same fields the step reads
  * (the leader's state, flags, pending signals and start time; the group's thread count), and
@@ -1503,6 +1522,7 @@ typedef struct {
     pthread_mutex_t mu;
     StatFd *items;
     int n, cap;
+    int closing;                /* close() came while a step held it: the step closes all */
 } StatFds;
 
 static PyObject *StatFds_new(PyTypeObject *type, PyObject *args, PyObject *kw)
@@ -1516,8 +1536,7 @@ static PyObject *StatFds_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 static void statfds_close_all(StatFds *o)
 {
     for (int i = 0; i < o->n; i++)
-        if (o->items[i].fd >= 0)
-            close(o->items[i].fd);
+        statfds_close_fd(o->items[i].fd);
     o->n = 0;
 }
 
@@ -1530,12 +1549,14 @@ static void StatFds_dealloc(StatFds *o)
 }
 
 /* The descriptor of (pid, tid)'s stat file -- of pid's pidfd for tid 0 -- opened now if it is
- * not yet (-1 if it cannot be: the step then reads by path, opens its pidfd then).  Marks it
- * seen for statfds_sweep().  Holding o->mu. */
-static int statfds_get(StatFds *o, uint32_t pid, uint32_t tid)
+ * not yet (-1 if it cannot be, or the budget is spent: the step then reads by path, opens its
+ * pidfd then).  Keyed by the registered start time too: a PID reused by a new registration
+ * never gets the files of the process that had it.  Marks it seen for statfds_sweep().
+ * Holding o->mu. */
+static int statfds_get(StatFds *o, uint32_t pid, uint32_t tid, unsigned long long start)
 {
     for (int i = 0; i < o->n; i++)
-        if (o->items[i].pid == pid && o->items[i].tid == tid) {
+        if (o->items[i].pid == pid && o->items[i].tid == tid && o->items[i].start == start) {
             o->items[i].seen = 1;
             return o->items[i].fd;
         }
@@ -1547,26 +1568,20 @@ static int statfds_get(StatFds *o, uint32_t pid, uint32_t tid)
         o->items = items;
         o->cap = cap;
     }
-    int fd;
-    if (tid == 0) {
+    int fd = -1;
+    if (!statfds_budget()) {
+        /* by path */
+    } else if (tid == 0) {
         fd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
     } else {
         char path[64];
         stat_path(path, sizeof path, pid, tid);
         fd = open(path, O_RDONLY | O_CLOEXEC);
     }
-    o->items[o->n++] = (StatFd){.pid = pid, .tid = tid, .fd = fd, .seen = 1};
+    if (fd >= 0)
+        __atomic_add_fetch(&statfds_open_now, 1, __ATOMIC_RELAXED);
+    o->items[o->n++] = (StatFd){.pid = pid, .tid = tid, .start = start, .fd = fd, .seen = 1};
     return fd;                              /* -1 remembered too: not retried every turn */
-}
-
-/* The thread other than the leader that o holds for pid (the owner seen when it was armed),
- * or 0.  Holding o->mu. */
-static uint32_t statfds_owner(StatFds *o, uint32_t pid)
-{
-    for (int i = 0; i < o->n; i++)
-        if (o->items[i].pid == pid && o->items[i].tid != pid && o->items[i].tid != 0)
-            return o->items[i].tid;
-    return 0;
 }
 
 /* Close the descriptors no entry asked for since the last sweep.  Holding o->mu. */
@@ -1574,8 +1589,7 @@ static void statfds_sweep(StatFds *o)
 {
     for (int i = 0; i < o->n;) {
         if (!o->items[i].seen) {
-            if (o->items[i].fd >= 0)
-                close(o->items[i].fd);
+            statfds_close_fd(o->items[i].fd);
             o->items[i] = o->items[--o->n];
             continue;
         }
@@ -1583,14 +1597,17 @@ static void statfds_sweep(StatFds *o)
     }
 }
 
+/* Never waits for a step: one may hold the mutex for as long as its wait lasts (a stop whose
+ * wake it missed).  Then the step closes everything on its way out, and from then on closes
+ * what each later call opens: a closed StatFds stays closed. */
 static PyObject *StatFds_close(StatFds *o, PyObject *unused)
 {
-    Py_BEGIN_ALLOW_THREADS                  /* a step may hold it until it returns */
-    pthread_mutex_lock(&o->mu);
-    Py_END_ALLOW_THREADS
+    __atomic_store_n(&o->closing, 1, __ATOMIC_RELEASE);
+    if (pthread_mutex_trylock(&o->mu) != 0)
+        Py_RETURN_FALSE;                    /* the step that holds it closes them */
     statfds_close_all(o);
     pthread_mutex_unlock(&o->mu);
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *StatFds_len(StatFds *o, void *c)
@@ -1599,7 +1616,8 @@ static PyObject *StatFds_len(StatFds *o, void *c)
 }
 
 static PyMethodDef StatFds_methods[] = {
-    {"close", (PyCFunction)StatFds_close, METH_NOARGS, "Close every descriptor held."},
+    {"close", (PyCFunction)StatFds_close, METH_NOARGS,
+     "Close every descriptor held, for good: True now, False when a step holds them (it closes them)."},
     {NULL},
 };
 
@@ -1661,24 +1679,31 @@ static int group_dying_fast(const DeathEntry *e, pid_t *tids, int *ntids)
     return 1;
 }
 
-static int group_exiting_c(uint32_t pid, unsigned long long start, pid_t *tids, int *ntids)
+/* One listing of /proc/PID/task for group_exiting_c(): 1 every thread dying, 0 not decided,
+ * 2 every thread read was dying but one listed was gone when read.  A listing can stop short
+ * there: proc_task_readdir()'s next_tid() ends the walk at a thread released while it was
+ * being listed (pid_alive()), so the threads after it are never shown.  During an execve(2)
+ * from a third thread the other threads are released one after another, all dying, and the
+ * exec'ing thread -- the one not dying -- may be among those not shown. */
+static int task_listing(uint32_t pid, unsigned long long start, pid_t *tids, int *ntids)
 {
     char path[96];
     snprintf(path, sizeof path, "/proc/%u/task", pid);
     DIR *d = opendir(path);
     if (!d)
         return 0;
-    int verdict = 1, leader = 0;
+    int verdict = 1, leader = 0, vanished = 0;
     struct dirent *de;
     while (verdict == 1 && (de = readdir(d)) != NULL) {
         if (de->d_name[0] == '.')
             continue;
         TaskStat t;
         snprintf(path, sizeof path, "/proc/%u/task/%s/stat", pid, de->d_name);
-            int rr = read_stat(path, &t);
-            if (rr < 0) {
+        if (read_stat(path, &t) < 0) {
             if (errno != ENOENT && errno != ESRCH)
                 verdict = 0;                        /* unreadable is never read as gone */
+            else
+                vanished = 1;
             continue;
         }
         if ((uint32_t)strtoul(de->d_name, NULL, 10) == pid) {
@@ -1698,7 +1723,30 @@ static int group_exiting_c(uint32_t pid, unsigned long long start, pid_t *tids, 
         verdict = r == 1 && core == 1;
     }
     closedir(d);
-    return verdict && leader;
+    if (!verdict || !leader)
+        return 0;
+    return vanished ? 2 : 1;
+}
+
+#define LISTING_TRIES 3
+
+/* Whether every thread of (pid, start) is exiting: 1 yes, 0 not decided here (some thread is
+ * not exiting -- an execve(2), or one not scheduled since its SIGKILL came -- or /proc hides
+ * or lacks the process, or the PID is another's).  procfs.group_exiting() is the full rule.
+ * The leader's entry must be there with the registered start time: that is what ties the
+ * verdict (and a pidfd opened before it) to the registered process.  One stat read a thread:
+ * the pending SIGKILL comes from its field 31, not from the status file (~10x the read).
+ * The threads seen go to tids (at most YIELD_TIDS; *ntids of them) when tids is not NULL.
+ * A listing that may have stopped short is made again, LISTING_TRIES times at most. */
+static int group_exiting_c(uint32_t pid, unsigned long long start, pid_t *tids, int *ntids)
+{
+    for (int i = 0; i < LISTING_TRIES; i++) {
+        *ntids = 0;
+        int v = task_listing(pid, start, tids, ntids);
+        if (v != 2)
+            return v;
+    }
+    return 0;                               /* threads kept leaving: Python asks again */
 }
 
 static __thread int step_policy_fifo;
@@ -1903,8 +1951,13 @@ static int end_death(uintptr_t table, uintptr_t pending, int npending, ServiceLo
         close(fd);
         return DS_FIRED;                    /* ended by another path meanwhile */
     }
-    if (yield_ns && ntids)
+    if (yield_ns && ntids) {
         yield_teardown(e->pid, e->start, tids, ntids, mono_ns() + yield_ns);
+        /* Every other step computed its wake time before this yield, and may sleep with none
+         * (a death moves no generation): wake them to look again, so that the restore comes
+         * on time even if this shard's next waiter never steps (its shard emptied). */
+        futex_wake_raw(table + H_GENERATION);
+    }
     *fd_out = fd;
     *pend_out = k;
     return DS_DEAD;
@@ -1973,13 +2026,14 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
          * DeathWatch closes that shard's files). */
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t owner = load32(slot_at((uintptr_t)table, es[i].slot) + S_DEATH_MUTEX) & FUTEX_TID_MASK;
-            es[i].leader_fd = statfds_get(stats, es[i].pid, es[i].pid);
-            es[i].pidfd = statfds_get(stats, es[i].pid, 0);
-            if (!owner || owner == es[i].pid)
-                owner = statfds_owner(stats, es[i].pid);    /* fired: the word lost the TID */
+            es[i].leader_fd = statfds_get(stats, es[i].pid, es[i].pid, es[i].start);
+            es[i].pidfd = statfds_get(stats, es[i].pid, 0, es[i].start);
+            /* Only the owner the word names: a word that fired already has no TID, and an owner
+             * guessed from the files held would not be known to be the thread whose exit fired
+             * it, which group_dying_fast()'s reasoning needs: that entry takes the full check. */
             if (owner && owner != es[i].pid) {
                 es[i].owner = owner;
-                es[i].owner_fd = statfds_get(stats, es[i].pid, owner);
+                es[i].owner_fd = statfds_get(stats, es[i].pid, owner, es[i].start);
             }
         }
         statfds_sweep(stats);
@@ -2054,13 +2108,20 @@ static PyObject *py_death_step(PyObject *self, PyObject *args)
     }
     if (priority > 0)
         set_fifo(0);                        /* the bookkeeping runs at normal priority */
-    if (stats)
+    if (stats) {
+        if (__atomic_load_n(&stats->closing, __ATOMIC_ACQUIRE))
+            statfds_close_all(stats);       /* closed while this step held them */
         pthread_mutex_unlock(&stats->mu);
+    }
     Py_END_ALLOW_THREADS
     switch (kind) {
-    case DS_DEAD:
-        return Py_BuildValue("sIIKKii", "dead", es[which].slot, es[which].pid,
-                             (unsigned long long)fired, (unsigned long long)zeroed, fd, pend);
+    case DS_DEAD: {
+        PyObject *r = Py_BuildValue("sIIKKii", "dead", es[which].slot, es[which].pid,
+                                    (unsigned long long)fired, (unsigned long long)zeroed, fd, pend);
+        if (!r)
+            close(fd);
+        return r;
+    }
     case DS_FIRED:
         return Py_BuildValue("sIIK", "fired", es[which].slot, es[which].pid, (unsigned long long)fired);
     case DS_TIMEOUT:

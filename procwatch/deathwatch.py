@@ -16,7 +16,6 @@ import threading as _threading
 import time as _time
 
 from . import abi as _abi
-from . import futex as _futex
 from .deathword import (CONFIRM_POLL, CONFIRM_WINDOW, DEFAULT_PRIORITY, DEFAULT_YIELD_MS, PER_WAITER, availability,
                         cas32, confirm, end_teardown_yields, teardown_yield,
                         realtime_priority, waitv)
@@ -95,26 +94,29 @@ class DeathWatch:
             self._start(waiter.shard)
 
     def stat_files(self, k):
-        """Shard ``k``'s held /proc stat files (the C death step's), kept across its waiters."""
-        files = self._stat_files.get(k)
-        if files is None:
-            files = self._stat_files[k] = self.table.death_stat_files()
-        return files
-
-    def alive_at(self):
-        """The oldest stamp of the running waiters (the watchdog), or None."""
-        ws = [w.alive_at for w in list(self.waiters.values()) if w.is_alive()]
-        return min(ws) if ws else None
+        """Shard ``k``'s held /proc stat files (the C death step's), kept across its waiters;
+        None once stopping (the step then reads by path)."""
+        with self._lock:
+            if self.stopping:
+                return None
+            files = self._stat_files.get(k)
+            if files is None:
+                files = self._stat_files[k] = self.table.death_stat_files()
+            return files
 
     def stop(self):
-        self.stopping = True
-        _futex.wake(self.table.generation_address)     # every waiter sleeps there too
+        with self._lock:
+            self.stopping = True
+            files, self._stat_files = list(self._stat_files.values()), {}
         for w in list(self.waiters.values()):
             w.stop_requested = True
+        # Moved, not only woken: every waiter sleeps on the generation too, and one between
+        # its look at `stopping` and its sleep would miss a bare wake.
+        self.table.nudge_generation()
         for w in list(self.waiters.values()):
             w.join(1.0)
-        for files in self._stat_files.values():
-            files.close()
+        for f in files:
+            f.close()               # never waits: a step still holding them closes them itself
         end_teardown_yields()
         self.completer.stop()
 

@@ -53,7 +53,6 @@ WAITV_MAX = 128                    # include/uapi/linux/futex.h: FUTEX_WAITV_MAX
 PER_WAITER = WAITV_MAX - 1         # death words per waiter thread (one place is the generation word)
 CONFIRM_WINDOW = 0.2               # s a fired word may stay unconfirmed before it is read as an exec
 CONFIRM_POLL = 0.0002              # s between two checks of a fired, unconfirmed word
-IDLE_WAKE = 0.25                   # s: waiters stamp alive_at at least this often (the watchdog)
 DEFAULT_PRIORITY = 1               # SCHED_FIFO priority of a waiter from its wait to its wake (0: none)
 DEFAULT_YIELD_MS = 0               # ms a confirmed death's teardown runs at SCHED_IDLE (0: never)
 

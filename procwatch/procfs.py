@@ -119,6 +119,24 @@ def group_exiting(pid, expected_start, procfs=PROCFS):
     itself), so an exec is never taken for a death.  None when /proc hides
     it (hidepid=): unreadable is never read as gone.
     """
+    for _ in range(LISTING_TRIES):
+        verdict = _task_listing(pid, expected_start, procfs)
+        if verdict != _SHORT:
+            return verdict
+    return None                         # threads kept leaving: ask again
+
+
+LISTING_TRIES = 3
+_SHORT = "short"
+
+
+def _task_listing(pid, expected_start, procfs):
+    """One listing for group_exiting(): its verdict, or _SHORT when every thread read was
+    exiting but one listed was gone when read.  Such a listing can stop short: the kernel's
+    proc_task_readdir() ends at a thread released while it was listed (next_tid() checks
+    pid_alive()), and during an execve(2) from a third thread the others are released one
+    after another while the exec'ing thread, the one not exiting, may be among those not shown.
+    """
     base = f"{procfs}/{pid}/task"
     try:
         tids = _os.listdir(base)
@@ -132,12 +150,14 @@ def group_exiting(pid, expected_start, procfs=PROCFS):
         return None
     except PermissionError:
         return None
+    vanished = False
     for tid in tids:
         try:
             with open(f"{base}/{tid}/stat", "rb") as f:
                 data = f.read()
         except (FileNotFoundError, ProcessLookupError):
-            continue                    # that thread is gone already (ESRCH: while being read)
+            vanished = True             # that thread is gone already (ESRCH: while being read)
+            continue
         except PermissionError:
             return None
         rest = data[data.rindex(b")") + 2:].split()
@@ -149,7 +169,7 @@ def group_exiting(pid, expected_start, procfs=PROCFS):
             continue                    # field 31: the thread's own pending signals (its SigPnd)
         core = _status_field(f"{procfs}/{pid}/status", b"CoreDumping:")
         return None if core is None else core.strip() == b"1"
-    return True
+    return _SHORT if vanished else True
 
 
 _SIGKILL_BIT = 1 << (9 - 1)     # signal 9 in a /proc sigset mask

@@ -425,6 +425,24 @@ class Table:
         self.hset32(_abi.H_GENERATION, self.generation + 1)
         _futex.wake(self.address + _abi.H_GENERATION)
 
+    def nudge_generation(self):
+        """Move the generation without the lock and wake its waiters (the service's stop).
+
+        A wake alone is lost on a thread between its last look and its sleep,
+        which then sleeps on the old value; a moved value turns that sleep
+        away.  Atomic where the C extension is there, so a client's bump
+        under the lock is never undone; its waiters only look again.
+        """
+        address = self.address + _abi.H_GENERATION
+        if _hot is not None:
+            while True:
+                value = self.generation
+                if _hot.cas32(address, value, (value + 1) & 0xFFFFFFFF):
+                    break
+        else:
+            self.hset32(_abi.H_GENERATION, self.generation + 1)
+        _futex.wake(address)
+
     def service(self):
         """(PID, start time) of the service the header names; PID 0 when none."""
         return self.hget32(_abi.H_SERVICE_PID), self.hget64(_abi.H_SERVICE_START_TIME)
@@ -1125,7 +1143,11 @@ class Table:
         if r[0] == "dead":
             kind, slot, pid, fired_ns, zeroed_ns, fd, k = r
             if k >= 0:
-                self.adopt_pending(slot, pid, k)
+                try:
+                    self.adopt_pending(slot, pid, k)
+                except BaseException:
+                    _os.close(fd)
+                    raise
             return kind, slot, pid, fired_ns, zeroed_ns, fd
         return r
 

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 import sysv_ipc
@@ -291,3 +292,15 @@ def test_note_checks_stores_only_where_the_pid_still_is(key):
         assert (s1.last_beat_ns, s1.misses) == (5, 0)          # untouched: not its PID
     finally:
         t.detach()
+
+
+def test_nudge_generation_moves_it_so_a_late_sleeper_does_not_sleep(table):
+    """The service's stop moves the generation, not only wakes it: a waiter that looked before the
+    nudge and sleeps after it (a bare wake would be lost on it) finds the word moved at once."""
+    from procwatch import futex
+    seen = table.generation
+    table.nudge_generation()
+    assert table.generation == (seen + 1) & 0xFFFFFFFF
+    t0 = time.monotonic()
+    assert futex.wait(table.generation_address, seen, 5.0) is True      # not a timeout
+    assert time.monotonic() - t0 < 1.0

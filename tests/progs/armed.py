@@ -9,6 +9,7 @@ on stdin (or sleeps until killed):
   exec       execv /bin/sleep 1000 (same PID; the death word fires, the process lives on)
   thread-exec the same from a second thread: de_thread() kills the leader and the sentinel,
              so the process's only live thread is neither of those two
+  crowd-exec the same with 40 more threads, all killed and released while /proc lists them
   fork       fork a child that tries to unregister (a child is not registered) and exits;
              print CHILD <pid> <status> once reaped, then sleep
   unregister unregister, print UNREGISTERED, then sleep
@@ -28,7 +29,7 @@ ap.add_argument("--key", type=lambda s: int(s, 0), required=True)
 ap.add_argument("--name", required=True)
 ap.add_argument("--mib", type=int, default=0)
 ap.add_argument("--then", default="sleep",
-                choices=("sleep", "exit", "segv", "exec", "thread-exec", "fork", "unregister"))
+                choices=("sleep", "exit", "segv", "exec", "thread-exec", "crowd-exec", "fork", "unregister"))
 args = ap.parse_args()
 
 ballast = mmap.mmap(-1, max(args.mib << 20, 4096))
@@ -48,8 +49,10 @@ if args.then == "segv":
     ctypes.string_at(0)
 if args.then == "exec":
     os.execv("/bin/sleep", ["sleep", "1000"])
-if args.then == "thread-exec":
+if args.then in ("thread-exec", "crowd-exec"):
     import threading
+    for _ in range(40 if args.then == "crowd-exec" else 0):
+        threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
     threading.Thread(target=os.execv, args=("/bin/sleep", ["sleep", "1000"])).start()
 if args.then == "fork":
     pid = os.fork()
