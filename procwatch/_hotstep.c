@@ -1865,12 +1865,9 @@ static uint64_t restore_yielded(int all)
             i++;
             continue;
         }
-        char path[64];
         TaskStat t;
-        snprintf(path, sizeof path, "/proc/%d/task/%d/stat", y->pid, y->tid);
-        if (read_stat(path, &t) == 0) {
-            snprintf(path, sizeof path, "/proc/%d/task/%d/stat", y->pid, y->pid);
-            if (read_stat(path, &t) == 0 && t.start == y->start) {
+        if (task_stat(-1, (uint32_t)y->pid, (uint32_t)y->tid, &t) == 0) {
+            if (task_stat(-1, (uint32_t)y->pid, (uint32_t)y->pid, &t) == 0 && t.start == y->start) {
                 if (sched_attr_set(y->tid, &y->attr) == 0)
                     yield_counts[1]++;
                 else if (errno != ESRCH) {

@@ -421,10 +421,6 @@ def has_capability(cap):
     return False
 
 
-def _has_cap_sys_ptrace():
-    return has_capability(CAP_SYS_PTRACE)
-
-
 def _same_credentials(pid, procfs):
     """Whether every uid and gid of ``pid`` is our fsuid/fsgid (ptrace's own-user rule)."""
     uids = gids = None
@@ -459,6 +455,6 @@ def zombie_exit_status(pid, start, procfs=PROCFS):
     # XXX: CAP_SYS_PTRACE is checked in our own user namespace; the kernel
     # checks it in the target's.  Equal for a service and clients in one
     # namespace, which is the only set-up that can share PIDs anyway.
-    if not (_has_cap_sys_ptrace() or _same_credentials(pid, procfs)):
+    if not (has_capability(CAP_SYS_PTRACE) or _same_credentials(pid, procfs)):
         return "another user's process (its exit_code reads as 0 without CAP_SYS_PTRACE)"
     return int(rest[49])
