@@ -110,6 +110,12 @@ def proc_state(pid, tid=None):
     return None if fields is None else fields[0]
 
 
+def sched_policy(pid, tid=None):
+    """Field 41 of /proc/PID/stat (os.SCHED_*), zombie or not; None if it is gone."""
+    fields = stat_fields(pid, tid)
+    return None if fields is None else int(fields[38])
+
+
 def futex_waits(pid):
     """{tid: (uaddr, timeout)} of the threads of ``pid`` inside futex(2) right now.
 

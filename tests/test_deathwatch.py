@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import PROGS, PY, ROOT, end_process, require_root, wait_ended, wait_until
+from conftest import PROGS, PY, ROOT, end_process, require_root, sched_policy, wait_ended, wait_until
 from procwatch import abi
 from procwatch.segment import Table
 
@@ -141,13 +141,6 @@ def test_waiters_wait_at_the_real_time_priority_asked_for(key, service, priority
         assert _fifo_threads(svc.proc.pid) == {}
 
 
-def _policy(pid):
-    """The scheduling policy of pid's leader (stat field 41), zombie or not."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2:].split()[38])
-
-
 @pytest.mark.parametrize("ms", ["0", "1000"])
 def test_a_dying_teardown_yields_for_the_time_asked_then_gets_its_policy_back(key, service, ms):
     """From the wake the dying process runs at SCHED_IDLE for --teardown-yield-ms, then at its own.
@@ -163,17 +156,17 @@ def test_a_dying_teardown_yields_for_the_time_asked_then_gets_its_policy_back(ke
     t = Table.attach(key)
     try:
         wait_until(lambda: t.death_word(slot) & abi.FUTEX_WAITERS, 10, "the service to wait on its word")
-        assert _policy(p.pid) == os.SCHED_OTHER
+        assert sched_policy(p.pid) == os.SCHED_OTHER
         p.kill()
         os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
         svc.wait_event("exit", name=f"ty-{ms}")
         if ms == "0":
-            assert _policy(p.pid) == os.SCHED_OTHER
+            assert sched_policy(p.pid) == os.SCHED_OTHER
             assert "keep their scheduling policy (teardown_yield_ms = 0)" in started["message"]
             return
         assert "yields its CPU to woken peers for 1000 ms" in started["message"]
-        assert _policy(p.pid) == os.SCHED_IDLE
-        wait_until(lambda: _policy(p.pid) == os.SCHED_OTHER, 5, "the policy given back")
+        assert sched_policy(p.pid) == os.SCHED_IDLE
+        wait_until(lambda: sched_policy(p.pid) == os.SCHED_OTHER, 5, "the policy given back")
     finally:
         t.detach()
         end_process(p)

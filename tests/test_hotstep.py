@@ -16,7 +16,7 @@ import time
 import pytest
 
 import procwatch
-from conftest import PY, ROOT, end_process, require_root, wait_until
+from conftest import PY, ROOT, end_process, require_root, sched_policy, wait_until
 from procwatch import abi, native
 from procwatch.segment import Table
 
@@ -519,12 +519,9 @@ def _policies(pid):
     """{tid: scheduling policy (stat field 41)} of the threads /proc lists for pid."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        out[int(tid)] = int(data[data.rindex(b")") + 2:].split()[38])
+        policy = sched_policy(pid, tid)
+        if policy is not None:              # gone since the listing
+            out[int(tid)] = policy
     return out
 
 
